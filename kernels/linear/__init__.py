@@ -1,0 +1,3 @@
+from .reference import affine_linear_attn_reference, linear_attn_reference
+
+__all__ = ["affine_linear_attn_reference", "linear_attn_reference"]

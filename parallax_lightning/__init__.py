@@ -1,0 +1,1 @@
+"""parallax_lightning: the Lightning + MLflow experiment platform for Parallax models."""

@@ -1,0 +1,1 @@
+"""parallax_muon: a standalone Muon optimizer (Newton–Schulz orthogonalization). Depends on torch only."""
