@@ -1,0 +1,241 @@
+"""The attention layer of the decoder: one module that reaches every member of the Parallax family,
+and the KV cache used for generation.
+
+Members (``DecoderConfig.attention``) and the projections each one owns:
+
+=================  ======================  =============================================================
+kind               projections             op (parallax_kernels)
+=================  ======================  =============================================================
+``parallax``       q, r, k, v, o           ``parallax_attn``: softmax weights, learned probe r = W_R x
+``softmax``        q, k, v, o              ``softmax_attn`` (SDPA): r = 0
+``lla``            q, k, v, o              ``lla_attn_reference``: the probe solved per query (ridge)
+``affine_linear``  r, k, v, o              ``affine_linear_attn_reference``: uniform weights, learned r;
+                                           uniform weights need no query, so the only query-side
+                                           projection is the probe, named ``r_proj``
+``linear``         q, k, v, o              ``linear_attn_reference``: uniform weights, no intercept
+=================  ======================  =============================================================
+
+Tensors stay in the ops' layout (batch, seq, heads, head_dim) from projection to output, so no
+transposes are made here. Backends (``DecoderConfig.attn_backend``): ``"auto"`` runs the public ops
+(Triton kernels) on CUDA tensors and the pure-PyTorch references on CPU tensors, because the
+Triton interpreter that the public ops use on CPU under ``TRITON_INTERPRET=1`` is far too slow to
+train with; ``"reference"`` always runs the references (exact oracles, fp32 math);
+``"triton"`` always runs the public ops (on CPU: the interpreter, for testing the kernels inside
+the model). The LLA and linear members have only references, which every backend runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from parallax_kernels import (
+    affine_linear_attn_reference,
+    linear_attn_reference,
+    lla_attn_reference,
+    parallax_attn,
+    parallax_attn_reference,
+    parallax_decode,
+    parallax_decode_reference,
+    softmax_attn,
+    softmax_attn_reference,
+    softmax_decode,
+)
+
+ATTENTION_KINDS = ("parallax", "softmax", "lla", "affine_linear", "linear")
+ATTN_BACKENDS = ("auto", "reference", "triton")
+#: kinds with a learned probe r = W_R x (an ``r_proj`` and ``r_norm``)
+PROBE_KINDS = ("parallax", "affine_linear")
+#: kinds that use the query projection (``q_proj`` and ``q_norm``)
+QUERY_KINDS = ("parallax", "softmax", "lla", "linear")
+
+
+def use_reference(backend: str, t: torch.Tensor) -> bool:
+    """Whether `backend` means the pure-PyTorch reference for a tensor on t's device."""
+    return backend == "reference" or (backend == "auto" and not t.is_cuda)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, half-split convention: x (B, T, H, D); cos, sin broadcastable to (B, T, 1, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def attend(kind: str, backend: str, q, r, k, v, *, window_size=None, lla_ridge: float = 0.1):
+    """Causal attention of the family member `kind`; (B, T_q, H_q, D) out. With T_q < T_k the
+    queries are the last T_q positions of the keys (every op aligns them to the end)."""
+    ref = use_reference(backend, k)
+    if kind == "parallax":
+        op = parallax_attn_reference if ref else parallax_attn
+        return op(q, r, k, v, causal=True, window_size=window_size)
+    if kind == "softmax":
+        # SDPA is already fast on CPU; "auto" keeps it there, "reference" asks for the oracle.
+        op = softmax_attn_reference if backend == "reference" else softmax_attn
+        return op(q, k, v, causal=True, window_size=window_size)
+    if kind == "lla":
+        return lla_attn_reference(q, k, v, causal=True, ridge=lla_ridge, window_size=window_size)
+    if kind == "affine_linear":
+        return affine_linear_attn_reference(r, k, v, causal=True, window_size=window_size)
+    if kind == "linear":
+        return linear_attn_reference(q, k, v, causal=True, window_size=window_size)
+    raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (B, L_max, H_kv, D) each, with per-sequence
+    lengths. Only k and v are cached: the probe r, like q, is computed from the current token.
+
+    ``seqlens`` (int32, device) and ``lengths`` (the same numbers on the host, so that no step has to
+    synchronise with the device to know them) count the tokens already written. A forward pass with
+    a cache writes its tokens' k and v after those rows, attends over the cache, and then advances
+    the lengths (``Decoder.forward`` calls :meth:`advance`).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, device, dtype):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache: batch_size and max_len must be >= 1, got {batch_size} and {max_len}")
+        shape = (batch_size, max_len, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.lengths = [0] * batch_size
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    def uniform_length(self) -> int | None:
+        """The common length when every sequence has the same one, else None."""
+        first = self.lengths[0]
+        return first if all(n == first for n in self.lengths) else None
+
+    def check_room(self, batch_size: int, new_tokens: int) -> None:
+        if batch_size != self.batch_size:
+            raise ValueError(f"KVCache: the cache holds {self.batch_size} sequences but the input has {batch_size}")
+        longest = max(self.lengths)
+        if longest + new_tokens > self.max_len:
+            raise ValueError(
+                f"KVCache: {new_tokens} new tokens after {longest} cached ones exceed the cache's max_len "
+                f"{self.max_len}; build it with a larger max_len"
+            )
+
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """(B, T) absolute positions of the next `new_tokens` tokens of each sequence."""
+        steps = torch.arange(new_tokens, device=self.seqlens.device, dtype=torch.long)
+        return self.seqlens.long().unsqueeze(1) + steps
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, T, H_kv, D) of `layer` after each sequence's cached rows."""
+        T = k.shape[1]
+        start = self.uniform_length()
+        if start is not None:
+            self.k[layer][:, start : start + T] = k
+            self.v[layer][:, start : start + T] = v
+        else:
+            rows = torch.arange(self.batch_size, device=k.device).unsqueeze(1)
+            pos = self.positions(T)
+            self.k[layer][rows, pos] = k.to(self.dtype)
+            self.v[layer][rows, pos] = v.to(self.dtype)
+
+    def advance(self, new_tokens: int) -> None:
+        self.seqlens += new_tokens
+        self.lengths = [n + new_tokens for n in self.lengths]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+        self.lengths = [0] * self.batch_size
+
+
+class Attention(nn.Module):
+    """Qwen3-style attention: projections straight to (B, T, H, D), per-head RMSNorm on q, k and r,
+    RoPE on q, k and r (the same cos/sin), no output gate, no biases."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.kind = c.attention
+        self.backend = c.attn_backend
+        self.window_size = c.window_size
+        self.lla_ridge = c.lla_ridge
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.dim_head
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if self.kind in QUERY_KINDS:
+            self.q_proj = nn.Linear(c.d_model, q_width, bias=False)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+        if self.kind in PROBE_KINDS:
+            self.r_proj = nn.Linear(c.d_model, q_width, bias=False)
+            self.r_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+        self.k_proj = nn.Linear(c.d_model, kv_width, bias=False)
+        self.v_proj = nn.Linear(c.d_model, kv_width, bias=False)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+        self.o_proj = nn.Linear(q_width, c.d_model, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, r, k, v in (B, T, H, D), normed and rotated (q or r is None where the kind has none).
+
+        All four come out in v's dtype (the matmul dtype under autocast), which the ops require.
+        """
+        B, T, _ = x.shape
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = rotate(self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin).to(v.dtype)
+        q = r = None
+        if self.kind in QUERY_KINDS:
+            q = rotate(self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)), cos, sin).to(v.dtype)
+        if self.kind in PROBE_KINDS:
+            r = rotate(self.r_norm(self.r_proj(x).view(B, T, self.n_heads, self.head_dim)), cos, sin).to(v.dtype)
+        return q, r, k, v
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, cache_seqlens: torch.Tensor | None = None):
+        """x (B, T, d_model); cos, sin broadcastable to (B, T, 1, D/2). With a cache, this layer's
+        k, v are written into it and the queries attend over every cached row; `cache_seqlens` are
+        the lengths after this step (computed once per forward by the decoder)."""
+        B, T, _ = x.shape
+        q, r, k, v = self.project(x, cos, sin)
+        if cache is None:
+            o = self._attend(q, r, k, v)
+        else:
+            o = self._attend_cached(q, r, k, v, cache, cache_seqlens)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q, r, k, v):
+        return attend(self.kind, self.backend, q, r, k, v, window_size=self.window_size, lla_ridge=self.lla_ridge)
+
+    def _attend_cached(self, q, r, k, v, cache: KVCache, cache_seqlens):
+        cache.write(self.layer_idx, k, v)
+        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        out_dtype = v.dtype
+        q = None if q is None else q.to(cache.dtype)
+        r = None if r is None else r.to(cache.dtype)
+        T = k.shape[1]
+        if T == 1 and self.kind in ("parallax", "softmax"):
+            # One token per sequence: the decode ops read the cache in place, per-sequence lengths.
+            ref = use_reference(self.backend, kc)
+            if self.kind == "parallax":
+                op = parallax_decode_reference if ref else parallax_decode
+                o = op(q, r, kc, vc, cache_seqlens, window_size=self.window_size)
+            else:
+                o = softmax_decode(q, kc, vc, cache_seqlens, window_size=self.window_size)
+            return o.to(out_dtype)
+        # Chunks (prefill) and the kinds without a decode op: the training op over the valid rows,
+        # queries aligned to the end of the keys.
+        start = cache.uniform_length()
+        if start is not None:
+            n = start + T
+            return self._attend(q, r, kc[:, :n], vc[:, :n]).to(out_dtype)
+        outs = []
+        for b, length in enumerate(cache.lengths):
+            sl, n = slice(b, b + 1), length + T
+            outs.append(
+                self._attend(None if q is None else q[sl], None if r is None else r[sl], kc[sl, :n], vc[sl, :n])
+            )
+        return torch.cat(outs, dim=0).to(out_dtype)

@@ -1,0 +1,411 @@
+"""The decoder: a Qwen3-style transformer whose attention is one config key.
+
+RMSNorm pre-norm blocks, SwiGLU MLP, RoPE, GQA, per-head RMSNorm on q, k and r, RoPE on q, k and r
+(the same cos/sin), no output gate, no biases, optional tied embeddings. ``attention`` picks the
+member of the Parallax family (see :mod:`parallax_lightning.attention`); everything else is shared,
+so two configs that differ only in ``attention`` are the controlled comparison of the paper.
+
+Pure ``torch.nn``: importing this module does not import lightning, mlflow or omegaconf.
+
+    from parallax_lightning.model import Decoder, preset
+    model = Decoder(preset("tiny"))
+    logits = model(torch.randint(0, 256, (2, 64)))          # (2, 64, 256)
+    out = model.generate(prompt, max_new_tokens=32, temperature=0.0)   # greedy, with a KV cache
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import ATTENTION_KINDS, ATTN_BACKENDS, PROBE_KINDS, QUERY_KINDS, Attention, KVCache
+
+R_INITS = ("like_q", "zero")
+
+
+def _default_mlp_hidden(d_model: int) -> int:
+    """A multiple of 64 near 8/3 d_model (SwiGLU's three matrices then cost about 8 d_model²)."""
+    return max(64, 64 * round(8 * d_model / 3 / 64))
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes and choices of :class:`Decoder`; validated on construction (errors name the field)."""
+
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (no GQA)
+    head_dim: int | None = None  # None = d_model // n_heads
+    mlp_hidden: int | None = None  # SwiGLU hidden size; None = a multiple of 64 near 8/3 d_model
+    attention: str = "parallax"  # parallax | softmax | lla | affine_linear | linear
+    window_size: int | None = None  # sliding window (keys incl. the diagonal); None = full causal
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    r_init: str = "like_q"  # or "zero": Parallax with W_R = 0 equals the softmax model exactly
+    lla_ridge: float = 0.1
+    init_std: float = 0.02
+    attn_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
+
+    def __post_init__(self):
+        def fail(field: str, why: str):
+            raise ValueError(f"DecoderConfig.{field}: {why} (got {getattr(self, field)!r})")
+
+        def positive_int(field: str, optional: bool = False):
+            value = getattr(self, field)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(field, "must be a positive integer" + (" or None" if optional else ""))
+
+        for field in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
+            positive_int(field)
+        for field in ("n_kv_heads", "head_dim", "mlp_hidden", "window_size"):
+            positive_int(field, optional=True)
+        if self.attention not in ATTENTION_KINDS:
+            fail("attention", f"must be one of {', '.join(ATTENTION_KINDS)}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            fail("attn_backend", f"must be one of {', '.join(ATTN_BACKENDS)}")
+        if self.r_init not in R_INITS:
+            fail("r_init", f"must be one of {', '.join(R_INITS)}")
+        if self.n_heads % self.kv_heads != 0:
+            fail(
+                "n_kv_heads", f"must divide n_heads={self.n_heads} (each key/value head serves a group of query heads)"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            fail("n_heads", f"must divide d_model={self.d_model} when head_dim is None (or set head_dim)")
+        if self.dim_head % 2 != 0:
+            fail("head_dim", f"must be even for RoPE; d_model // n_heads = {self.dim_head}")
+        for field in ("rope_theta", "norm_eps", "lla_ridge", "init_std"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                fail(field, "must be a finite positive number")
+        if not isinstance(self.tie_embeddings, bool):
+            fail("tie_embeddings", "must be a bool")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def hidden(self) -> int:
+        return _default_mlp_hidden(self.d_model) if self.mlp_hidden is None else self.mlp_hidden
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config.d_model, config.hidden)
+
+    def forward(self, x, cos, sin, cache=None, cache_seqlens=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, cache_seqlens)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        if not isinstance(config, DecoderConfig):
+            raise TypeError(f"Decoder: config must be a DecoderConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for embeddings and projections; the residual-stream writers (o_proj,
+        down_proj) scaled by 1/sqrt(2 n_layers) (GPT-2) so the stream's variance does not grow with
+        depth; W_R drawn like W_Q (the paper), or zero with r_init="zero"; norms at one."""
+        c = self.config
+        std = c.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * c.n_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        if c.r_init == "zero":
+            for block in self.blocks:
+                if hasattr(block.attn, "r_proj"):
+                    nn.init.zeros_(block.attn.r_proj.weight)
+
+    def _rope(self, positions: torch.Tensor):
+        """cos, sin of shape positions.shape + (D/2,), computed afresh in fp32 (fp64 for an fp64
+        model): cached tables would be rounded by a model.to(bfloat16)."""
+        c = self.config
+        dtype = torch.float64 if self.embed.weight.dtype == torch.float64 else torch.float32
+        exponents = torch.arange(0, c.dim_head, 2, device=positions.device, dtype=dtype) / c.dim_head
+        inv_freq = 1.0 / (c.rope_theta**exponents)
+        angles = positions.to(dtype).unsqueeze(-1) * inv_freq
+        return angles.cos(), angles.sin()
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size). With a cache, the tokens continue each cached sequence."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = (
+                f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+                if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__
+            )
+            raise ValueError(f"Decoder: input_ids must be an integer tensor of shape (batch, seq), got {got}")
+        batch, n_tokens = input_ids.shape
+        if cache is None:
+            if n_tokens > self.config.max_seq_len:
+                raise ValueError(f"Decoder: sequence length {n_tokens} exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = self._rope(torch.arange(n_tokens, device=input_ids.device))
+            cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2) against (B, T, H, D/2)
+            cache_seqlens = None
+        else:
+            cache.check_room(batch, n_tokens)
+            cos, sin = self._rope(cache.positions(n_tokens))
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D/2)
+            cache_seqlens = (cache.seqlens + n_tokens).to(torch.int32)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, cache_seqlens)
+        if cache is not None:
+            cache.advance(n_tokens)
+        x = self.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.embed.weight)
+        return self.lm_head(x)
+
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens.
+
+        dtype defaults to the autocast dtype when autocast is on for the device, else the
+        parameters' dtype (the dtype the layers' k and v come out in)."""
+        c = self.config
+        if max_len > c.max_seq_len:
+            raise ValueError(f"init_cache: max_len={max_len} exceeds the model's max_seq_len={c.max_seq_len}")
+        weight = self.embed.weight
+        device = weight.device if device is None else torch.device(device)
+        if dtype is None:
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        return KVCache(c.n_layers, batch_size, max_len, c.kv_heads, c.dim_head, device, dtype)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue `prompt_ids` (B, T) or (T,); returns prompt + new tokens in the same rank.
+
+        temperature == 0 is greedy. top_k keeps the k most likely tokens before sampling. Once a
+        sequence emits eos_id it is padded with eos_id; generation stops when all have. With
+        use_cache=False every step recomputes the full forward (the oracle for the cached path).
+        """
+        from .generation import generate
+
+        return generate(self, prompt_ids, max_new_tokens, temperature, top_k, eos_id, use_cache, generator)
+
+
+# --------------------------------------------------------------------------------------- presets
+
+_SIZES = {
+    # name: fields of DecoderConfig. Head counts are chosen so that both matched variants exist:
+    # 1.5 n_heads is a multiple of n_kv_heads, and for small and base (n_heads/2 + n_kv_heads)
+    # head_dim / 3, the MLP growth that compute-matching needs, is a whole multiple of 64.
+    "tiny": dict(vocab_size=256, max_seq_len=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2),
+    "small": dict(
+        vocab_size=256,
+        max_seq_len=1024,
+        d_model=768,
+        n_layers=8,
+        n_heads=6,
+        n_kv_heads=3,
+        head_dim=128,
+        mlp_hidden=2048,
+    ),
+    "base": dict(
+        vocab_size=256,
+        max_seq_len=2048,
+        d_model=1024,
+        n_layers=12,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=128,
+        mlp_hidden=2560,
+    ),
+}
+_VARIANTS = ("softmax-param-matched", "parallax-compute-matched")
+
+
+def _param_matched_softmax(c: DecoderConfig) -> DecoderConfig:
+    """Softmax with 1.5x the query heads: Parallax's attention holds (3 H + 2 H_kv) D d weights
+    (q, r, o and k, v), softmax with H' heads (2 H' + 2 H_kv) D d, equal at H' = 1.5 H."""
+    heads = 3 * c.n_heads // 2
+    if (3 * c.n_heads) % 2 or heads % c.kv_heads:
+        raise ValueError(
+            f"preset: no parameter-matched softmax for n_heads={c.n_heads}, n_kv_heads={c.kv_heads}: "
+            "1.5 n_heads must be a whole multiple of n_kv_heads"
+        )
+    return dataclasses.replace(c, attention="softmax", n_heads=heads, head_dim=c.dim_head)
+
+
+def _compute_matched_parallax(c: DecoderConfig) -> DecoderConfig:
+    """Parallax with half the head dim and a larger MLP, matching softmax's FLOPs: four matmuls at
+    D/2 cost the two of softmax at D, and the projections shrink from (2 H + 2 H_kv) D d to
+    (3 H + 2 H_kv) (D/2) d, a saving of (H/2 + H_kv) D d that goes to the MLP as
+    (H/2 + H_kv) D / 3 more hidden units (rounded to a whole number)."""
+    if c.dim_head % 4:
+        raise ValueError(f"preset: compute-matched Parallax halves head_dim={c.dim_head}; it must stay even for RoPE")
+    extra = round((c.n_heads / 2 + c.kv_heads) * c.dim_head / 3)
+    return dataclasses.replace(c, attention="parallax", head_dim=c.dim_head // 2, mlp_hidden=c.hidden + extra)
+
+
+def preset(name: str, **overrides) -> DecoderConfig:
+    """A named DecoderConfig; `overrides` replace fields (validated like any config).
+
+    Sizes (parameter counts as :func:`count_params` reports them: every weight except the token
+    embedding and the output head, norms included; the embedding adds vocab_size x d_model, twice
+    when untied):
+
+    - ``tiny``: d 128, 2 layers, 4 query / 2 kv heads of 32, MLP 320. For CPU tests and the
+      quickstart. Parallax 0.38M, softmax 0.34M (+ 33k embedding at vocab 256).
+    - ``small``: d 768, 8 layers, 6 query / 3 kv heads of 128, MLP 2048. Parallax 56.6M,
+      softmax 51.9M (+ 0.2M embedding at vocab 256, 38.6M at vocab 50304).
+    - ``base``: d 1024, 12 layers, 8 query / 2 kv heads of 128, MLP 2560. Parallax 138.4M,
+      softmax 125.9M (+ 51.5M embedding at vocab 50304).
+
+    Each size has two matched controls (the paper's), named ``<size>-<variant>``:
+
+    - ``<size>-softmax-param-matched``: softmax with 1.5x the query heads, so its attention
+      holds exactly Parallax's weights (the extra q and o columns pay for W_R). tiny 0.38M,
+      small 56.6M, base 138.4M: equal to the Parallax model of that size up to the per-head norms
+      (Parallax's r_norm, head_dim weights per layer).
+    - ``<size>-parallax-compute-matched``: Parallax with half the head dim and a larger MLP, so that
+      both its matmul FLOPs and its attention FLOPs equal the softmax model's (see
+      :func:`flops_per_token`). small 51.9M and base 125.9M, FLOPs equal to softmax's; tiny
+      0.35M, where the MLP growth 42.7 is rounded to 43 and the FLOPs differ by 0.04%.
+
+    The plain size is Parallax; ``preset("small", attention="softmax")`` is its softmax baseline.
+    For a matched variant the overrides apply to the size's config before the matching is derived,
+    so the control stays matched (overriding ``attention`` there is an error).
+    """
+    size, _, variant = name.partition("-")
+    if size not in _SIZES or (variant and variant not in _VARIANTS):
+        names = [*_SIZES, *(f"{s}-{v}" for s in _SIZES for v in _VARIANTS)]
+        raise ValueError(f"preset: unknown name {name!r}; known: {', '.join(names)}")
+    if variant and "attention" in overrides:
+        raise ValueError(f"preset: {name!r} fixes the attention kind; do not override attention there")
+    config = DecoderConfig(**{**_SIZES[size], **overrides})
+    if variant == "softmax-param-matched":
+        config = _param_matched_softmax(config)
+    elif variant == "parallax-compute-matched":
+        config = _compute_matched_parallax(config)
+    return config
+
+
+# ------------------------------------------------------------------------------ counting, FLOPs
+
+
+def count_params(model: nn.Module, exclude_embeddings: bool = True) -> int:
+    """Trainable parameters (a tied weight once). exclude_embeddings drops the token embedding and
+    the output head, the usual "non-embedding" count of scaling laws; norms stay in."""
+    skip = set()
+    if exclude_embeddings:
+        for name in ("embed", "lm_head"):
+            module = getattr(model, name, None)
+            if module is not None:
+                skip.update(id(p) for p in module.parameters())
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def matmul_params(config: DecoderConfig) -> int:
+    """Weights that a token multiplies by in the forward: the projections of every layer and the
+    output head (tied or not); not the embedding lookup, not the norms."""
+    c = config
+    D, H, Hkv, d = c.dim_head, c.n_heads, c.kv_heads, c.d_model
+    q_side = (c.attention in QUERY_KINDS) + (c.attention in PROBE_KINDS)  # q and/or r
+    attn = (q_side * H + 2 * Hkv) * D * d + H * D * d
+    mlp = 3 * d * c.hidden
+    return c.n_layers * (attn + mlp) + d * c.vocab_size
+
+
+def mean_visible_keys(seq_len: int, window_size: int | None) -> float:
+    """Average number of keys a query sees in a causal sequence of seq_len (the causal halving),
+    capped by the window."""
+    T = seq_len
+    if window_size is None or window_size >= T:
+        return (T + 1) / 2
+    W = window_size
+    # rows 0..W-1 see i+1 keys, the remaining T-W rows see W
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+
+
+def attention_flops_forward(config: DecoderConfig, seq_len: int) -> float:
+    """Forward attention FLOPs per token and layer (the score/mix matmuls; 2 FLOPs per MAC).
+
+    With n keys visible on average: softmax runs QKᵀ and PV, 2 matmuls, 2·2·n·D per head;
+    Parallax runs QKᵀ, RKᵀ, PV and (P∘T)V, 4 matmuls; affine linear runs RKᵀ, UV and (U∘T)V, 3;
+    linear runs QKᵀ and (U∘S)V, 2 (the masked quadratic form its reference computes). LLA counts its
+    reference: QKᵀ, the means P K and P V, two weighted second moments (2·2·n·D² MACs·FLOPs) and a
+    D x D solve per query (2/3 D³ + 4 D²).
+    """
+    c = config
+    D, H = c.dim_head, c.n_heads
+    n = mean_visible_keys(seq_len, c.window_size)
+    matmuls = {"softmax": 2, "parallax": 4, "affine_linear": 3, "linear": 2}
+    if c.attention in matmuls:
+        return H * matmuls[c.attention] * 2 * n * D
+    # lla
+    return H * (3 * 2 * n * D + 2 * 2 * n * D * D + (2 / 3) * D**3 + 4 * D * D)
+
+
+def flops_per_token(config: DecoderConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), for MFU.
+
+    6 N for the matmul weights N (:func:`matmul_params`: 2 per weight forward, 4 backward), plus the
+    attention matmuls counted by hand (a FLOP counter cannot see custom ops): 3x the forward count of
+    :func:`attention_flops_forward` (backward = 2x forward, recomputation not counted, as in PaLM's
+    MFU), causal halving and windows included. Parallax's attention term is twice softmax's.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"flops_per_token: seq_len must be a positive integer, got {seq_len!r}")
+    return 6 * matmul_params(config) + 3 * config.n_layers * attention_flops_forward(config, seq_len)
