@@ -27,6 +27,7 @@ the model). The LLA and linear members have only references, which every backend
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parallax_kernels import (
@@ -53,6 +54,17 @@ QUERY_KINDS = ("parallax", "softmax", "lla", "linear")
 def use_reference(backend: str, t: torch.Tensor) -> bool:
     """Whether `backend` means the pure-PyTorch reference for a tensor on t's device."""
     return backend == "reference" or (backend == "auto" and not t.is_cuda)
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in at least fp32 and returned in the input's dtype: under autocast the
+    per-head norms receive bf16 projections, which the fused kernel would refuse (fp32 weight) and
+    whose mean square is better taken in fp32 anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,9 +162,20 @@ class KVCache:
         self.seqlens += new_tokens
         self.lengths = [n + new_tokens for n in self.lengths]
 
+    def truncate(self, lengths: list[int]) -> None:
+        """Roll sequence b back to its first lengths[b] tokens (the rows after it are overwritten by
+        the next writes): re-use a shared prefix, drop rejected draft tokens, or give the sequences
+        of a batch different lengths."""
+        if len(lengths) != self.batch_size or any(not 0 <= n <= m for n, m in zip(lengths, self.lengths)):
+            raise ValueError(
+                f"KVCache.truncate: need {self.batch_size} lengths, each between 0 and the current one "
+                f"{self.lengths}; got {lengths}"
+            )
+        self.lengths = [int(n) for n in lengths]
+        self.seqlens.copy_(torch.tensor(self.lengths, dtype=torch.int32))
+
     def reset(self) -> None:
-        self.seqlens.zero_()
-        self.lengths = [0] * self.batch_size
+        self.truncate([0] * self.batch_size)
 
 
 class Attention(nn.Module):
@@ -171,13 +194,13 @@ class Attention(nn.Module):
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         if self.kind in QUERY_KINDS:
             self.q_proj = nn.Linear(c.d_model, q_width, bias=False)
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
         if self.kind in PROBE_KINDS:
             self.r_proj = nn.Linear(c.d_model, q_width, bias=False)
-            self.r_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+            self.r_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
         self.k_proj = nn.Linear(c.d_model, kv_width, bias=False)
         self.v_proj = nn.Linear(c.d_model, kv_width, bias=False)
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=c.norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(q_width, c.d_model, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION_KINDS, ATTN_BACKENDS, PROBE_KINDS, QUERY_KINDS, Attention, KVCache
+from .attention import ATTENTION_KINDS, ATTN_BACKENDS, PROBE_KINDS, QUERY_KINDS, Attention, KVCache, RMSNorm
 
 R_INITS = ("like_q", "zero")
 
@@ -120,9 +120,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = MLP(config.d_model, config.hidden)
 
     def forward(self, x, cos, sin, cache=None, cache_seqlens=None):
@@ -140,7 +140,7 @@ class Decoder(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 

@@ -164,7 +164,7 @@ def test_importing_model_does_not_import_the_platform_stack():
     import subprocess
 
     code = (
-        "import sys, parallax_lightning.model, parallax_lightning.generation;"
+        "import sys, parallax_lightning.model, parallax_lightning.diagnostics, parallax_lightning.generation;"
         "bad = [m for m in ('lightning', 'mlflow', 'omegaconf', 'pytorch_lightning') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
