@@ -130,8 +130,14 @@ def check_attn_inputs(
     return AttnShape(B, Tq, Tk, Hq, Hkv, D)
 
 
-def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batch: int) -> None:
-    """flash-attn convention: int32 offsets [0, l0, l0+l1, ..., total] into a packed batch of size 1."""
+def check_cu_seqlens(
+    op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, check_values: bool = True
+) -> list[int] | None:
+    """flash-attn convention: int32 offsets [0, l0, l0+l1, ..., total] into a packed batch of size 1.
+
+    Returns the offsets as a list. check_values=False skips the value checks (and their host sync) and
+    returns None: for callers that were handed max_seqlen and must not synchronize.
+    """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
@@ -145,8 +151,11 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batc
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens needs at least 2 offsets, got {cu_seqlens.numel()}")
+    if not check_values:
+        return None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the packed length {total}, got {offsets}")
     if any(b <= a for a, b in itertools.pairwise(offsets)):
         raise ValueError(f"{op}: cu_seqlens must be strictly increasing (no empty sequences), got {offsets}")
+    return offsets

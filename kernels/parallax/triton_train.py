@@ -1,0 +1,646 @@
+"""Parallax training kernels in Triton: one streaming forward and a two-kernel backward.
+
+Layout is (batch, seq, heads, head_dim), read in place through strides. Per query row i:
+
+    forward   d1 = Σ w,  d2 = Σ w t,  O1 = Σ w v,  O2 = Σ w t v     (w = exp2(s - m), online max m)
+              o = O1/d1 (1 + d2/d1) - O2/d1;  saved: v̄ = O1/d1, lse = m + log2 d1 (base 2), t̄ = d2/d1
+    backward  kernel 1 (dQ/dR, one program per query block): first T_i = dO·o and b_i = dO·v̄ for its own
+              rows (stored for kernel 2), then a loop over key tiles for dq and dr;
+              kernel 2 (dK/dV, one program per key block and kv head): a loop over the query heads of the
+              GQA group and their query blocks, so dk and dv are summed in registers, without atomics.
+
+Every loop over tiles is split into full tiles (no mask work at all) and the few boundary tiles (causal
+diagonal, window edge, sequence tail) that are masked. Scores live in the base-2 domain: the softmax
+scale is multiplied by log2(e) once, so every exponential is a bare exp2.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+from .._dispatch import interpreting
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs: chosen per head-dim class by a fixed table (no runtime autotuning, so a new shape costs one compile).
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel. block_m counts query rows, block_n key rows."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {b}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"KernelConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+@dataclass(frozen=True)
+class TrainConfigs:
+    fwd: KernelConfig
+    dq: KernelConfig  # dQ/dR kernel
+    dkv: KernelConfig  # dK/dV kernel
+
+
+# The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
+_INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
+
+# Hopper (sm90) table, keyed by the padded head dim. Two fp32 accumulators per program (O1 and O2; dq and dr;
+# dk and dv) are what limits the tiles: at 256 the query tile drops to 64 rows so nothing spills.
+_HOPPER = {
+    64: TrainConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
+    128: TrainConfigs(KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
+    256: TrainConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 1), KernelConfig(32, 64, 4, 1)),
+}
+# Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
+_OTHER = {
+    64: TrainConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
+    128: TrainConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
+    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), KernelConfig(16, 32, 4, 1)),
+}
+# fp32 inputs run exact (ieee) dots from registers: half the tile bytes of the 16-bit table.
+_FP32 = {
+    64: TrainConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
+    128: TrainConfigs(KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 4, 2), KernelConfig(32, 32, 4, 2)),
+    256: TrainConfigs(KernelConfig(16, 32, 4, 1), KernelConfig(16, 32, 4, 1), KernelConfig(16, 32, 4, 1)),
+}
+
+
+def _dim_class(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> TrainConfigs:
+    """The launch configs used for a head dim, dtype and device (the table above)."""
+    if device.type != "cuda" or interpreting():
+        return _INTERPRETER
+    cls = _dim_class(head_dim)
+    if dtype == torch.float32:
+        return _FP32[cls]
+    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return (_HOPPER if major >= 9 else _OTHER)[cls]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------------------
+# Kernel code keeps its argument lists dense (one line per tensor's strides): the formatter would give each
+# of the ~60 arguments its own line.
+# fmt: off
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; bounds are checked only where they can be crossed (zeros outside)."""
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _ptrs(BASE, b, s_b, h, s_h, row, s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers (or offsets, with BASE = 0) of a (ROWS, BLOCK_D) tile starting at `row`; the scalar part is
+    int64 so long packed batches cannot overflow, the in-tile part stays int32."""
+    base = BASE + b * s_b + h.to(tl.int64) * s_h + row * s_t
+    return base + tl.arange(0, ROWS)[:, None] * s_t + tl.arange(0, BLOCK_D)[None, :] * s_d
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if BLOCK_D == HEAD_DIM:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _sequence(CU_SEQLENS, pid_b, t_q, t_k, VARLEN: tl.constexpr):
+    """(batch index, first row, query length, key length) of the sequence this program works on."""
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + pid_b).to(tl.int64)
+        end = tl.load(CU_SEQLENS + pid_b + 1).to(tl.int64)
+        seq_len = (end - start).to(tl.int32)
+        return 0, start, seq_len, seq_len
+    else:
+        return pid_b.to(tl.int64), 0, t_q, t_k
+
+
+@triton.jit
+def _key_ranges(m0, t_q, t_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr):
+    """Key tiles a query block [m0, m0+BLOCK_M) needs, as lo <= full_lo <= full_hi <= hi:
+    [lo, full_lo) and [full_hi, hi) are masked tiles (window edge; causal diagonal and key tail),
+    [full_lo, full_hi) are tiles every row of the block sees completely."""
+    if CAUSAL:
+        off = t_k - t_q  # queries are the last t_q positions
+        hi = tl.minimum(t_k, m0 + BLOCK_M + off)
+        full_hi = (tl.minimum(m0 + off + 1, t_k) // BLOCK_N) * BLOCK_N
+    else:
+        off = 0
+        hi = t_k
+        full_hi = (t_k // BLOCK_N) * BLOCK_N
+    if WINDOW:
+        lo = (tl.maximum(m0 + off - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = m0 * 0  # a tensor like the other bounds, so callers can widen it
+        full_lo = lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(n0, t_q, t_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr):
+    """Query tiles a key block [n0, n0+BLOCK_N) is seen by, as lo <= full_lo <= full_hi <= hi:
+    [lo, full_lo) and [full_hi, hi) are masked (causal diagonal; window edge and query tail)."""
+    if CAUSAL:
+        off = t_k - t_q
+        lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M
+    else:
+        off = 0
+        lo = n0 * 0
+        full_lo = lo
+    if WINDOW:
+        hi = tl.minimum(t_q, n0 + BLOCK_N - 1 + window - off)
+        full_hi = (tl.maximum(tl.minimum(t_q, n0 + window - off), 0) // BLOCK_M) * BLOCK_M
+    else:
+        hi = t_q
+        full_hi = (t_q // BLOCK_M) * BLOCK_M
+    # A key block that runs past the end of the keys needs the key mask on every tile.
+    full_hi = tl.where(n0 + BLOCK_N > t_k, 0, full_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(rows_pos, cols, t_k, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(rows, cols) mask of the keys each query sees; rows_pos are positions in key coordinates."""
+    keep = cols[None, :] < t_k
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows_pos[:, None])
+    if WINDOW:
+        keep = keep & (cols[None, :] > rows_pos[:, None] - window)
+    return keep
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(
+    o1, o2, d1, d2, m_i,
+    q, r, k_ptrs, v_ptrs, stride_kt, stride_vt,
+    pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    k_ptrs += lo.to(tl.int64) * stride_kt
+    v_ptrs += lo.to(tl.int64) * stride_vt
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = _load_tile(k_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        if MASK:
+            qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+        if MASK:
+            # A row with no visible key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        w = tl.math.exp2(qk * qk_scale2 - m_new[:, None])
+        wt = w * t
+        d1 = d1 * alpha + tl.sum(w, 1)
+        d2 = d2 * alpha + tl.sum(wt, 1)
+        o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
+        o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return o1, o2, d1, d2, m_i
+
+
+@triton.jit(do_not_specialize=["t_q", "t_k", "stat_len", "window"])
+def _fwd_kernel(
+    Q, R, K, V, O, VBAR, LSE, TBAR, CU_SEQLENS,
+    sq_b, sq_t, sq_h, sq_d,
+    sr_b, sr_t, sr_h, sr_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    so_b, so_t, so_h, so_d,
+    t_q, t_k, n_heads, group, stat_len, window, qk_scale2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: the short ones fill the tail
+    h = tl.program_id(1)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= t_q:
+        return
+    hk = h // group
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_m = row0 + m0.to(tl.int64)
+    q = _load_tile(_ptrs(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    k_ptrs = _ptrs(K, b, sk_b, hk, sk_h, row0, sk_t, sk_d, BLOCK_N, BLOCK_D)
+    v_ptrs = _ptrs(V, b, sv_b, hk, sv_h, row0, sv_t, sv_d, BLOCK_N, BLOCK_D)
+
+    o1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    o2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    d1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    d2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    if CAUSAL:
+        pos = offs_m + (t_k - t_q)
+    else:
+        pos = offs_m
+    lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WINDOW:
+        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+                                         pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
+                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+                                     pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC)
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+                                     pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+
+    # Only rows past the end of the queries can see no key at all (d1 = 0); they are never stored.
+    inv = 1.0 / tl.where(d1 > 0.0, d1, 1.0)
+    vbar = o1 * inv[:, None]
+    tbar = d2 * inv
+    o = vbar * (1.0 + tbar)[:, None] - o2 * inv[:, None]
+    o_off = _ptrs(0, b, so_b, h, so_h, row_m, so_t, so_d, BLOCK_M, BLOCK_D)
+    _store_tile(O + o_off, o.to(O.dtype.element_ty), offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D)
+    if SAVE_STATS:
+        _store_tile(VBAR + o_off, vbar.to(VBAR.dtype.element_ty), offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D)
+        stat = (b * n_heads + h) * stat_len + row0 + offs_m
+        tl.store(LSE + stat, m_i + tl.math.log2(tl.maximum(d1, 1e-30)), mask=offs_m < t_q)
+        tl.store(TBAR + stat, tbar, mask=offs_m < t_q)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward, kernel 1: the row terms T = dO·o and b = dO·v̄, then dq and dr
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dq_tiles(
+    dq, dr,
+    q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, stride_kt, stride_vt,
+    pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    k_ptrs += lo.to(tl.int64) * stride_kt
+    v_ptrs += lo.to(tl.int64) * stride_vt
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = _load_tile(k_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
+        if MASK:
+            p = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), p, 0.0)
+        dt = p * (delta_b[:, None] - a)  # dT = -p (a - b)
+        ds = p * (a - delta_t[:, None]) - (tbar[:, None] - t) * dt
+        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PREC)
+        dr = tl.dot(dt.to(k.dtype), k, acc=dr, input_precision=DOT_PREC)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq, dr
+
+
+@triton.jit(do_not_specialize=["t_q", "t_k", "stat_len", "window"])
+def _bwd_dq_kernel(
+    Q, R, K, V, O, VBAR, DO, LSE, TBAR, DELTA_T, DELTA_B, DQ, DR, CU_SEQLENS,
+    sq_b, sq_t, sq_h, sq_d,
+    sr_b, sr_t, sr_h, sr_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    so_b, so_t, so_h, so_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sdq_b, sdq_t, sdq_h, sdq_d,
+    t_q, t_k, n_heads, group, stat_len, window, qk_scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= t_q:
+        return
+    hk = h // group
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < t_q
+    row_m = row0 + m0.to(tl.int64)
+    q = _load_tile(_ptrs(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(_ptrs(DO, b, sdo_b, h, sdo_h, row_m, sdo_t, sdo_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
+                    HEAD_DIM, BLOCK_D, True)
+    o_off = _ptrs(0, b, so_b, h, so_h, row_m, so_t, so_d, BLOCK_M, BLOCK_D)
+    o = _load_tile(O + o_off, offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    vbar = _load_tile(VBAR + o_off, offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do32 = do.to(tl.float32)
+    delta_t = tl.sum(do32 * o.to(tl.float32), 1)
+    delta_b = tl.sum(do32 * vbar.to(tl.float32), 1)
+    stat = (b * n_heads + h) * stat_len + row0 + offs_m
+    tl.store(DELTA_T + stat, delta_t, mask=row_ok)
+    tl.store(DELTA_B + stat, delta_b, mask=row_ok)
+    # Rows past the end get lse = +inf, hence p = 0: they add nothing and need no mask in full tiles.
+    lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+    tbar = tl.load(TBAR + stat, mask=row_ok, other=0.0)
+
+    k_ptrs = _ptrs(K, b, sk_b, hk, sk_h, row0, sk_t, sk_d, BLOCK_N, BLOCK_D)
+    v_ptrs = _ptrs(V, b, sv_b, hk, sv_h, row0, sv_t, sv_d, BLOCK_N, BLOCK_D)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if CAUSAL:
+        pos = offs_m + (t_k - t_q)
+    else:
+        pos = offs_m
+    lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WINDOW:
+        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+                           pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+                       pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+                       pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+
+    dq_off = _ptrs(0, b, sdq_b, h, sdq_h, row_m, sdq_t, sdq_d, BLOCK_M, BLOCK_D)
+    _store_tile(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DR + dq_off, dr.to(DR.dtype.element_ty), offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward, kernel 2: dk and dv, summed over the query heads of a GQA group
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dkv_tiles(
+    dk, dv,
+    k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B, stride_qt, stride_rt, stride_dot,
+    cols, offs_m, offs_d, lo, hi, t_q, t_k, off, window, qk_scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Transposed tiles (keys × queries), so dk and dv accumulate as plain (P-like)ᵀ·(query-side) products."""
+    q_ptrs += lo.to(tl.int64) * stride_qt
+    r_ptrs += lo.to(tl.int64) * stride_rt
+    do_ptrs += lo.to(tl.int64) * stride_dot
+    stat_ptrs += lo
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + offs_m
+        q = _load_tile(q_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        r = _load_tile(r_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        do = _load_tile(do_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        if MASK:
+            row_ok = rows < t_q
+            lse = tl.load(LSE + stat_ptrs, mask=row_ok, other=float("inf"))
+            tbar = tl.load(TBAR + stat_ptrs, mask=row_ok, other=0.0)
+            delta_t = tl.load(DELTA_T + stat_ptrs, mask=row_ok, other=0.0)
+            delta_b = tl.load(DELTA_B + stat_ptrs, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(LSE + stat_ptrs)
+            tbar = tl.load(TBAR + stat_ptrs)
+            delta_t = tl.load(DELTA_T + stat_ptrs)
+            delta_b = tl.load(DELTA_B + stat_ptrs)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        t_t = tl.dot(k, tl.trans(r), input_precision=DOT_PREC)
+        a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        p_t = tl.math.exp2(qk_t * qk_scale2 - lse[None, :])
+        if MASK:
+            keep = (cols[:, None] < t_k) & (rows[None, :] < t_q)
+            if CAUSAL:
+                keep = keep & (cols[:, None] <= rows[None, :] + off)
+            if WINDOW:
+                keep = keep & (cols[:, None] > rows[None, :] + off - window)
+            p_t = tl.where(keep, p_t, 0.0)
+        u = tbar[None, :] - t_t  # t̄_i - t_ij
+        dt_t = p_t * (delta_b[None, :] - a_t)
+        ds_t = p_t * (a_t - delta_t[None, :]) - u * dt_t
+        dv = tl.dot((p_t + p_t * u).to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
+        dk = tl.dot((ds_t * scale).to(q.dtype), q, acc=dk, input_precision=DOT_PREC)
+        dk = tl.dot(dt_t.to(r.dtype), r, acc=dk, input_precision=DOT_PREC)
+        q_ptrs += BLOCK_M * stride_qt
+        r_ptrs += BLOCK_M * stride_rt
+        do_ptrs += BLOCK_M * stride_dot
+        stat_ptrs += BLOCK_M
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["t_q", "t_k", "stat_len", "window"])
+def _bwd_dkv_kernel(
+    Q, R, K, V, DO, LSE, TBAR, DELTA_T, DELTA_B, DK, DV, CU_SEQLENS,
+    sq_b, sq_t, sq_h, sq_d,
+    sr_b, sr_t, sr_h, sr_d,
+    sk_b, sk_t, sk_h, sk_d,
+    sv_b, sv_t, sv_h, sv_d,
+    sdo_b, sdo_t, sdo_h, sdo_d,
+    sdk_b, sdk_t, sdk_h, sdk_d,
+    t_q, t_k, n_heads, group, stat_len, window, qk_scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= t_k:
+        return
+
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_n = row0 + n0.to(tl.int64)
+    k = _load_tile(_ptrs(K, b, sk_b, hk, sk_h, row_n, sk_t, sk_d, BLOCK_N, BLOCK_D), cols, t_k, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(_ptrs(V, b, sv_b, hk, sv_h, row_n, sv_t, sv_d, BLOCK_N, BLOCK_D), cols, t_k, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if CAUSAL:
+        off = t_k - t_q
+    else:
+        off = 0
+    lo, full_lo, full_hi, hi = _query_ranges(n0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    for g in range(group):
+        h = hk * group + g
+        q_ptrs = _ptrs(Q, b, sq_b, h, sq_h, row0, sq_t, sq_d, BLOCK_M, BLOCK_D)
+        r_ptrs = _ptrs(R, b, sr_b, h, sr_h, row0, sr_t, sr_d, BLOCK_M, BLOCK_D)
+        do_ptrs = _ptrs(DO, b, sdo_b, h, sdo_h, row0, sdo_t, sdo_d, BLOCK_M, BLOCK_D)
+        stat_ptrs = (b * n_heads + h) * stat_len + row0 + offs_m
+        if CAUSAL:
+            dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+                                sq_t, sr_t, sdo_t, cols, offs_m, offs_d, lo, full_lo, t_q, t_k, off, window,
+                                qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+                            sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_lo, full_hi, t_q, t_k, off, window,
+                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PREC)
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+                            sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_hi, hi, t_q, t_k, off, window,
+                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
+
+    dk_off = _ptrs(0, b, sdk_b, hk, sdk_h, row_n, sdk_t, sdk_d, BLOCK_N, BLOCK_D)
+    _store_tile(DK + dk_off, dk.to(DK.dtype.element_ty), cols, t_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + dk_off, dv.to(DV.dtype.element_ty), cols, t_k, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# fmt: on
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (no tf32 rounding); 16-bit inputs ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _layout(q, k, cu_seqlens, max_seqlen):
+    """(programs over sequences, query length, key length, longest query length, stats length)."""
+    if cu_seqlens is not None:
+        return cu_seqlens.numel() - 1, 0, 0, max_seqlen, q.shape[1]
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[1], q.shape[1]
+
+
+def _block_d(head_dim: int) -> int:
+    # Head dims that are not powers of two are padded up to one and masked; 16 is tl.dot's minimum.
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
+def _dummy(cu_seqlens, device):
+    # Kernels without varlen never read the pointer; any int32 tensor on the device will do.
+    return cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
+
+
+def parallax_fwd_triton(
+    q, r, k, v, causal: bool, scale: float, window_size: int | None, cu_seqlens=None, max_seqlen: int = 0,
+    save_stats: bool = True, config: KernelConfig | None = None,
+):  # fmt: skip
+    """Forward kernel. Returns o and, with save_stats, (v̄, lse in base 2, t̄) for the backward
+    (lse and t̄ as float32 (B, H_q, T_q)); without, those three are empty tensors."""
+    B, Tq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    cfg = config or default_configs(D, q.dtype, q.device).fwd
+    n_seq, t_q, t_k, max_q, stat_len = _layout(q, k, cu_seqlens, max_seqlen)
+    o = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    if save_stats:
+        vbar = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+        lse = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+        tbar = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    else:
+        # Distinct (never aliased) placeholders: custom ops may not return one tensor twice.
+        vbar = q.new_empty(0)
+        lse = q.new_empty(0, dtype=torch.float32)
+        tbar = q.new_empty(0, dtype=torch.float32)
+    grid = (triton.cdiv(max_q, cfg.block_m), Hq, n_seq)
+    # fmt: off
+    _fwd_kernel[grid](
+        q, r, k, v, o, vbar if save_stats else o, lse, tbar, _dummy(cu_seqlens, q.device),
+        *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(),
+        t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        CAUSAL=causal, WINDOW=window_size is not None, VARLEN=cu_seqlens is not None, SAVE_STATS=save_stats,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # fmt: on
+    return o, vbar, lse, tbar
+
+
+def parallax_bwd_triton(
+    q, r, k, v, o, vbar, lse, tbar, do, causal: bool, scale: float, window_size: int | None, cu_seqlens=None,
+    max_seqlen: int = 0, dq_config: KernelConfig | None = None, dkv_config: KernelConfig | None = None,
+):  # fmt: skip
+    """Backward kernels. Returns (dq, dr, dk, dv) in the input dtype, shaped like q, r, k, v."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    if o.stride() != vbar.stride():
+        raise ValueError("parallax backward: o and vbar must share strides (both come from the forward)")
+    cfgs = default_configs(D, q.dtype, q.device)
+    dq_cfg, dkv_cfg = dq_config or cfgs.dq, dkv_config or cfgs.dkv
+    n_seq, t_q, t_k, max_q, stat_len = _layout(q, k, cu_seqlens, max_seqlen)
+    max_k = max_q if cu_seqlens is not None else Tk
+    delta_t = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    delta_b = empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    dq = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    dr = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
+    dk = empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
+    cu = _dummy(cu_seqlens, q.device)
+    common = dict(
+        HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, WINDOW=window_size is not None,
+        VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype),
+    )  # fmt: skip
+    # The dQ/dR kernel also writes T = dO·o and b = dO·v̄ (delta_t, delta_b), which the dK/dV kernel reads.
+    # fmt: off
+    _bwd_dq_kernel[(triton.cdiv(max_q, dq_cfg.block_m), Hq, n_seq)](
+        q, r, k, v, o, vbar, do, lse, tbar, delta_t, delta_b, dq, dr, cu,
+        *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+        t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+        **common,
+    )
+    _bwd_dkv_kernel[(triton.cdiv(max_k, dkv_cfg.block_n), Hkv, n_seq)](
+        q, r, k, v, do, lse, tbar, delta_t, delta_b, dk, dv, cu,
+        *q.stride(), *r.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
+        BLOCK_M=dkv_cfg.block_m, BLOCK_N=dkv_cfg.block_n, num_warps=dkv_cfg.num_warps,
+        num_stages=dkv_cfg.num_stages, **common,
+    )
+    # fmt: on
+    return dq, dr, dk, dv
