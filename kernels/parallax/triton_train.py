@@ -67,7 +67,7 @@ _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 
 _HOPPER = {
     64: TrainConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
     128: TrainConfigs(KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
-    256: TrainConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 1), KernelConfig(32, 64, 4, 1)),
+    256: TrainConfigs(KernelConfig(64, 32, 8, 2), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
 _OTHER = {

@@ -1,0 +1,307 @@
+"""The Parallax Triton training kernels against the reference: output and all four gradients.
+
+On CPU the kernels run under the Triton interpreter (fp32 and fp16; bf16 is broken there and is checked on
+the GPU by benchmarks/bench_train.py and the `gpu` tests below). Every output and gradient the kernels
+return is NaN-poisoned before they run (the `poison` fixture), so an element they forget to write fails.
+Shapes are tiny but awkward: interpreted cost grows with the number of programs and tiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallax_kernels import backend_for, parallax_attn, parallax_attn_reference
+from parallax_kernels.parallax import op as parallax_op
+from parallax_kernels.parallax.triton_train import (
+    KernelConfig,
+    default_configs,
+    parallax_bwd_triton,
+    parallax_fwd_triton,
+)
+from tests.helpers import assert_close_rel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    backend_for(torch.empty(0, device=DEVICE)) != "triton", reason="needs CUDA or TRITON_INTERPRET=1 with triton"
+)
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+def _inputs(B, Tq, Tk, Hq, Hkv, D, dtype, r_scale=0.3):
+    """Fresh random q, r, k, v (requiring grad) and an output gradient. r is scaled so the correction
+    term is of the size a trained model gives it (comparable to v̄), not dominating it."""
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.float32)  # noqa: E731
+    q, k, v = mk(B, Tq, Hq, D), mk(B, Tk, Hkv, D), mk(B, Tk, Hkv, D)
+    r = r_scale * mk(B, Tq, Hq, D) / D**0.25
+    leaves = [x.to(dtype).requires_grad_() for x in (q, r, k, v)]
+    return leaves, mk(B, Tq, Hq, D).to(dtype)
+
+
+def _reference(q, r, k, v, causal, window, offsets=None, scale=None):
+    if offsets is None:
+        return parallax_attn_reference(q, r, k, v, causal=causal, window_size=window, scale=scale)
+    return torch.cat(
+        [
+            parallax_attn_reference(q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], causal=causal, window_size=window)
+            for a, b in itertools.pairwise(offsets)
+        ],
+        dim=1,
+    )
+
+
+def _check(got, grads, leaves, do, causal, window, tol, offsets=None, scale=None):
+    want = _reference(*leaves, causal, window, offsets, scale)
+    want_grads = torch.autograd.grad(want, leaves, do)
+    assert_close_rel(got, want, tol, "o")
+    for name, g, w in zip(("dq", "dr", "dk", "dv"), grads, want_grads):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close_rel(g, w, tol, name)
+
+
+# (B, T_q, T_k, H_q, H_kv, D, causal, window)
+SHAPES = {
+    "odd T, GQA 4:1, D=24": (2, 77, 77, 4, 1, 24, True, None),
+    "T < block": (1, 5, 5, 2, 2, 32, True, None),
+    "window 16, D=40": (1, 70, 70, 2, 1, 40, True, 16),
+    "window wider than T": (1, 33, 33, 2, 2, 32, True, 50),
+    "T_q < T_k (chunked prefill)": (1, 20, 75, 2, 2, 32, True, None),
+    "T_q < T_k with window": (1, 21, 75, 2, 1, 32, True, 10),
+    "non-causal cross": (2, 33, 50, 2, 1, 32, False, None),
+    "non-causal T_q > T_k": (1, 50, 19, 2, 2, 32, False, None),
+    "D=64": (1, 45, 45, 2, 2, 64, True, None),
+    "D=128": (1, 40, 40, 1, 1, 128, True, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(poison, shape, dtype):
+    B, Tq, Tk, Hq, Hkv, D, causal, window = shape
+    leaves, do = _inputs(B, Tq, Tk, Hq, Hkv, D, dtype)
+    o = parallax_attn(*leaves, causal=causal, window_size=window)
+    grads = torch.autograd.grad(o, leaves, do)
+    _check(o, grads, leaves, do, causal, window, TOL[dtype])
+
+
+VARLEN = {
+    "uneven causal": ([0, 7, 60, 61, 100], True, None),
+    "window": ([0, 37, 100], True, 9),
+    "non-causal": ([0, 37, 90], False, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", VARLEN.values(), ids=VARLEN.keys())
+def test_varlen_matches_per_sequence_reference(poison, case, dtype):
+    offsets, causal, window = case
+    leaves, do = _inputs(1, offsets[-1], offsets[-1], 4, 2, 40, dtype)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    o = parallax_attn(*leaves, causal=causal, window_size=window, cu_seqlens=cu)
+    grads = torch.autograd.grad(o, leaves, do)
+    _check(o, grads, leaves, do, causal, window, TOL[dtype], offsets)
+
+
+def test_varlen_with_max_seqlen_needs_no_offsets_read(poison, monkeypatch):
+    """Given max_seqlen, the op must not read the offsets back to the host (a sync on CUDA)."""
+    leaves, do = _inputs(1, 50, 50, 2, 2, 32, torch.float32)
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEVICE)
+
+    def no_tolist(*args, **kwargs):
+        raise AssertionError("cu_seqlens was read back to the host")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", no_tolist)
+        o = parallax_attn(*leaves, cu_seqlens=cu, max_seqlen=30)
+        grads = torch.autograd.grad(o, leaves, do)
+    _check(o, grads, leaves, do, True, None, 1e-5, [0, 20, 50])
+
+
+# Non-square tiles, as the GPU tables use (query tile != key tile, several tiles per diagonal).
+CONFIGS = {
+    "fwd 64x32, dq 32x64, dkv 16x64": (KernelConfig(64, 32), KernelConfig(32, 64), KernelConfig(16, 64)),
+    "fwd 32x64, dq 64x16, dkv 64x32": (KernelConfig(32, 64), KernelConfig(64, 16), KernelConfig(64, 32)),
+}
+CONFIG_SHAPES = {
+    "GQA causal": (1, 77, 77, 4, 2, 32, True, None, None),
+    "window": (1, 77, 77, 2, 1, 24, True, 13, None),
+    "T_q < T_k window": (1, 30, 100, 2, 1, 32, True, 20, None),
+    "non-causal": (1, 45, 100, 2, 1, 32, False, None, None),
+    "varlen window": (1, 100, 100, 2, 1, 40, True, 9, [0, 37, 100]),
+}
+
+
+@pytest.mark.parametrize("configs", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("shape", CONFIG_SHAPES.values(), ids=CONFIG_SHAPES.keys())
+def test_tile_configs(poison, shape, configs):
+    B, Tq, Tk, Hq, Hkv, D, causal, window, offsets = shape
+    fwd, dq, dkv = configs
+    leaves, do = _inputs(B, Tq, Tk, Hq, Hkv, D, torch.float32)
+    q, r, k, v = (x.detach() for x in leaves)
+    cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    max_seqlen = 0 if offsets is None else max(b - a for a, b in itertools.pairwise(offsets))
+    scale = D**-0.5
+    o, vbar, lse, tbar = parallax_fwd_triton(q, r, k, v, causal, scale, window, cu, max_seqlen, config=fwd)
+    grads = parallax_bwd_triton(
+        q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window, cu, max_seqlen, dq_config=dq, dkv_config=dkv
+    )
+    _check(o, grads, leaves, do, causal, window, 1e-5, offsets)
+
+
+def test_strided_inputs_and_gradients_are_read_in_place(poison):
+    """q, r, k, v as views into one fused projection, a custom scale, and a zero-stride output gradient."""
+    B, T, Hq, Hkv, D = 2, 37, 4, 2, 32
+    fused = torch.randn(B, T, 2 * Hq + 2 * Hkv, D, device=DEVICE, requires_grad=True)
+    q, r, k, v = fused.split([Hq, Hq, Hkv, Hkv], dim=2)
+    assert not q.is_contiguous()
+    o = parallax_attn(q, 0.3 * r, k, v, scale=0.2)
+    (grad,) = torch.autograd.grad(o.sum(), fused)  # o.sum() hands the op an expanded, zero-stride dO
+    fused_ref = fused.detach().clone().requires_grad_()
+    qr, rr, kr, vr = fused_ref.split([Hq, Hq, Hkv, Hkv], dim=2)
+    want = parallax_attn_reference(qr, 0.3 * rr, kr, vr, scale=0.2)
+    (grad_ref,) = torch.autograd.grad(want.sum(), fused_ref)
+    assert_close_rel(o, want, 1e-5, "o")
+    assert_close_rel(grad, grad_ref, 1e-5, "d(fused qrkv)")
+
+
+def test_probe_zero_is_softmax_attention(poison):
+    leaves, _ = _inputs(2, 41, 41, 4, 2, 32, torch.float32)
+    q, _, k, v = (x.detach() for x in leaves)
+    o = parallax_attn(q, torch.zeros_like(q), k, v, causal=True)
+    want = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+    assert_close_rel(o, want, 1e-5)
+
+
+def test_inference_forward_skips_statistics(poison):
+    """Without grad the forward stores neither v̄ nor the row statistics, and gives the same output."""
+    leaves, _ = _inputs(1, 40, 40, 2, 2, 32, torch.float32)
+    q, r, k, v = (x.detach() for x in leaves)
+    with torch.no_grad():
+        o = parallax_attn(q, r, k, v)
+    _, vbar, lse, tbar = parallax_fwd_triton(q, r, k, v, True, 32**-0.5, None, save_stats=False)
+    assert vbar.numel() == lse.numel() == tbar.numel() == 0
+    assert_close_rel(o, parallax_attn_reference(q, r, k, v), 1e-5)
+
+
+def test_float64_goes_to_the_reference():
+    leaves, do = _inputs(1, 9, 9, 2, 1, 8, torch.float64)
+    o = parallax_attn(*leaves)
+    grads = torch.autograd.grad(o, leaves, do)
+    _check(o, grads, leaves, do, True, None, 1e-12)
+
+
+def test_opcheck_fake_and_autograd_registration():
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration, AOT dispatch."""
+    leaves, do = _inputs(1, 17, 17, 2, 1, 16, torch.float32)
+    args = (*leaves, True, 0.25, 0, None, 0, True)
+    torch.library.opcheck(parallax_op.parallax_fwd, args)
+    q, r, k, v = (x.detach() for x in leaves)
+    o, vbar, lse, tbar = parallax_op.parallax_fwd(q, r, k, v, True, 0.25, 0, None, 0, True)
+    torch.library.opcheck(parallax_op.parallax_bwd, (do, q, r, k, v, o, vbar, lse, tbar, True, 0.25, 0, None, 0))
+
+
+def test_torch_compile_fullgraph(poison):
+    """A compiled block that calls parallax_attn traces into one graph (no break around the op)."""
+    B, T, H, D = 1, 24, 2, 16
+    proj = torch.nn.Linear(D, 4 * D, device=DEVICE)
+
+    def block(x):
+        q, r, k, v = proj(x).split(D, dim=-1)
+        return parallax_attn(q, r, k, v, window_size=12).square().mean()
+
+    x = torch.randn(B, T, H, D, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True)
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, list(proj.parameters()))
+    q, r, k, v = proj(x).split(D, dim=-1)
+    want = parallax_attn_reference(q, r, k, v, window_size=12).square().mean()
+    want_grads = torch.autograd.grad(want, list(proj.parameters()))
+    assert_close_rel(loss, want, 1e-5, "loss")
+    for g, w in zip(grads, want_grads):
+        assert_close_rel(g, w, 1e-5, "param grad")
+
+
+# ---------------------------------------------------------------------------------------------- invalid inputs
+def _small(**kw):
+    return [torch.randn(1, 8, 2, 16, device=DEVICE, **kw) for _ in range(4)]
+
+
+BAD = [
+    ("cu_seqlens float", {"cu_seqlens": torch.tensor([0.0, 8.0])}, ValueError, "1-D int32 tensor"),
+    ("cu_seqlens end", {"cu_seqlens": torch.tensor([0, 5], dtype=torch.int32)}, ValueError, "end at the packed"),
+    ("cu_seqlens empty seq", {"cu_seqlens": torch.tensor([0, 3, 3, 8], dtype=torch.int32)}, ValueError, "increasing"),
+    ("max_seqlen alone", {"max_seqlen": 8}, ValueError, "only meaningful with cu_seqlens"),
+    (
+        "max_seqlen too long",
+        {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32), "max_seqlen": 9},
+        ValueError,
+        "max_seqlen must lie in [1, 8]",
+    ),
+    (
+        "max_seqlen float",
+        {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32), "max_seqlen": 4.0},
+        TypeError,
+        "max_seqlen must be an int",
+    ),
+    ("window", {"window_size": 0}, ValueError, "window_size must be >= 1"),
+    ("scale", {"scale": -1.0}, ValueError, "scale must be a finite positive"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_invalid_inputs_raise_before_launch(kwargs, exc, match, monkeypatch):
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+    def no_launch(*args, **kw):
+        raise AssertionError("a kernel was launched")
+
+    monkeypatch.setattr(parallax_op, "parallax_fwd", no_launch)
+    with pytest.raises(exc, match=re.escape(match)):
+        parallax_attn(*_small(), **kwargs)
+
+
+def test_varlen_needs_equal_packed_lengths():
+    q, r = _small()[:2]
+    k, v = (torch.randn(1, 9, 2, 16, device=DEVICE) for _ in range(2))
+    with pytest.raises(ValueError, match="same packed length"):
+        parallax_attn(q, r, k, v, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEVICE))
+
+
+def test_kernel_config_is_validated():
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        KernelConfig(24, 32)
+    with pytest.raises(ValueError, match="num_warps"):
+        KernelConfig(32, 32, num_warps=3)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 160, 256])
+def test_gpu_tables_fit_head_dim(head_dim):
+    """Every head dim 32-256 has a config, and the largest dims get the smallest tiles (no spills)."""
+    from parallax_kernels.parallax import triton_train as tt
+
+    for table in (tt._HOPPER, tt._OTHER, tt._FP32):
+        cfgs = table[tt._dim_class(head_dim)]
+        for cfg in (cfgs.fwd, cfgs.dq, cfgs.dkv):
+            # Two fp32 accumulators of (rows x padded head dim) per program, spread over its threads, must
+            # leave registers for the tiles: at most half the 255 a thread has.
+            rows = cfg.block_n if cfg is cfgs.dkv else cfg.block_m
+            assert 2 * rows * tt._block_d(head_dim) / (32 * cfg.num_warps) <= 128, (head_dim, cfg)
+    assert default_configs(head_dim, torch.float32, torch.device("cpu")).fwd.block_m >= 32
+
+
+# ---------------------------------------------------------------------------------------------- GPU only (bf16)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs the GPU (the interpreter's bf16 is broken)")
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_bf16_on_gpu(poison, shape):
+    B, Tq, Tk, Hq, Hkv, D, causal, window = shape
+    leaves, do = _inputs(B, Tq, Tk, Hq, Hkv, D, torch.bfloat16)
+    o = parallax_attn(*leaves, causal=causal, window_size=window)
+    grads = torch.autograd.grad(o, leaves, do)
+    _check(o, grads, leaves, do, causal, window, TOL[torch.bfloat16])
