@@ -239,6 +239,21 @@ class Decoder(nn.Module):
         return generate(self, prompt_ids, max_new_tokens, temperature, top_k, eos_id, use_cache, generator)
 
 
+def softmax_to_parallax(model: Decoder) -> Decoder:
+    """A Parallax model that computes exactly what the softmax `model` computes (W_R = 0, so r = 0),
+    holding copies of its weights: the paper's recipe for continued training of a softmax model
+    with the correction branch switched on. The gradient reaching W_R is not zero, so training moves
+    it away from zero at once."""
+    if model.config.attention != "softmax":
+        raise ValueError(f"softmax_to_parallax: the model's attention is {model.config.attention!r}, not 'softmax'")
+    weight = model.embed.weight
+    parallax = Decoder(dataclasses.replace(model.config, attention="parallax", r_init="zero"))
+    parallax.to(device=weight.device, dtype=weight.dtype)
+    missing, unexpected = parallax.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(".r_proj." in k or ".r_norm." in k for k in missing), (missing, unexpected)
+    return parallax
+
+
 # --------------------------------------------------------------------------------------- presets
 
 _SIZES = {

@@ -18,6 +18,7 @@ from parallax_lightning.model import (
     matmul_params,
     mean_visible_keys,
     preset,
+    softmax_to_parallax,
 )
 
 
@@ -83,6 +84,20 @@ def test_zero_r_parallax_equals_softmax_exactly():
         assert block.attn.r_proj.weight.abs().max() == 0
     ids = torch.randint(0, 64, (2, 19))
     assert torch.equal(parallax(ids), softmax(ids))
+
+
+def test_softmax_to_parallax():
+    softmax = Decoder(small_config(attention="softmax", window_size=9)).double()
+    parallax = softmax_to_parallax(softmax)
+    assert parallax.config.attention == "parallax" and parallax.config.window_size == 9
+    assert parallax.embed.weight.dtype == torch.float64
+    assert parallax.embed.weight.data_ptr() != softmax.embed.weight.data_ptr()  # a copy, not shared
+    ids = torch.randint(0, 64, (2, 19))
+    assert torch.equal(parallax(ids), softmax(ids))
+    parallax(ids).logsumexp(-1).sum().backward()
+    assert parallax.blocks[0].attn.r_proj.weight.grad.abs().max() > 0  # W_R trains from zero
+    with pytest.raises(ValueError, match="not 'softmax'"):
+        softmax_to_parallax(parallax)
 
 
 def test_zero_r_parallax_equals_softmax_on_default_backend():
@@ -292,3 +307,15 @@ def test_count_params_matches_matmul_params_plus_norms():
     model = Decoder(c)
     norms = c.n_layers * (2 * c.d_model + 3 * c.dim_head) + c.d_model  # block norms, q/k/r norms, final norm
     assert count_params(model) == matmul_params(c) - c.d_model * c.vocab_size + norms
+
+
+def test_compiles_into_one_graph():
+    """torch.compile traces the training forward and backward without graph breaks (fullgraph);
+    aot_eager checks the capture without paying for code generation."""
+    model = Decoder(small_config(n_kv_heads=1, window_size=7))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 64, (2, 16))
+    out = compiled(ids)
+    out.logsumexp(-1).sum().backward()
+    torch.testing.assert_close(out, model(ids))
+    assert model.blocks[0].attn.r_proj.weight.grad is not None
