@@ -1,0 +1,642 @@
+"""``Muon``: one ``torch.optim.Optimizer`` holding Muon groups (hidden matrices) and AdamW groups (the rest).
+
+One optimizer rather than two, so Lightning's automatic optimization, gradient clipping, accumulation and LR
+schedulers (which rescale ``group["lr"]``) work unchanged.
+
+A step, for the Muon groups of the whole optimizer together:
+
+1. momentum (``buf ← lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)``) and decoupled weight decay, with
+   ``torch._foreach_*`` over each group's tensors — no per-parameter kernel launches;
+2. every parameter is cut into matrices (``layout.py``: whole, per head, per fused segment, per slice), and
+   the matrices of all groups are bucketed by (oriented shape, Newton–Schulz settings); each bucket is
+   orthogonalized by one batched call (``newton_schulz.py``; Triton symmetric kernels on CUDA);
+3. ``p ← p − lr·ratio·O``, one ``_foreach_add_`` per (bucket, learning rate, ratio).
+
+With the defaults, on a list of 2-D tensors, every operation and rounding is the one ``torch.optim.Muon``
+performs (``adjust_lr_fn="original"``), so the two produce the same parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from parallax_muon import distributed as pdist
+from parallax_muon.layout import ADJUST_LR, Layout, adjust_lr_ratio, make_layout
+from parallax_muon.newton_schulz import BACKENDS, DEFAULT_EPS, _use_triton, iterate, normalize_, resolve_coefficients
+
+_MUON_KEYS = (
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "ns_steps",
+    "ns_coefficients",
+    "ns_norm_scale",
+    "ns_eps",
+    "adjust_lr",
+    "num_heads",
+    "split_sizes",
+    "per_slice",
+    "lr_mult",
+)
+_ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay", "lr_mult")
+
+
+@dataclass
+class _Job:
+    """One parameter's trip through Newton–Schulz."""
+
+    param: Tensor  # as the user holds it (maybe a DTensor)
+    source: Tensor  # the momentum update, full and in parameter layout
+    layout: Layout
+    lr: float
+    adjust_lr: str
+    ns_key: tuple
+    group_index: int
+    split: bool = False  # its matrices may be shared out across ranks (replicated parameters)
+    target: Tensor | None = None  # the parameter tensor updated in place by views (contiguous, full)
+    staged: Tensor | None = None  # else: the orthogonalized update lands here (bf16, parameter layout)
+    kind: str = "local"  # local | sharded | gathered
+    index: int = 0  # position among the sharded jobs
+
+
+@dataclass
+class _Bucket:
+    n: int
+    m: int
+    per_step: tuple
+    norm_scale: float
+    eps: float
+    split: bool
+    device: torch.device
+    pieces: list = field(default_factory=list)  # (job, segment index, first matrix, count, transposed)
+    count: int = 0
+
+
+class Muon(torch.optim.Optimizer):
+    r"""Muon for matrices, AdamW for everything else, in one optimizer.
+
+    Args:
+        params: tensors or param groups. A group is a Muon group unless it says ``use_muon=False``.
+            ``muon_param_groups(model)`` builds the usual split (hidden matrices → Muon; embeddings, output
+            head, norms, biases → AdamW).
+        lr, momentum, nesterov, weight_decay: Muon groups' defaults. Weight decay is decoupled:
+            ``p ← p·(1 − lr·wd)``.
+        ns_steps, ns_coefficients: Newton–Schulz steps and ``"jordan"``, ``"polar_express"`` or a list of (a, b, c).
+        adjust_lr: ``"original"`` (√max(1, rows/cols)), ``"match_rms_adamw"`` (0.2·√max(rows, cols)) or ``"none"``.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW groups' defaults.
+        ns_eps: lower clamp on the Frobenius norm before Newton–Schulz (torch.optim.Muon's ``eps``).
+        backend: ``"auto"`` (Triton symmetric kernels for bf16 on CUDA, batched matmuls elsewhere), ``"torch"``,
+            ``"triton"``.
+        compile_ns: run the torch Newton–Schulz path through ``torch.compile`` (compiled once per bucket shape;
+            learning rates and other hyper-parameters never enter the compiled function, so changing them
+            does not recompile).
+        distributed: ``None`` (auto: on when torch.distributed is initialised with more than one rank),
+            ``True`` or ``False``. When on, plain (replicated) parameters have their Newton–Schulz work split
+            across the ranks of ``process_group``; DTensor parameters are always handled by their own mesh.
+        process_group: the group the replicated parameters are shared over (default: the world).
+        track_update_rms: record, per group, the RMS of the update direction (before the learning rate);
+            read it with ``update_rms()``.
+
+    Group keys (all optional; every constructor default can be overridden per group):
+        Muon groups: ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``ns_steps``, ``ns_coefficients``,
+        ``ns_norm_scale``, ``ns_eps``, ``adjust_lr``, ``num_heads`` (orthogonalize each head's rows on their
+        own: an int, or one per ``split_sizes`` segment), ``split_sizes`` (row sizes of a fused projection,
+        e.g. q|k|v), ``per_slice`` (a >2-D parameter is a stack of ``shape[-2:]`` matrices instead of one
+        ``(shape[0], -1)`` matrix), ``lr_mult``, ``name``.
+        AdamW groups (``use_muon=False``): ``lr``, ``betas``, ``eps``, ``weight_decay``, ``lr_mult``, ``name``.
+        ``lr_mult`` multiplies the group's (possibly scheduled) ``lr``.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_coefficients="jordan",
+        adjust_lr: str = "original",
+        adamw_lr: float = 3e-4,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float = 0.0,
+        *,
+        ns_eps: float = DEFAULT_EPS,
+        ns_norm_scale: float | None = None,
+        backend: str = "auto",
+        compile_ns: bool = False,
+        distributed: bool | None = None,
+        process_group=None,
+        track_update_rms: bool = False,
+    ) -> None:
+        self._muon_defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "ns_steps": ns_steps,
+            "ns_coefficients": ns_coefficients,
+            "ns_norm_scale": ns_norm_scale,
+            "ns_eps": ns_eps,
+            "adjust_lr": adjust_lr,
+            "num_heads": None,
+            "split_sizes": None,
+            "per_slice": False,
+            "lr_mult": 1.0,
+        }
+        self._adamw_defaults = {
+            "lr": adamw_lr,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
+            "weight_decay": adamw_weight_decay,
+            "lr_mult": 1.0,
+        }
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
+        self.backend = backend
+        self.compile_ns = bool(compile_ns)
+        self.distributed = distributed
+        self.process_group = process_group
+        self.track_update_rms = bool(track_update_rms)
+        self._compiled_ns: Callable | None = None
+        self._layouts: dict[tuple, Layout] = {}
+        self._update_rms: dict[str, Tensor] = {}
+        self.last_step_info: dict[str, Any] = {}
+        # The optimizer's own `defaults` stay empty: each group is filled from the Muon or the AdamW defaults
+        # according to its kind (see add_param_group), which torch's single defaults dict cannot express.
+        super().__init__(params, {})
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        use_muon = param_group.setdefault("use_muon", True)
+        if not isinstance(use_muon, bool):
+            raise ValueError(f"use_muon must be a bool, got {use_muon!r}")
+        for key, value in (self._muon_defaults if use_muon else self._adamw_defaults).items():
+            param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        group.setdefault("name", f"{'muon' if use_muon else 'adamw'}_{index}")
+        self._validate_group(group)
+        for i, p in enumerate(group["params"]):
+            if p.is_complex():
+                raise ValueError(
+                    f"{self._where(group, i, p)} is complex ({p.dtype}); Muon supports real parameters only"
+                )
+            if use_muon:
+                self._layout(group, p, i)  # raises on 1-D parameters, bad num_heads / split_sizes
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        name = group["name"]
+        lr = _scalar(group["lr"])
+        if not (lr >= 0.0):
+            raise ValueError(f"group {name!r}: lr={lr} must be >= 0")
+        if not (_scalar(group["lr_mult"]) >= 0.0):
+            raise ValueError(f"group {name!r}: lr_mult={group['lr_mult']} must be >= 0")
+        if not (group["weight_decay"] >= 0.0):
+            raise ValueError(f"group {name!r}: weight_decay={group['weight_decay']} must be >= 0")
+        if group["use_muon"]:
+            if not (0.0 <= group["momentum"] < 1.0):
+                raise ValueError(f"group {name!r}: momentum={group['momentum']} must be in [0, 1)")
+            if group["adjust_lr"] not in ADJUST_LR:
+                raise ValueError(
+                    f"group {name!r}: unknown adjust_lr={group['adjust_lr']!r}; expected one of {ADJUST_LR}"
+                )
+            if not (group["ns_eps"] > 0.0):
+                raise ValueError(f"group {name!r}: ns_eps={group['ns_eps']} must be > 0")
+            if group["ns_norm_scale"] is not None and not (group["ns_norm_scale"] > 0.0):
+                raise ValueError(f"group {name!r}: ns_norm_scale={group['ns_norm_scale']} must be > 0")
+            resolve_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises on unknown presets
+        else:
+            betas = group["betas"]
+            if len(betas) != 2 or not all(0.0 <= _scalar(b) < 1.0 for b in betas):
+                raise ValueError(f"group {name!r}: betas={betas} must be two values in [0, 1)")
+            if not (group["eps"] >= 0.0):
+                raise ValueError(f"group {name!r}: eps={group['eps']} must be >= 0")
+
+    @staticmethod
+    def _where(group, i, p) -> str:
+        return f"parameter {i} (shape {tuple(p.shape)}) of group {group.get('name')!r}"
+
+    def _layout(self, group, p: Tensor, i: int) -> Layout:
+        heads = group["num_heads"]
+        splits = group["split_sizes"]
+        key = (
+            tuple(p.shape),
+            bool(group["per_slice"]),
+            tuple(heads) if isinstance(heads, (list, tuple)) else heads,
+            tuple(splits) if splits is not None else None,
+        )
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = make_layout(
+                p.shape,
+                per_slice=group["per_slice"],
+                num_heads=heads,
+                split_sizes=splits,
+                where=self._where(group, i, p),
+            )
+            self._layouts[key] = layout
+        return layout
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_update_rms", {})
+        self.__dict__.setdefault("_compiled_ns", None)
+        self.__dict__.setdefault("last_step_info", {})
+
+    def update_rms(self) -> dict[str, Tensor]:
+        """Per group name, the RMS of the last step's update direction (``track_update_rms=True``).
+
+        Muon groups: ratio·O, the orthogonalized update times its shape ratio (``p`` moves by lr times this).
+        AdamW groups: m̂ / (√v̂ + ε). Values are 0-d tensors on the parameters' device (no host sync here).
+        """
+        return dict(self._update_rms)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.track_update_rms:
+            self._update_rms = {}
+        jobs: list[_Job] = []
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group)  # hyper-parameters may have been edited since construction
+            if group["use_muon"]:
+                self._muon_prologue(gi, group, jobs)
+            else:
+                self._adamw_step(group)
+        if jobs:
+            self._muon_orthogonalize_and_update(jobs)
+        return loss
+
+    def _grads(self, group) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self._where(group, i, p)} has a sparse gradient; Muon needs dense gradients")
+            if g.is_complex():
+                raise RuntimeError(f"{self._where(group, i, p)} has a complex gradient ({g.dtype}); not supported")
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    def _muon_prologue(self, gi: int, group, jobs: list[_Job]) -> None:
+        params, grads = self._grads(group)
+        if not params:
+            return
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        lp = [pdist.local(t) for t in params]
+        lg = [pdist.local(t) for t in grads]
+        lb = [pdist.local(t) for t in bufs]
+        mu = group["momentum"]
+        torch._foreach_lerp_(lb, lg, 1 - mu)
+        updates = torch._foreach_lerp(lg, lb, mu) if group["nesterov"] else lb
+        lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(lp, 1 - lr * group["weight_decay"])
+        per_step, default_scale = resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+        scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
+        ns_key = (per_step, scale, float(group["ns_eps"]))
+        index_of = {id(p): i for i, p in enumerate(group["params"])}
+        for p, u, l_p in zip(params, updates, lp):
+            layout = self._layout(group, p, index_of[id(p)])
+            jobs.append(_Job(p, u, layout, lr, group["adjust_lr"], ns_key, gi, target=l_p))
+
+    def _replicated_group(self):
+        """The process group plain parameters are replicated over, or None when not splitting work."""
+        if self.distributed is False or not pdist.initialized():
+            if self.distributed:
+                raise RuntimeError("distributed=True but torch.distributed is not initialised")
+            return None
+        group = self.process_group
+        if torch.distributed.get_world_size(group) <= 1:
+            return None
+        return group if group is not None else torch.distributed.group.WORLD
+
+    def _muon_orthogonalize_and_update(self, jobs: list[_Job]) -> None:
+        replicated = self._replicated_group()
+        sharded: list[_Job] = []
+        for job in jobs:
+            if pdist.is_dtensor(job.param):
+                job.kind = "sharded" if pdist.is_row_sharded(job.param) else "gathered"
+                job.target = None
+                if job.kind == "sharded":
+                    job.index = len(sharded)
+                    sharded.append(job)
+                else:
+                    job.source = _full_tensor(job.param, job.source)
+                    job.staged = torch.empty(job.param.shape, dtype=torch.bfloat16, device=job.source.device)
+            else:
+                job.split = replicated is not None
+                if not _viewable(job.target, job.layout):
+                    job.target = None
+                    job.staged = torch.empty(job.param.shape, dtype=torch.bfloat16, device=job.param.device)
+
+        work = [j for j in jobs if j.kind != "sharded"]
+        owned: list[_Job] = []
+        if sharded:
+            owned, owners, mesh_group = self._gather_sharded(sharded)
+            work += owned
+
+        buckets = self._buckets(work)
+        if replicated is not None:
+            pdist.check_same_plan(_plan_signature(buckets), replicated)
+        rms_acc: dict[int, list] = defaultdict(lambda: [0, 0])
+        pending = None
+        ns_matrices = 0
+        for bucket in buckets:
+            Y, handle, computed = self._orthogonalize_bucket(bucket, replicated)
+            ns_matrices += computed
+            if pending is not None:
+                self._apply_bucket(*pending, rms_acc)
+            pending = (bucket, Y, handle)
+        if pending is not None:
+            self._apply_bucket(*pending, rms_acc)
+
+        for job in jobs:
+            if job.kind == "local" and job.staged is not None:
+                _apply_staged(pdist.local(job.param), job.staged, job.lr, job.layout, job.adjust_lr, 0)
+            elif job.kind == "gathered":
+                _apply_gathered(job)
+        if sharded:
+            self._scatter_sharded(sharded, owned, owners, mesh_group)
+
+        self.last_step_info = {"ns_matrices": ns_matrices, "buckets": len(buckets)}
+        if self.track_update_rms:
+            for gi, (sumsq, numel) in rms_acc.items():
+                self._update_rms[self.param_groups[gi]["name"]] = (sumsq / max(numel, 1)).sqrt()
+
+    # ---- FSDP2 / Shard(0) parameters
+    def _gather_sharded(self, sharded: list[_Job]):
+        mesh_groups = {id(j.param.device_mesh): j.param.device_mesh for j in sharded}
+        if len(mesh_groups) != 1:
+            raise NotImplementedError("parallax_muon.Muon: row-sharded parameters must all live on one device mesh")
+        mesh = next(iter(mesh_groups.values()))
+        group = mesh.get_group()
+        world = torch.distributed.get_world_size(group)
+        rank = torch.distributed.get_rank(group)
+        shapes = [tuple(j.param.shape) for j in sharded]
+        for j, shape in zip(sharded, shapes):
+            expected = pdist.row_chunks(shape[0], world)[rank]
+            if j.source.shape[0] != expected:
+                raise NotImplementedError(
+                    f"parallax_muon.Muon: a Shard(0) parameter of shape {shape} holds {j.source.shape[0]} rows on rank "
+                    f"{rank}, expected torch.chunk's {expected}"
+                )
+        costs = [_ns_cost(j.layout) for j in sharded]
+        owners = pdist.assign_owners(costs, world)
+        shards = [j.source.to(torch.bfloat16) for j in sharded]
+        full = pdist.gather_rows_to_owners(shards, shapes, owners, group)
+        owned = []
+        for i, f in full.items():
+            j = sharded[i]
+            owned.append(
+                _Job(
+                    j.param,
+                    f,
+                    j.layout,
+                    j.lr,
+                    j.adjust_lr,
+                    j.ns_key,
+                    j.group_index,
+                    kind="owned",
+                    index=i,
+                    staged=torch.empty(shapes[i], dtype=torch.bfloat16, device=f.device),
+                )
+            )
+        return owned, owners, group
+
+    def _scatter_sharded(self, sharded: list[_Job], owned: list[_Job], owners: list[int], group) -> None:
+        shapes = [tuple(j.param.shape) for j in sharded]
+        full = {j.index: j.staged for j in owned}
+        device = sharded[0].source.device
+        local_rows = pdist.scatter_rows_from_owners(full, shapes, owners, torch.bfloat16, device, group)
+        world = torch.distributed.get_world_size(group)
+        rank = torch.distributed.get_rank(group)
+        for j, y in zip(sharded, local_rows):
+            offset = sum(pdist.row_chunks(j.param.shape[0], world)[:rank])
+            _apply_staged(pdist.local(j.param), y, j.lr, j.layout, j.adjust_lr, offset)
+
+    # ---- batching by shape
+    def _buckets(self, jobs: list[_Job]) -> list[_Bucket]:
+        buckets: dict[tuple, _Bucket] = {}
+        for job in jobs:
+            per_step, scale, eps = job.ns_key
+            for si, seg in enumerate(job.layout.segments):
+                r, c = seg.head_rows, job.layout.cols
+                transposed = r > c
+                n, m = (c, r) if transposed else (r, c)
+                key = (n, m, job.ns_key, job.split, job.source.device)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = _Bucket(n, m, per_step, scale, eps, job.split, job.source.device)
+                count = job.layout.slices * seg.heads
+                b.pieces.append((job, si, b.count, count, transposed))
+                b.count += count
+        # Largest first: overlaps the biggest all-gathers with the most remaining compute.
+        return sorted(buckets.values(), key=lambda b: -(b.count * b.n * b.n * b.m))
+
+    def _orthogonalize_bucket(self, bucket: _Bucket, replicated):
+        N, n, m = bucket.count, bucket.n, bucket.m
+        if bucket.split and replicated is not None:
+            world = torch.distributed.get_world_size(replicated)
+            rank = torch.distributed.get_rank(replicated)
+            per_rank, start, stop = pdist.split_range(N, world, rank)
+        else:
+            world, per_rank, start, stop = 1, N, 0, N
+        X = torch.empty(N, n, m, dtype=torch.bfloat16, device=bucket.device)
+        dsts, srcs = [], []
+        for job, si, first, count, transposed in bucket.pieces:
+            if first + count <= start or first >= stop:
+                continue  # none of this piece's matrices are ours to orthogonalize
+            src = job.layout.views(job.source, allow_copy=True)[si]
+            dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
+            srcs.append(src.mT if transposed else src)
+        torch._foreach_copy_(dsts, srcs)
+        own = X[start:stop]
+        if own.shape[0] > 0:
+            normalize_(own, bucket.norm_scale, bucket.eps)
+            own = self._iterate(own, bucket.per_step)
+        if world == 1:
+            return own, None, stop - start
+        padded = own if own.shape[0] == per_rank else torch.cat([own, own.new_zeros(per_rank - own.shape[0], n, m)])
+        Y = X.new_empty(per_rank * world, n, m)
+        handle = pdist.all_gather_batch(padded, Y, replicated, async_op=True)
+        return Y, handle, stop - start
+
+    def _iterate(self, X: Tensor, per_step) -> Tensor:
+        if self.compile_ns and not _use_triton(X, self.backend):
+            if self._compiled_ns is None:
+                self._compiled_ns = torch.compile(_iterate_for_compile, dynamic=False)
+            return self._compiled_ns(X, per_step)
+        return iterate(X, per_step, backend=self.backend)
+
+    def _apply_bucket(self, bucket: _Bucket, Y: Tensor, handle, rms_acc) -> None:
+        if handle is not None:
+            handle.wait()
+        n, m = bucket.n, bucket.m
+        direct: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
+        staged_dst, staged_src = [], []
+        weights = [] if self.track_update_rms else None
+        for job, si, first, count, transposed in bucket.pieces:
+            seg = job.layout.segments[si]
+            ratio = adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+            S = job.layout.slices
+            y = Y[first : first + count].view(S, seg.heads, n, m)
+            y = y.mT if transposed else y
+            if job.target is not None:
+                tgt, src = direct[-job.lr * ratio]
+                tgt.append(job.layout.views(job.target)[si])
+                src.append(y)
+            else:
+                staged_dst.append(job.layout.views(job.staged)[si])
+                staged_src.append(y)
+            if weights is not None:
+                weights.append((job.group_index, first, count, ratio, count * n * m))
+        for alpha, (tgt, src) in direct.items():
+            torch._foreach_add_(tgt, src, alpha=alpha)
+        if staged_dst:
+            torch._foreach_copy_(staged_dst, staged_src)
+        if weights:
+            sq = Y[: bucket.count].float().square().sum(dim=(-2, -1))
+            for gi, first, count, ratio, numel in weights:
+                acc = rms_acc[gi]
+                acc[0] = acc[0] + sq[first : first + count].sum() * (ratio * ratio)
+                acc[1] += numel
+
+    # ------------------------------------------------------------------ AdamW groups
+    def _adamw_step(self, group) -> None:
+        params, grads = self._grads(group)
+        if not params:
+            return
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        lp = [pdist.local(t) for t in params]
+        lg = [pdist.local(t) for t in grads]
+        lm = [pdist.local(t) for t in exp_avgs]
+        lv = [pdist.local(t) for t in exp_avg_sqs]
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
+        eps, wd = group["eps"], group["weight_decay"]
+        # The same operations, in the same order, as torch.optim.AdamW (foreach, non-capturable), so the two
+        # agree bit for bit.
+        torch._foreach_add_(steps, 1.0)
+        if wd != 0:
+            torch._foreach_mul_(lp, 1 - lr * wd)
+        torch._foreach_lerp_(lm, lg, 1 - beta1)
+        torch._foreach_mul_(lv, beta2)
+        torch._foreach_addcmul_(lv, lg, lg, 1 - beta2)
+        step_values = [s.item() for s in steps]  # CPU tensors: no device sync
+        bias1 = [1 - beta1**s for s in step_values]
+        bias2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
+        step_size = [(lr / bc) * -1 for bc in bias1]
+        denom = torch._foreach_sqrt(lv)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(lp, lm, denom, step_size)
+        if self.track_update_rms:
+            direction = torch._foreach_div(lm, denom)
+            torch._foreach_div_(direction, bias1)
+            sumsq = torch.stack([n * n for n in torch._foreach_norm(direction)]).sum()
+            numel = sum(t.numel() for t in direction)
+            self._update_rms[group["name"]] = (sumsq / max(numel, 1)).sqrt()
+
+
+# ---------------------------------------------------------------------- helpers
+def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
+    return iterate(X, per_step, backend="torch")
+
+
+def _scalar(v) -> float:
+    return float(v) if isinstance(v, Tensor) else v
+
+
+def _viewable(t: Tensor | None, layout: Layout) -> bool:
+    if t is None:
+        return False
+    try:
+        t.view(layout.slices, layout.rows, layout.cols)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _ns_cost(layout: Layout) -> float:
+    total = 0.0
+    for s in layout.segments:
+        n, m = sorted((s.head_rows, layout.cols))
+        total += layout.slices * s.heads * (2 * n * n * m + n**3)
+    return total
+
+
+def _plan_signature(buckets: list[_Bucket]) -> str:
+    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.per_step)}:{b.split}" for b in buckets)
+
+
+def _apply_staged(p: Tensor, Y: Tensor, lr: float, layout: Layout, adjust_lr: str, row_offset: int) -> None:
+    """p ← p − lr·ratio·Y for a parameter (or its rows [row_offset, …) when sharded) from a staged update."""
+    scale = layout.row_scale(adjust_lr)
+    if scale is None:
+        seg = layout.segments[0]
+        p.add_(Y, alpha=-lr * adjust_lr_ratio(adjust_lr, seg.head_rows, layout.cols))
+        return
+    scale = scale.to(p.device)
+    rows_on_dim0 = not layout.per_slice or len(layout.shape) == 2
+    if rows_on_dim0:
+        scale = scale[row_offset : row_offset + p.shape[0]].view(p.shape[0], *([1] * (p.ndim - 1)))
+    p.add_(Y * scale, alpha=-lr)
+
+
+def _full_tensor(param, local_update: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    d = DTensor.from_local(local_update, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return d.full_tensor()
+
+
+def _apply_gathered(job: _Job) -> None:
+    """A DTensor with a placement other than Shard(0): every rank computed the whole update; keep its part."""
+    from torch.distributed.tensor import distribute_tensor
+
+    scale = job.layout.row_scale(job.adjust_lr)
+    if scale is None:
+        seg = job.layout.segments[0]
+        update = job.staged.float() * adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+    else:
+        shape = (job.layout.slices, job.layout.rows, job.layout.cols)
+        update = (job.staged.float().view(shape) * scale.to(job.staged.device)).view(job.param.shape)
+    part = distribute_tensor(update, job.param.device_mesh, job.param.placements, src_data_rank=None).to_local()
+    pdist.local(job.param).add_(part, alpha=-job.lr)

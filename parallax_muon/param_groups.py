@@ -1,0 +1,166 @@
+"""``muon_param_groups``: route a model's parameters to Muon or AdamW groups.
+
+Muon is for the hidden weight matrices. Everything whose rows are not a linear map between hidden states
+goes to AdamW: token and position embeddings (rows are lookups), the output head (tied to the embedding or
+not), and every 1-D or scalar parameter (norm gains, biases, gates). Parallax's correction-branch projection
+W_R (``…r_proj…``) is a Muon matrix but gets a group of its own, so its learning rate can be set apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("parallax_muon")
+
+DEFAULT_EMBEDDING_PATTERNS: tuple[str, ...] = (
+    r"(^|\.)(wte|wpe|tok_embeddings|embed_tokens|embed_positions|embedding|embeddings|token_embedding|pos_embedding)(\.|$)",
+)
+DEFAULT_HEAD_PATTERNS: tuple[str, ...] = (r"(^|\.)(lm_head|head|output|output_layer|classifier)(\.|$)",)
+DEFAULT_R_PROJ_PATTERN = r"(^|\.)r_proj(\.|$)"
+
+
+def muon_param_groups(
+    model: nn.Module,
+    *,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    embedding_patterns: Sequence[str] = DEFAULT_EMBEDDING_PATTERNS,
+    head_patterns: Sequence[str] = DEFAULT_HEAD_PATTERNS,
+    r_proj_pattern: str | None = DEFAULT_R_PROJ_PATTERN,
+    r_proj_lr_mult: float = 1.0,
+    r_proj_options: Mapping[str, Any] | None = None,
+    muon_options: Mapping[str, Any] | None = None,
+    adamw_options: Mapping[str, Any] | None = None,
+    verbose: bool = True,
+) -> list[dict[str, Any]]:
+    """Param groups for ``Muon``: hidden ≥2-D weights → Muon; embeddings, head, norms, biases → AdamW.
+
+    Args:
+        model: the module; only parameters with ``requires_grad`` are routed (each tensor once, so a head
+            tied to the embedding is counted with the embedding).
+        overrides: ``{regex: options}`` matched (``re.search``) against parameter names, in order, later
+            matches winning; options are group keys (``use_muon``, ``lr_mult``, ``num_heads``,
+            ``split_sizes``, ``per_slice``, ``weight_decay``, ...). Parameters with the same options share a
+            group named after the patterns that matched. ``use_muon`` here overrides the automatic routing.
+        embedding_patterns, head_patterns: name regexes for embeddings and the output head (on top of
+            ``nn.Embedding`` modules, and of any ``nn.Linear`` whose out_features equal an embedding's vocabulary).
+        r_proj_pattern: regex for Parallax's W_R projection (``blocks.3.attn.r_proj.weight``); ``None`` keeps
+            those weights in the main Muon group.
+        r_proj_lr_mult: learning-rate multiplier of the W_R group (``lr_mult`` group key; LR schedulers keep it).
+        r_proj_options: further group keys for the W_R group (e.g. ``{"num_heads": 16}``).
+        muon_options, adamw_options: group keys added to every Muon / AdamW group.
+        verbose: print the one-line routing summary (it is always logged at INFO on ``parallax_muon``).
+    """
+    embedding_ids: set[int] = set()
+    vocab_sizes: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            embedding_ids.add(id(module.weight))
+            vocab_sizes.add(module.num_embeddings)
+    head_ids: set[int] = set()
+    tied = False
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (
+            _matches(head_patterns, name + ".weight") or module.out_features in vocab_sizes
+        ):
+            if id(module.weight) in embedding_ids:
+                tied = True
+            else:
+                head_ids.add(id(module.weight))
+
+    compiled = [(pattern, re.compile(pattern), dict(opts)) for pattern, opts in (overrides or {}).items()]
+    r_proj_re = re.compile(r_proj_pattern) if r_proj_pattern else None
+    groups: dict[tuple, dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding_ids or _matches(embedding_patterns, name):
+            base = "adamw_embedding"
+        elif p.ndim < 2:
+            base = "adamw_other"
+        elif id(p) in head_ids or _matches(head_patterns, name):
+            base = "adamw_head"
+        elif r_proj_re is not None and r_proj_re.search(name):
+            base = "muon_r_proj"
+        else:
+            base = "muon"
+        options: dict[str, Any] = {}
+        matched = []
+        for pattern, regex, opts in compiled:
+            if regex.search(name):
+                options.update(opts)
+                matched.append(pattern)
+        use_muon = options.pop("use_muon", base.startswith("muon"))
+        if use_muon != base.startswith("muon"):
+            base = "muon" if use_muon else "adamw_other"
+        label = base + (f"[{'|'.join(matched)}]" if matched else "")
+        key = (label, _freeze(options))
+        group = groups.get(key)
+        if group is None:
+            group = {"params": [], "use_muon": use_muon, "name": label}
+            group.update((muon_options or {}) if use_muon else (adamw_options or {}))
+            if base == "muon_r_proj":
+                group["lr_mult"] = r_proj_lr_mult
+                group.update(r_proj_options or {})
+            group.update(options)
+            groups[key] = group
+        group["params"].append(p)
+
+    out = list(groups.values())
+    summary = routing_summary(out, tied_head=tied)
+    logger.info(summary)
+    if verbose:
+        print(summary)
+    return out
+
+
+def routing_summary(groups: Sequence[Mapping[str, Any]], tied_head: bool = False) -> str:
+    """One line: per optimizer kind, tensors and parameters, then each group's share."""
+
+    def part(kind_is_muon: bool) -> str:
+        chosen = [g for g in groups if g.get("use_muon", True) == kind_is_muon]
+        tensors = sum(len(g["params"]) for g in chosen)
+        numel = sum(p.numel() for g in chosen for p in g["params"])
+        details = []
+        for g in chosen:
+            extra = f" lr×{g['lr_mult']:g}" if g.get("lr_mult", 1.0) != 1.0 else ""
+            details.append(f"{g.get('name', '?')} {len(g['params'])}{extra}")
+        if not kind_is_muon and tied_head:
+            details.append("head tied to embedding")
+        return (
+            f"{'Muon' if kind_is_muon else 'AdamW'} {tensors} tensors / {_count(numel)} params [{', '.join(details)}]"
+        )
+
+    return f"parallax_muon routing: {part(True)} | {part(False)}"
+
+
+def _matches(patterns: Sequence[str], name: str) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def _freeze(options: Mapping[str, Any]) -> tuple:
+    def freeze(v):
+        if isinstance(v, (list, tuple)):
+            return tuple(freeze(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, freeze(x)) for k, x in v.items()))
+        if isinstance(v, torch.Tensor):
+            return ("tensor", id(v))
+        return v
+
+    return tuple(sorted((k, freeze(v)) for k, v in options.items()))
+
+
+def _count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)

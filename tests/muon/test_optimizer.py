@@ -1,0 +1,362 @@
+"""Muon: the same step as torch.optim.Muon / torch.optim.AdamW, per-head and fused-projection blocks,
+>2-D parameters, resume, closures, schedulers, diagnostics, and errors that name the bad value."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from parallax_muon import Muon, newton_schulz
+from parallax_muon.layout import adjust_lr_ratio
+
+
+def clones(tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def momentum_update(g: torch.Tensor, momentum: float = 0.95) -> torch.Tensor:
+    """The Nesterov momentum update of a first step (zero buffer), with torch.optim.Muon's operations."""
+    buf = torch.zeros_like(g).lerp_(g, 1 - momentum)
+    return g.lerp(buf, momentum)
+
+
+SHAPES = [(64, 32), (32, 64), (48, 48), (96, 40), (40, 96), (64, 32), (17, 33), (33, 17)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95},
+        {"lr": 0.05, "weight_decay": 0.0, "momentum": 0.9, "adjust": "match_rms_adamw"},
+    ],
+)
+def test_same_parameters_as_torch_muon(kwargs):
+    """Bit-identical on CPU: same bf16 casts, norm, once-rounded baddbmm products, same momentum lerps.
+
+    Batching by shape does not change a bit because each matrix's product in a batched matmul is computed
+    exactly like the single-matrix product (checked here by including repeated shapes).
+    """
+    adjust = kwargs.pop("adjust", "original")
+    params = [torch.randn(s) for s in SHAPES]
+    ours, theirs = clones(params), clones(params)
+    opt = Muon(ours, adjust_lr=adjust, **kwargs)
+    ref = torch.optim.Muon(theirs, nesterov=True, adjust_lr_fn=adjust, **kwargs)
+    for step in range(4):
+        grads = [torch.randn(s) for s in SHAPES]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert torch.equal(a, b), f"step {step}, param {i} {SHAPES[i]}: max diff {(a - b).abs().max():.3e}"
+            assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+    assert opt.last_step_info["ns_matrices"] == len(SHAPES)
+    # (64,32)×2 + (32,64) share one bucket (oriented 32×64), as do (96,40)+(40,96) and (17,33)+(33,17).
+    assert opt.last_step_info["buckets"] == 4
+
+
+def test_plain_momentum_without_nesterov():
+    params = [torch.randn(s) for s in SHAPES[:3]]
+    ours, theirs = clones(params), clones(params)
+    opt = Muon(ours, lr=0.03, nesterov=False)
+    ref = torch.optim.Muon(theirs, lr=0.03, weight_decay=0.0, nesterov=False, adjust_lr_fn="original")
+    for _ in range(3):
+        grads = [torch.randn(s) for s in SHAPES[:3]]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_groups_are_torch_adamw(foreach, weight_decay):
+    shapes = [(10,), (7, 5), (3,), (1,)]
+    params = [torch.randn(s) for s in shapes]
+    ours, theirs = clones(params), clones(params)
+    opt = Muon(
+        [{"params": ours, "use_muon": False}],
+        adamw_lr=3e-3,
+        adamw_betas=(0.8, 0.99),
+        adamw_eps=1e-7,
+        adamw_weight_decay=weight_decay,
+    )
+    ref = torch.optim.AdamW(theirs, lr=3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=weight_decay, foreach=foreach)
+    for step in range(6):
+        grads = [torch.randn(s) for s in shapes]
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), f"AdamW step {step}: max diff {(a - b).abs().max():.3e}"
+    sa, sb = opt.state[ours[1]], ref.state[theirs[1]]
+    assert set(sa) == {"step", "exp_avg", "exp_avg_sq"} and torch.equal(sa["step"], sb["step"])
+
+
+def test_mixed_groups_route_by_use_muon_and_override_per_group():
+    w1, w2, b = torch.randn(16, 24), torch.randn(24, 16), torch.randn(16)
+    ours = clones([w1, w2, b])
+    opt = Muon(
+        [
+            {"params": [ours[0]]},
+            {"params": [ours[1]], "lr": 0.05, "momentum": 0.8, "ns_coefficients": "polar_express"},
+            {"params": [ours[2]], "use_muon": False, "lr": 1e-2},
+        ],
+        lr=0.02,
+        adamw_lr=3e-4,
+    )
+    g = [torch.randn_like(t) for t in ours]
+    set_grads(ours, g)
+    opt.step()
+    groups = opt.param_groups
+    assert groups[0]["lr"] == 0.02 and groups[1]["lr"] == 0.05 and groups[2]["lr"] == 1e-2
+    assert "momentum" not in groups[2] and groups[2]["betas"] == (0.9, 0.95)
+    expect1 = (
+        w2
+        - 0.05
+        * adjust_lr_ratio("original", 24, 16)
+        * newton_schulz(momentum_update(g[1], 0.8), 5, "polar_express").float()
+    )
+    assert torch.allclose(ours[1], expect1, atol=1e-6, rtol=0)
+    expect0 = w1 - 0.02 * newton_schulz(momentum_update(g[0]), 5, "jordan").float()
+    assert torch.allclose(ours[0], expect0, atol=1e-6, rtol=0)
+
+
+def _first_step(shape, group_opts, lr=0.1):
+    """A first Muon step on one parameter: (parameter after, parameter before, momentum update used)."""
+    p = torch.randn(shape, requires_grad=True)
+    start = p.detach().clone()
+    opt = Muon([{"params": [p], **group_opts}], lr=lr)
+    p.grad = torch.randn(shape)
+    u = momentum_update(p.grad)
+    opt.step()
+    return p.detach(), start, u
+
+
+def test_per_head_blocks_are_each_orthogonalized():
+    heads, head_rows, cols = 4, 8, 24
+    after, start, u = _first_step((heads * head_rows, cols), {"num_heads": heads})
+    blocks = newton_schulz(u.view(heads, head_rows, cols))  # batched: each head on its own
+    assert torch.equal(after, start.add(blocks.reshape(heads * head_rows, cols), alpha=-0.1))
+    for h in range(heads):
+        sv = torch.linalg.svdvals(blocks[h].double())
+        assert sv.min() > 0.6 and sv.max() < 1.25, f"head {h}: singular values {sv.min():.3f}..{sv.max():.3f}"
+    # Orthogonalizing the whole matrix would give a different update.
+    whole = start.add(newton_schulz(u), alpha=-0.1 * adjust_lr_ratio("original", heads * head_rows, cols))
+    assert (after - whole).abs().max() > 1e-3
+
+
+def test_fused_projection_split_sizes_with_heads_and_tall_segments():
+    # q|k|v fused: q has 4 heads of 6 rows, k and v one tall 40-row block each (tall: ratio √(40/16)).
+    sizes, heads, cols = [24, 40, 40], [4, 1, 1], 16
+    after, start, u = _first_step((sum(sizes), cols), {"split_sizes": sizes, "num_heads": heads})
+    expected = start.clone()
+    row = 0
+    for size, h in zip(sizes, heads):
+        seg = newton_schulz(u[row : row + size].view(h, size // h, cols)).reshape(size, cols)
+        expected[row : row + size].add_(seg, alpha=-0.1 * adjust_lr_ratio("original", size // h, cols))
+        row += size
+    assert torch.equal(after, expected)
+    assert adjust_lr_ratio("original", 40, 16) == math.sqrt(40 / 16)
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_more_than_two_dims(per_slice):
+    shape = (6, 4, 3, 5)  # conv-like (out, in, kh, kw), or 24 stacked 3×5 matrices (experts)
+    after, start, u = _first_step(shape, {"per_slice": per_slice})
+    if per_slice:
+        update, ratio = newton_schulz(u.reshape(-1, 3, 5)), adjust_lr_ratio("original", 3, 5)
+    else:
+        update, ratio = newton_schulz(u.reshape(6, -1)), adjust_lr_ratio("original", 6, 60)
+    assert torch.equal(after, start.add(update.reshape(shape), alpha=-0.1 * ratio))
+
+
+def test_non_contiguous_parameter_is_updated_through_a_staging_buffer():
+    base = torch.randn(24, 16)
+    p = nn.Parameter(base.T.contiguous().T)  # a (24, 16) parameter stored transposed
+    assert not p.is_contiguous()
+    ref = torch.randn(24, 16, requires_grad=True)
+    with torch.no_grad():
+        ref.copy_(p)
+    opt, ref_opt = Muon([p]), torch.optim.Muon([ref], lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    for _ in range(2):
+        g = torch.randn(24, 16)
+        p.grad, ref.grad = g.T.contiguous().T, g.clone()
+        opt.step()
+        ref_opt.step()
+    assert torch.equal(p.detach(), ref.detach())
+
+
+def make_model():
+    torch.manual_seed(1234)
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.LayerNorm(16))
+
+
+def run_steps(model, opt, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randint(0, 50, (4, 7), generator=gen)
+
+        def closure(x=x):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+def groups_for(model):
+    emb, lin1, _, lin2, norm = model
+    return [
+        {"params": [lin1.weight, lin2.weight]},
+        {"params": [emb.weight, lin1.bias, lin2.bias, norm.weight, norm.bias], "use_muon": False, "weight_decay": 0.01},
+    ]
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    model = make_model()
+    opt = Muon(groups_for(model), weight_decay=0.05, ns_coefficients="polar_express")
+    run_steps(model, opt, 3, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    run_steps(model, opt, 3, seed=2)
+
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = make_model()
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = Muon(groups_for(resumed), weight_decay=0.05, ns_coefficients="polar_express")
+    opt2.load_state_dict(ckpt["opt"])
+    run_steps(resumed, opt2, 3, seed=2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert opt2.param_groups[0]["ns_coefficients"] == "polar_express"
+
+
+def test_closure_returns_the_loss_and_a_scheduler_drives_lr():
+    model = make_model()
+    opt = Muon(groups_for(model), lr=0.04, adamw_lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    x = torch.randint(0, 50, (4, 7))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[1]["lr"] == 5e-4
+    # The step uses the scheduled lr: same update as a fresh optimizer built with lr=0.02 from this state.
+    twin = copy.deepcopy(model)
+    twin_opt = Muon(groups_for(twin), lr=0.02, adamw_lr=5e-4)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch shares, not copies, loaded tensors
+    opt.step(closure)
+
+    def twin_closure():
+        twin_opt.zero_grad()
+        loss = twin(x).square().mean()
+        loss.backward()
+        return loss
+
+    twin_opt.step(twin_closure)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lr_mult_scales_the_group_lr():
+    after, start, u = _first_step((8, 12), {"lr_mult": 0.25}, lr=0.2)
+    assert torch.equal(after, start.add(newton_schulz(u), alpha=-0.2 * 0.25))
+
+
+def test_params_without_grad_are_skipped_and_update_rms_is_reported():
+    a, b = torch.randn(16, 32, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    c = torch.randn(5, requires_grad=True)
+    opt = Muon(
+        [{"params": [a, b], "name": "hidden"}, {"params": [c], "use_muon": False, "name": "vec"}],
+        track_update_rms=True,
+    )
+    b_before = b.detach().clone()
+    a.grad, c.grad = torch.randn(16, 32), torch.randn(5)
+    opt.step()
+    assert torch.equal(b, b_before) and b not in opt.state
+    rms = opt.update_rms()
+    # One 16×32 block: rows orthonormal-ish, so RMS ≈ mean singular value² / √cols-ish; check against a recompute.
+    o = newton_schulz(momentum_update(a.grad)).float()
+    assert math.isclose(rms["hidden"].item(), o.square().mean().sqrt().item(), rel_tol=1e-5)
+    assert 0 < rms["vec"].item() <= 1.0 + 1e-6  # a first Adam step has |m̂/√v̂| = 1 elementwise (minus ε)
+    from parallax_muon.diagnostics import update_rms_metrics
+
+    assert set(update_rms_metrics(opt)) == {"update_rms/hidden", "update_rms/vec"}
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: Muon([torch.randn(8, 8, requires_grad=True)], lr=-0.1), r"lr=-0\.1 must be >= 0"),
+        (lambda: Muon([{"params": [torch.randn(8, 8)], "lr": -1.0}]), r"lr=-1\.0 must be >= 0"),
+        (
+            lambda: Muon([torch.randn(8, 8)], ns_coefficients="cubic"),
+            "unknown Newton–Schulz coefficient preset 'cubic'",
+        ),
+        (lambda: Muon([torch.randn(8)]), r"shape \(8,\): a Muon group takes only parameters with 2 or more dims"),
+        (lambda: Muon([{"params": [torch.randn(12, 8)], "num_heads": 5}]), "num_heads=5 does not divide the 12 rows"),
+        (
+            lambda: Muon([{"params": [torch.randn(12, 8)], "split_sizes": [4, 4]}]),
+            r"split_sizes=\[4, 4\] must be positive and sum to the 12 rows",
+        ),
+        (lambda: Muon([torch.randn(8, 8)], adjust_lr="rms"), "unknown adjust_lr='rms'"),
+        (lambda: Muon([torch.randn(8, 8)], momentum=1.0), r"momentum=1\.0 must be in \[0, 1\)"),
+        (lambda: Muon([torch.randn(8, 8, dtype=torch.complex64)]), "is complex"),
+        (lambda: Muon([torch.randn(8, 8)], backend="cuda"), "unknown backend 'cuda'"),
+        (lambda: Muon([{"params": [torch.randn(3)], "use_muon": False, "betas": (0.9, 1.5)}]), "betas="),
+    ],
+)
+def test_bad_configuration_is_named_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_gradients_are_named_at_the_first_step():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = Muon([{"params": [emb.weight], "name": "emb"}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="parameter 0 \\(shape \\(10, 4\\)\\) of group 'emb' has a sparse gradient"):
+        opt.step()
+
+
+def test_complex_gradient_is_named_at_the_first_step():
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = Muon([w])
+    try:
+        w.grad_dtype = None  # torch >= 2.10 refuses a grad of another dtype unless told to allow it
+        w.grad = torch.randn(4, 4, dtype=torch.complex64)
+    except (AttributeError, RuntimeError):
+        pytest.skip("this torch cannot attach a complex gradient to a real parameter")
+    with pytest.raises(RuntimeError, match="complex gradient"):
+        opt.step()
+
+
+def test_negative_lr_set_later_is_caught_at_step():
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = Muon([w])
+    opt.param_groups[0]["lr"] = -0.5
+    w.grad = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"lr=-0\.5 must be >= 0"):
+        opt.step()
