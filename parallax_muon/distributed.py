@@ -96,7 +96,9 @@ def _collective_device(group=None) -> torch.device:
 
 def all_gather_batch(own: Tensor, out: Tensor, group=None, async_op: bool = False):
     """Gather every rank's (per_rank, n, m) share into ``out`` (world·per_rank, n, m)."""
-    return dist.all_gather_into_tensor(out, own.contiguous(), group=group, async_op=async_op)
+    # all_gather_single is the newer name (torch >= 2.13) of all_gather_into_tensor.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, own.contiguous(), group=group, async_op=async_op)
 
 
 def assign_owners(costs: list[float], world: int) -> list[int]:
@@ -115,27 +117,28 @@ def gather_rows_to_owners(
 ) -> dict[int, Tensor]:
     """Each rank passes its row shard of every parameter; the owner of parameter i gets it whole.
 
-    Returns {i: full tensor} for the parameters this rank owns.
+    One ``all_to_all_single`` with per-rank split sizes. Returns {i: full tensor} for this rank's parameters.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dtype, device = shards[0].dtype, shards[0].device
-    send = [[] for _ in range(world)]
-    for i, s in enumerate(shards):
-        send[owners[i]].append(s.reshape(-1))
-    mine = [i for i in range(len(shards)) if owners[i] == rank]
+    order = sorted(range(len(shards)), key=lambda i: (owners[i], i))  # grouped by destination
+    send = torch.cat([shards[i].reshape(-1) for i in order]) if shards else torch.empty(0, dtype=dtype, device=device)
+    send_sizes = [0] * world
+    for i in order:
+        send_sizes[owners[i]] += shards[i].numel()
+    mine = [i for i in order if owners[i] == rank]
     recv_sizes = [
         sum(row_chunks(shapes[i][0], world)[src] * _row_numel(shapes[i]) for i in mine) for src in range(world)
     ]
-    send_t = [torch.cat(s) if s else torch.empty(0, dtype=dtype, device=device) for s in send]
-    recv_t = [torch.empty(n, dtype=dtype, device=device) for n in recv_sizes]
-    dist.all_to_all(recv_t, send_t, group=group)
+    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
     pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
+    offset = 0
     for src in range(world):
-        offset = 0
         for i in mine:
             rows = row_chunks(shapes[i][0], world)[src]
             n = rows * _row_numel(shapes[i])
-            pieces[i].append(recv_t[src][offset : offset + n].view(rows, *shapes[i][1:]))
+            pieces[i].append(recv[offset : offset + n].view(rows, *shapes[i][1:]))
             offset += n
     return {i: torch.cat(pieces[i], dim=0) for i in mine}
 
@@ -145,26 +148,28 @@ def scatter_rows_from_owners(
 ) -> list[Tensor]:
     """The inverse of ``gather_rows_to_owners``: every rank gets its rows of every parameter's tensor."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    send = []
+    parts, send_sizes = [], [0] * world
     for dst in range(world):
-        parts = []
         for i in sorted(full):
             chunks = row_chunks(shapes[i][0], world)
             start = sum(chunks[:dst])
-            parts.append(full[i][start : start + chunks[dst]].reshape(-1))
-        send.append(torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device))
+            part = full[i][start : start + chunks[dst]].reshape(-1)
+            parts.append(part)
+            send_sizes[dst] += part.numel()
+    send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    order = sorted(range(len(shapes)), key=lambda i: (owners[i], i))  # grouped by source
     recv_sizes = [0] * world
-    for i, o in enumerate(owners):
-        recv_sizes[o] += row_chunks(shapes[i][0], world)[rank] * _row_numel(shapes[i])
-    recv_t = [torch.empty(n, dtype=dtype, device=device) for n in recv_sizes]
-    dist.all_to_all(recv_t, send, group=group)
+    for i in order:
+        recv_sizes[owners[i]] += row_chunks(shapes[i][0], world)[rank] * _row_numel(shapes[i])
+    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
     out: list[Tensor | None] = [None] * len(shapes)
-    offsets = [0] * world
-    for i, o in enumerate(owners):
+    offset = 0
+    for i in order:
         rows = row_chunks(shapes[i][0], world)[rank]
         n = rows * _row_numel(shapes[i])
-        out[i] = recv_t[o][offsets[o] : offsets[o] + n].view(rows, *shapes[i][1:])
-        offsets[o] += n
+        out[i] = recv[offset : offset + n].view(rows, *shapes[i][1:])
+        offset += n
     return out  # type: ignore[return-value]
 
 

@@ -477,7 +477,8 @@ class Muon(torch.optim.Optimizer):
             src = job.layout.views(job.source, allow_copy=True)[si]
             dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
             srcs.append(src.mT if transposed else src)
-        torch._foreach_copy_(dsts, srcs)
+        if dsts:
+            torch._foreach_copy_(dsts, srcs)
         own = X[start:stop]
         if own.shape[0] > 0:
             normalize_(own, bucket.norm_scale, bucket.eps)
@@ -603,7 +604,8 @@ def _ns_cost(layout: Layout) -> float:
 
 
 def _plan_signature(buckets: list[_Bucket]) -> str:
-    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.per_step)}:{b.split}" for b in buckets)
+    # Only the buckets shared out across ranks must agree; owned (FSDP) buckets differ by design.
+    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.per_step)}" for b in buckets if b.split)
 
 
 def _apply_staged(p: Tensor, Y: Tensor, lr: float, layout: Layout, adjust_lr: str, row_offset: int) -> None:
@@ -632,11 +634,15 @@ def _apply_gathered(job: _Job) -> None:
     from torch.distributed.tensor import distribute_tensor
 
     scale = job.layout.row_scale(job.adjust_lr)
-    if scale is None:
+    mesh, placements = job.param.device_mesh, job.param.placements
+    if scale is None:  # one ratio: the same `add_(Y, alpha=-lr·ratio)` as a single process performs
         seg = job.layout.segments[0]
-        update = job.staged.float() * adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
-    else:
-        shape = (job.layout.slices, job.layout.rows, job.layout.cols)
-        update = (job.staged.float().view(shape) * scale.to(job.staged.device)).view(job.param.shape)
-    part = distribute_tensor(update, job.param.device_mesh, job.param.placements, src_data_rank=None).to_local()
+        part = distribute_tensor(job.staged, mesh, placements, src_data_rank=None).to_local()
+        pdist.local(job.param).add_(
+            part, alpha=-job.lr * adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+        )
+        return
+    shape = (job.layout.slices, job.layout.rows, job.layout.cols)
+    update = (job.staged.float().view(shape) * scale.to(job.staged.device)).view(job.param.shape)
+    part = distribute_tensor(update, mesh, placements, src_data_rank=None).to_local()
     pdist.local(job.param).add_(part, alpha=-job.lr)

@@ -48,7 +48,8 @@ def muon_param_groups(
             ``split_sizes``, ``per_slice``, ``weight_decay``, ...). Parameters with the same options share a
             group named after the patterns that matched. ``use_muon`` here overrides the automatic routing.
         embedding_patterns, head_patterns: name regexes for embeddings and the output head (on top of
-            ``nn.Embedding`` modules, and of any ``nn.Linear`` whose out_features equal an embedding's vocabulary).
+            ``nn.Embedding`` modules, and of the model's last ``nn.Linear`` when its out_features equal an embedding's
+            vocabulary).
         r_proj_pattern: regex for Parallax's W_R projection (``blocks.3.attn.r_proj.weight``); ``None`` keeps
             those weights in the main Muon group.
         r_proj_lr_mult: learning-rate multiplier of the W_R group (``lr_mult`` group key; LR schedulers keep it).
@@ -62,16 +63,19 @@ def muon_param_groups(
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             embedding_ids.add(id(module.weight))
             vocab_sizes.add(module.num_embeddings)
+    # The head: Linear layers named like one, and the last Linear whose outputs are the vocabulary (an MLP
+    # layer can have as many outputs as there are tokens, but it is not the model's last Linear).
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    heads = [m for name, m in linears if _matches(head_patterns, name + ".weight")]
+    if linears and linears[-1][1].out_features in vocab_sizes:
+        heads.append(linears[-1][1])
     head_ids: set[int] = set()
     tied = False
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (
-            _matches(head_patterns, name + ".weight") or module.out_features in vocab_sizes
-        ):
-            if id(module.weight) in embedding_ids:
-                tied = True
-            else:
-                head_ids.add(id(module.weight))
+    for module in heads:
+        if id(module.weight) in embedding_ids:
+            tied = True
+        else:
+            head_ids.add(id(module.weight))
 
     compiled = [(pattern, re.compile(pattern), dict(opts)) for pattern, opts in (overrides or {}).items()]
     r_proj_re = re.compile(r_proj_pattern) if r_proj_pattern else None
