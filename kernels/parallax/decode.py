@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_attn_inputs
+from .._dispatch import backend_for
 from .reference import parallax_decode_reference
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
@@ -16,6 +19,12 @@ def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window
             f"{op}: q must hold one token per sequence, shape (B, 1, H_q, D); got {tuple(q.shape)} "
             "(use parallax_attn for chunks of several tokens)"
         )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(
+                f"{op}: {name} must have unit stride along head_dim (it is read in place), got strides "
+                f"{tuple(t.stride())}"
+            )
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -27,18 +36,31 @@ def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window
         )
     if cache_seqlens.device != q.device:
         raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    # The range check needs the values on the host: a sync on CUDA, and impossible while a CUDA graph
+    # is being captured. There the kernel turns a length outside [1, L_max] into a NaN output instead.
+    if cache_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    L_max = k_cache.shape[1]
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
+    if lo < 1 or hi > L_max:
+        bad = [n for n in cache_seqlens.tolist() if not 1 <= n <= L_max]
+        raise ValueError(f"{op}: cache_seqlens must lie in [1, {L_max}], got {bad}")
 
 
 def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None):
     """One new token per sequence against a KV cache (the token's own k, v already written).
 
-    q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D); cache_seqlens: int32 (B,) valid
-    lengths in [1, L_max], or None when every cache is full.
+    q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D), any strides with unit stride on D
+    (read in place); cache_seqlens: int32 (B,) valid lengths in [1, L_max], or None when every cache
+    is full. Sequence b's query sits at position cache_seqlens[b] - 1 and attends keys
+    [max(0, n - window_size), n). Returns (B, 1, H_q, D) in the input dtype.
+
+    On CUDA (and under TRITON_INTERPRET=1) this runs the split-KV Triton kernel; with fixed shapes and
+    cache_seqlens on the device it needs no host sync while a CUDA graph is captured.
     """
     check_decode_inputs("parallax_decode", q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    if cache_seqlens is not None:
-        lens = cache_seqlens.tolist()
-        bad = [n for n in lens if not 1 <= n <= k_cache.shape[1]]
-        if bad:
-            raise ValueError(f"parallax_decode: cache_seqlens must lie in [1, {k_cache.shape[1]}], got {bad}")
+    if backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES:
+        from .triton_decode import parallax_decode_triton
+
+        return parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
     return parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size)

@@ -1,0 +1,416 @@
+"""Triton split-KV (flash-decoding) kernels for Parallax decode: one query row per sequence.
+
+Decode is memory-bound: each program streams one slice of one sequence's K/V cache for one kv
+head, once, and keeps the streaming Parallax state (m, d1, d2, O1, O2; see parallax-math.md) for
+every query head of that GQA group. t = r·k is computed on the same K tile as s = q·k, so the extra
+Parallax work is arithmetic on data already in registers. The slices' states are merged exactly by
+rescaling with their maxima in a small second kernel (skipped when one slice covers the sequence).
+
+Cache lengths are read on the device and the grid depends only on shapes, so a call is
+CUDA-graph capturable for fixed shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty
+
+_LOG2E = 1.4426950408889634
+# The combine kernel merges the slices in chunks of this many; it also bounds the split count.
+_MAX_SPLITS = 256
+
+
+@triton.jit
+def _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """(lo, n): the query at position n-1 sees keys [lo, n). An n outside [1, L_max] gives an empty
+    range, so the output becomes NaN instead of reading outside the cache."""
+    if HAS_SEQLENS:
+        n = tl.load(SEQLENS + b).to(tl.int32)
+        n = tl.where((n >= 1) & (n <= L_max), n, 0)
+    else:
+        n = L_max
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(n - window, 0)
+    return lo, n
+
+
+@triton.jit
+def _split_tiles(lo, n, split, num_splits, BLOCK_N: tl.constexpr):
+    """Tiles [t0, t1) of BLOCK_N keys, counted from lo, that slice `split` owns, and the number of
+    non-empty slices. Every owned tile starts at a valid key, so no tile is entirely masked."""
+    n_tiles = tl.cdiv(n - lo, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    t0 = split * per_split
+    t1 = tl.minimum(t0 + per_split, n_tiles)
+    used = tl.cdiv(n_tiles, tl.maximum(per_split, 1))
+    return t0, t1, used
+
+
+@triton.jit(do_not_specialize=["L_max", "window"])
+def _decode_split_dot_kernel(
+    Q, R, K, V, SEQLENS, O, PO1, PO2, PSTAT,
+    scale_log2, L_max, window, num_splits, n_rows,
+    stride_qb, stride_qh, stride_rb, stride_rh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_oh,
+    H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (slice, batch, kv head): the G query heads as a (BLOCK_G, D) block, tensor-core dots."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
+    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
+    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
+    owned = t0 < t1
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    hq = h * G + offs_g
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + hq[:, None] * stride_qh + offs_d[None, :]
+    r_ptrs = R + b64 * stride_rb + hq[:, None] * stride_rh + offs_d[None, :]
+    gd_ok = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptrs, mask=gd_ok, other=0.0)
+    r = tl.load(r_ptrs, mask=gd_ok, other=0.0)
+
+    start = lo + t0 * BLOCK_N
+    k_ptrs = (
+        K + b64 * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
+        + offs_n[:, None] * stride_kl + offs_d[None, :]
+    )  # fmt: skip
+    v_ptrs = (
+        V + b64 * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
+        + offs_n[:, None] * stride_vl + offs_d[None, :]
+    )  # fmt: skip
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    # d1, d2 are summed over the keys only after the loop: one cross-warp reduction per tile (the max)
+    d1_acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    d2_acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+    o1 = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    o2 = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    pos = start + offs_n
+    for _ in tl.range(t0, t1, num_stages=NUM_STAGES):
+        key_ok = pos < n
+        if BLOCK_D == D:
+            kv_mask = key_ok[:, None]
+        else:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        kt = tl.trans(k)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        t = tl.dot(r, kt, input_precision=DOT_PRECISION)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        pt = p * t
+        d1_acc = d1_acc * alpha[:, None] + p
+        d2_acc = d2_acc * alpha[:, None] + pt
+        o1 = tl.dot(p.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PRECISION)
+        o2 = tl.dot(pt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
+        pos += BLOCK_N
+        k_ptrs += BLOCK_N * stride_kl
+        v_ptrs += BLOCK_N * stride_vl
+
+    d1 = tl.sum(d1_acc, 1)
+    d2 = tl.sum(d2_acc, 1)
+    if SINGLE:
+        inv = 1.0 / d1
+        out = o1 * (inv * (1.0 + d2 * inv))[:, None] - o2 * inv[:, None]
+        out = tl.where((d1 > 0)[:, None], out, float("nan"))
+        o_ptrs = O + b64 * stride_ob + hq[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gd_ok)
+    else:
+        row = (b * H_KV * G + hq) * num_splits + split
+        g_st = g_ok & owned
+        tl.store(PSTAT + row, m, mask=g_st)
+        tl.store(PSTAT + n_rows + row, d1, mask=g_st)
+        tl.store(PSTAT + 2 * n_rows + row, d2, mask=g_st)
+        p_offs = row.to(tl.int64)[:, None] * D + offs_d[None, :]
+        tl.store(PO1 + p_offs, o1, mask=gd_ok & owned)
+        tl.store(PO2 + p_offs, o2, mask=gd_ok & owned)
+
+
+@triton.jit(do_not_specialize=["L_max", "window"])
+def _decode_split_vec_kernel(
+    Q, R, K, V, SEQLENS, O, PO1, PO2, PSTAT,
+    scale_log2, L_max, window, num_splits, n_rows,
+    stride_qb, stride_qh, stride_rb, stride_rh,
+    stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_oh,
+    H_KV: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """One (slice, batch, head) without GQA: q and r as vectors, the dots as fp32 row reductions
+    (no 16-row padding of a single query head)."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
+    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
+    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
+    owned = t0 < t1
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < D
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    r = tl.load(R + b64 * stride_rb + h * stride_rh + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    q = q * scale_log2
+
+    start = lo + t0 * BLOCK_N
+    k_ptrs = (
+        K + b64 * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
+        + offs_n[:, None] * stride_kl + offs_d[None, :]
+    )  # fmt: skip
+    v_ptrs = (
+        V + b64 * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
+        + offs_n[:, None] * stride_vl + offs_d[None, :]
+    )  # fmt: skip
+
+    m = tl.full([1], float("-inf"), tl.float32)
+    d1_acc = tl.zeros([BLOCK_N], tl.float32)
+    d2_acc = tl.zeros([BLOCK_N], tl.float32)
+    o1 = tl.zeros([BLOCK_D], tl.float32)
+    o2 = tl.zeros([BLOCK_D], tl.float32)
+    pos = start + offs_n
+    for _ in tl.range(t0, t1, num_stages=NUM_STAGES):
+        key_ok = pos < n
+        if BLOCK_D == D:
+            kv_mask = key_ok[:, None]
+        else:
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], 1)
+        t = tl.sum(k * r[None, :], 1)
+        s = tl.where(key_ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        pt = p * t
+        d1_acc = d1_acc * alpha + p
+        d2_acc = d2_acc * alpha + pt
+        o1 = o1 * alpha + tl.sum(p[:, None] * v, 0)
+        o2 = o2 * alpha + tl.sum(pt[:, None] * v, 0)
+        m = m_new
+        pos += BLOCK_N
+        k_ptrs += BLOCK_N * stride_kl
+        v_ptrs += BLOCK_N * stride_vl
+
+    d1 = tl.sum(d1_acc, 0)
+    d2 = tl.sum(d2_acc, 0)
+    if SINGLE:
+        inv = 1.0 / d1
+        out = o1 * (inv * (1.0 + d2 * inv)) - o2 * inv
+        out = tl.where(d1 > 0, out, float("nan"))
+        tl.store(O + b64 * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    else:
+        row = bh * num_splits + split
+        one = tl.arange(0, 1)
+        tl.store(PSTAT + row + one, m, mask=owned)
+        tl.store(PSTAT + n_rows + row + one, tl.full([1], d1, tl.float32), mask=owned)
+        tl.store(PSTAT + 2 * n_rows + row + one, tl.full([1], d2, tl.float32), mask=owned)
+        p_offs = row.to(tl.int64) * D + offs_d
+        tl.store(PO1 + p_offs, o1, mask=d_ok & owned)
+        tl.store(PO2 + p_offs, o2, mask=d_ok & owned)
+
+
+@triton.jit(do_not_specialize=["L_max", "window"])
+def _decode_combine_kernel(
+    SEQLENS, O, PO1, PO2, PSTAT,
+    L_max, window, num_splits, n_rows, stride_ob, stride_oh,
+    H_Q: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_S: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """One (batch, query head): merge the slices' states exactly, then o = O1/d1 (1 + d2/d1) - O2/d1."""
+    bh = tl.program_id(0)
+    b = bh // H_Q
+    h = bh % H_Q
+    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
+    _t0, _t1, used = _split_tiles(lo, n, 0, num_splits, BLOCK_N)
+
+    base = bh * num_splits
+    offs_c = tl.arange(0, CHUNK_S)
+    m_chunks = tl.full([CHUNK_S], float("-inf"), tl.float32)
+    for c in range(0, used, CHUNK_S):
+        m_c = tl.load(PSTAT + base + c + offs_c, mask=(c + offs_c) < used, other=float("-inf"))
+        m_chunks = tl.maximum(m_chunks, m_c)
+    m_max = tl.max(m_chunks, 0)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    d1 = tl.zeros([CHUNK_S], tl.float32)
+    d2 = tl.zeros([CHUNK_S], tl.float32)
+    o1 = tl.zeros([BLOCK_D], tl.float32)
+    o2 = tl.zeros([BLOCK_D], tl.float32)
+    for c in range(0, used, CHUNK_S):
+        s_ok = (c + offs_c) < used
+        rows = base + c + offs_c
+        w = tl.exp2(tl.load(PSTAT + rows, mask=s_ok, other=float("-inf")) - m_max)
+        w = tl.where(s_ok, w, 0.0)
+        d1 += w * tl.load(PSTAT + n_rows + rows, mask=s_ok, other=0.0)
+        d2 += w * tl.load(PSTAT + 2 * n_rows + rows, mask=s_ok, other=0.0)
+        p_offs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+        cd_ok = s_ok[:, None] & d_ok[None, :]
+        o1 += tl.sum(w[:, None] * tl.load(PO1 + p_offs, mask=cd_ok, other=0.0), 0)
+        o2 += tl.sum(w[:, None] * tl.load(PO2 + p_offs, mask=cd_ok, other=0.0), 0)
+    d1_sum = tl.sum(d1, 0)
+    d2_sum = tl.sum(d2, 0)
+    inv = 1.0 / d1_sum
+    out = o1 * (inv * (1.0 + d2_sum * inv)) - o2 * inv
+    out = tl.where(used > 0, out, float("nan"))
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel; `None` fields are filled by the heuristic."""
+
+    num_splits: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    use_dot: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    use_dot: bool
+    block_g: int
+    block_d: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; the interpreter counts as a handful so tests stay small."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(programs: int, n_tiles: int, sms: int, waves: float = 4.0, min_tiles: int = 2) -> int:
+    """Slices per sequence so that about `waves` programs per SM are launched in all, but no slice
+    holds fewer than `min_tiles` tiles (a slice's fixed cost is its q/r load and its partial write).
+    The count is then trimmed so that, for a full cache, no slice is empty."""
+    splits = max(1, min(math.ceil(waves * sms / programs), n_tiles // min_tiles, _MAX_SPLITS))
+    per_split = math.ceil(n_tiles / splits)
+    return math.ceil(n_tiles / per_split)
+
+
+def default_config(head_dim: int, group: int) -> DecodeConfig:
+    """Heuristic launch parameters (`benchmarks/bench_decode.py --sweep` measures the alternatives).
+
+    Tensor-core dots even for one query head a group: the 16-row padding is free in a memory-bound
+    loop, and the mma layout reduces over the keys without the per-tile cross-warp sums of the
+    vector path (fewer instructions, fewer registers)."""
+    block_n = 64 if head_dim <= 128 else 32
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, use_dot=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -> _Plan:
+    group = heads_q // heads_kv
+    base = default_config(head_dim, group)
+    cfg = config or base
+    block_n = cfg.block_n or base.block_n
+    use_dot = group > 1 or (base.use_dot if cfg.use_dot is None else cfg.use_dot)
+    span = L_max if window_size is None else min(L_max, window_size)
+    n_tiles = triton.cdiv(span, block_n)
+    num_splits = cfg.num_splits or choose_num_splits(batch * heads_kv, n_tiles, sms)
+    return _Plan(
+        use_dot=use_dot,
+        block_g=max(16, triton.next_power_of_2(group)),
+        block_d=triton.next_power_of_2(head_dim),
+        block_n=block_n,
+        num_warps=cfg.num_warps or base.num_warps,
+        num_stages=cfg.num_stages or base.num_stages,
+        num_splits=max(1, min(num_splits, n_tiles, _MAX_SPLITS)),
+    )
+
+
+def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):
+    """Launch the split kernel (and the combine kernel when it split); inputs already validated.
+
+    q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D) with unit stride on D (read in place).
+    `config` (a DecodeConfig) overrides the heuristic, for benchmarks and tests.
+    """
+    B, _, H_q, D = q.shape
+    L_max, H_kv = k_cache.shape[1], k_cache.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if r.stride(-1) != 1:
+        r = r.contiguous()
+    plan = _plan(B, H_q, H_kv, D, L_max, window_size, sm_count(q.device), config)
+    S = plan.num_splits
+    out = empty((B, 1, H_q, D), dtype=q.dtype, device=q.device)
+    n_rows = B * H_q * S
+    if S > 1:
+        po1 = empty((n_rows, D), dtype=torch.float32, device=q.device)
+        po2 = empty((n_rows, D), dtype=torch.float32, device=q.device)
+        pstat = empty((3, n_rows), dtype=torch.float32, device=q.device)
+    else:
+        po1 = po2 = pstat = out  # never touched: the single slice writes the output itself
+    has_seqlens = cache_seqlens is not None
+    seqlens = cache_seqlens if has_seqlens else out
+    window = 0 if window_size is None else window_size
+    scale = D**-0.5 if scale is None else scale
+    args = (
+        q, r, k_cache, v_cache, seqlens, out, po1, po2, pstat,
+        scale * _LOG2E, L_max, window, S, n_rows,
+        q.stride(0), q.stride(2), r.stride(0), r.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(2),
+    )  # fmt: skip
+    flags = {"HAS_SEQLENS": has_seqlens, "HAS_WINDOW": window_size is not None}
+    grid = (S, B * H_kv)
+    if plan.use_dot:
+        _decode_split_dot_kernel[grid](
+            *args, H_KV=H_kv, G=H_q // H_kv, D=D,
+            BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
+            NUM_STAGES=plan.num_stages, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
+        )  # fmt: skip
+    else:
+        _decode_split_vec_kernel[grid](
+            *args, H_KV=H_kv, D=D, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
+            NUM_STAGES=plan.num_stages, num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
+        )  # fmt: skip
+    if S > 1:
+        _decode_combine_kernel[(B * H_q,)](
+            seqlens, out, po1, po2, pstat, L_max, window, S, n_rows, out.stride(0), out.stride(2),
+            H_Q=H_q, D=D, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, CHUNK_S=16, num_warps=4, **flags,
+        )  # fmt: skip
+    return out
