@@ -1,0 +1,437 @@
+"""Parallax decode on the GPU: bf16 correctness first, then speed against the peers in the same run.
+
+    python benchmarks/bench_decode.py            # correctness + timing over the anchors grid (~2 min)
+    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape, print the best
+    python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only
+
+Peers (each optional; one that is missing or fails is reported, never fatal): torch SDPA softmax decode
+with the cuDNN and FlashAttention backends (q of length 1 against the full cache), the paper authors'
+Triton decode `parallax.triton.parallax_decode` (and their CuTeDSL `parallax_attn_with_kvcache` if it
+imports), and fla's `parallax_decode_one_step`.
+
+Two timings per kernel: `bench` is triton.testing.do_bench's median (the L2 is flushed before every
+call, so it is device time of one call); `graph` replays a CUDA graph of back-to-back calls that cycle
+through enough copies of the cache to defeat the L2, as a decode loop under CUDA graphs would run.
+Bandwidth is the bytes of K and V read once, divided by the time. Logs go to $OUT when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+D = 128
+DTYPE = torch.bfloat16
+# (B, H_q, H_kv, L): the anchors grid of ../shared/anchors.md, then GQA 32:8, then extra batch/length rows
+ANCHORS = [(1, 8, 8, 4096), (1, 8, 8, 16384), (32, 8, 8, 4096), (32, 8, 8, 16384), (8, 32, 32, 32768)]
+GQA = [(1, 32, 8, 16384), (32, 32, 8, 16384)]
+EXTRA = [(8, 8, 8, 16384), (1, 8, 8, 32768), (32, 8, 8, 32768)]
+L2_DEFEAT_BYTES = 256 << 20
+DEVICE = "cuda"
+# (B, H_q, H_kv, L, D, dtype, window, lengths, r scale): awkward cases besides the grid
+CORRECTNESS_CASES = [
+    (1, 8, 8, 4096, 128, torch.bfloat16, None, None, None),
+    (32, 8, 8, 4096, 128, torch.bfloat16, None, None, None),
+    (8, 32, 32, 8192, 128, torch.bfloat16, None, None, 1.0),  # probe of norm sqrt(D): |t| ~ 10
+    (1, 32, 8, 16384, 128, torch.bfloat16, None, None, None),
+    (4, 32, 8, 3000, 128, torch.bfloat16, None, "random", None),
+    (3, 16, 2, 5000, 128, torch.bfloat16, 777, "random", None),
+    (5, 8, 8, 2049, 64, torch.bfloat16, None, "random", None),
+    (2, 8, 1, 1000, 64, torch.float16, 100, "random", None),
+    (2, 4, 4, 1500, 96, torch.bfloat16, None, "random", None),
+    (2, 8, 2, 1200, 256, torch.bfloat16, None, "random", None),
+    (3, 4, 4, 700, 32, torch.float32, None, "random", None),
+]
+
+_log_file = None
+
+
+def log(*parts):
+    line = " ".join(str(p) for p in parts)
+    print(line, flush=True)
+    if _log_file is not None:
+        _log_file.write(line + "\n")
+        _log_file.flush()
+
+
+def short_error(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------ peers
+
+
+def load_peers():
+    """name -> fn(q, r, k, v) for every peer that imports; name -> error string for the rest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    peers, missing = {}, {}
+
+    def sdpa(backend):
+        def run(q, r, k, v):
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=q.shape[2] != k.shape[2]
+                )
+            return out.transpose(1, 2)
+
+        return run
+
+    peers["cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    peers["flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    try:
+        from parallax.triton import parallax_decode as authors_decode
+
+        peers["authors"] = lambda q, r, k, v: authors_decode(q, r, k, v)
+    except Exception as e:
+        missing["authors"] = short_error(e)
+    try:
+        import parallax
+
+        if getattr(parallax, "cute_decode_available", False):
+            peers["authors-cute"] = lambda q, r, k, v: parallax.parallax_attn_with_kvcache(q, r, k, v)
+        else:
+            missing["authors-cute"] = "parallax.cute_decode_available is False (needs nvidia-cutlass-dsl)"
+    except Exception as e:
+        missing["authors-cute"] = short_error(e)
+    try:
+        from fla.ops.parallax.decode import parallax_decode_one_step
+
+        peers["fla"] = lambda q, r, k, v: parallax_decode_one_step(q, r, k, v)
+    except Exception as e:
+        missing["fla"] = short_error(e)
+    return peers, missing
+
+
+# ------------------------------------------------------------------ timing
+
+
+def bench_us(fn, warmup=10, rep=50) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+
+
+def graph_us(fns, calls: int, replays: int = 7) -> float:
+    """Median µs per call of a CUDA graph that runs `calls` calls cycling through `fns`."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def make_inputs(B, Hq, Hkv, L, d=D, dtype=DTYPE, copies=1, r_scale=None):
+    q = torch.randn(B, 1, Hq, d, device=DEVICE, dtype=dtype)
+    r = torch.randn(B, 1, Hq, d, device=DEVICE, dtype=dtype) * (d**-0.5 if r_scale is None else r_scale)
+    caches = [
+        (
+            torch.randn(B, L, Hkv, d, device=DEVICE, dtype=dtype),
+            torch.randn(B, L, Hkv, d, device=DEVICE, dtype=dtype),
+        )
+        for _ in range(copies)
+    ]
+    return q, r, caches
+
+
+def kv_bytes(B, Hkv, L, d=D, elt=2) -> int:
+    return 2 * B * Hkv * L * d * elt
+
+
+# ------------------------------------------------------------------ correctness
+
+
+def check_graph_replay() -> bool:
+    """cache_seqlens is read on the device: capture once, change the lengths in place, replay."""
+    from parallax_kernels import parallax_decode, parallax_decode_reference
+
+    try:
+        B, Hq, Hkv, L = 4, 16, 4, 3000
+        q, r, [(k, v)] = make_inputs(B, Hq, Hkv, L)
+        lens = torch.tensor([1, 700, 2999, 3000], device=DEVICE, dtype=torch.int32)
+        parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=1024)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=1024)
+        errs = []
+        for new in ([1, 700, 2999, 3000], [3000, 5, 1024, 1025]):
+            lens.copy_(torch.tensor(new, dtype=torch.int32))
+            graph.replay()
+            errs.append(rel_err(out, parallax_decode_reference(q, r, k, v, lens, window_size=1024)))
+        good = max(errs) <= 1e-2
+        log(f"  ours  CUDA graph replay with new cache_seqlens: {max(errs):.2e} {'ok' if good else 'FAIL'}")
+        return good
+    except Exception as e:
+        log(f"  ours  CUDA graph replay with new cache_seqlens: FAIL {short_error(e)}")
+        traceback.print_exc()
+        return False
+
+
+def check_correctness(peers) -> bool:
+    from parallax_kernels import parallax_decode, parallax_decode_reference
+
+    log("== bf16/fp16 correctness against parallax_decode_reference (fp32 math), relative L2 error ==")
+    ok = True
+    for B, Hq, Hkv, L, d, dtype, window, lens_kind, r_scale in CORRECTNESS_CASES:
+        q, r, [(k, v)] = make_inputs(B, Hq, Hkv, L, d, dtype, r_scale=r_scale)
+        lens = None
+        if lens_kind == "random":
+            lens = torch.randint(1, L + 1, (B,), device=DEVICE, dtype=torch.int32)
+            lens[0], lens[-1] = 1, L
+        tol = 2e-5 if dtype == torch.float32 else 1e-2
+        name = f"B{B} H{Hq}:{Hkv} L{L} D{d} {str(dtype)[6:]} window={window} lens={lens_kind or 'full'}"
+        try:
+            got = parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=window)
+            want = parallax_decode_reference(q, r, k, v, lens, window_size=window)
+            err = rel_err(got, want)
+            good = err <= tol
+            ok &= good
+            log(f"  ours  {name}: {err:.2e} {'ok' if good else f'FAIL (> {tol:.0e})'}")
+        except Exception as e:
+            ok = False
+            log(f"  ours  {name}: FAIL {short_error(e)}")
+            traceback.print_exc()
+
+    ok &= check_graph_replay()
+
+    # the peers on one shape, to show they are called the right way
+    q, r, [(k, v)] = make_inputs(2, 8, 8, 4096)
+    want = parallax_decode_reference(q, r, k, v)
+    want_softmax = parallax_decode_reference(q, torch.zeros_like(r), k, v)
+    for name, fn in peers.items():
+        try:
+            softmax = name in ("cudnn", "flash")
+            err = rel_err(fn(q, r, k, v), want_softmax if softmax else want)
+            log(f"  {name:<13} B2 H8 L4096 (vs {'softmax' if softmax else 'Parallax'} reference): {err:.2e}")
+        except Exception as e:
+            log(f"  {name:<13} B2 H8 L4096: FAILED {short_error(e)}")
+    return ok
+
+
+# ------------------------------------------------------------------ timing over the grid
+
+
+def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
+    """Every method on one shape: do_bench on one cache, CUDA-graph replay over enough cache copies
+    to defeat the L2 (the same copies for every method)."""
+    from parallax_kernels import parallax_decode
+
+    nbytes = kv_bytes(B, Hkv, L)
+    copies = min(16, max(1, math.ceil(L2_DEFEAT_BYTES / nbytes)))
+    q, r, caches = make_inputs(B, Hq, Hkv, L, copies=copies)
+    lens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
+    row = {"shape": f"B{B} H{Hq}:{Hkv} L{L}", "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "kv_bytes": nbytes}
+    row.update(bench={}, graph={})
+    methods = {"ours": lambda q, r, k, v: parallax_decode(q, r, k, v), **peers}
+    if use_graph:  # lengths on the device: the host range check is skipped under capture
+        methods["ours+lens"] = lambda q, r, k, v: parallax_decode(q, r, k, v, cache_seqlens=lens)
+    k0, v0 = caches[0]
+    for name, fn in methods.items():
+        if name != "ours+lens":
+            try:
+                row["bench"][name] = bench_us(lambda fn=fn: fn(q, r, k0, v0))
+            except Exception as e:
+                row["bench"][name] = short_error(e)
+        if use_graph:
+            try:
+                fns = [lambda fn=fn, k=k, v=v: fn(q, r, k, v) for k, v in caches]
+                row["graph"][name] = graph_us(fns, calls=max(2 * copies, 8))
+            except Exception as e:
+                row["graph"][name] = short_error(e)
+                torch.cuda.synchronize()
+    for kind in ("bench", "graph"):
+        parts = [f"{m}={t:.1f}" if isinstance(t, float) else f"{m}=FAILED({t})" for m, t in row[kind].items()]
+        if parts:
+            log(f"  {row['shape']:<20} {kind:<5} µs: " + "  ".join(parts))
+    return row
+
+
+def run_grid(shapes, peers, use_graph=True):
+    rows = []
+    for shape in shapes:
+        rows.append(time_shape(*shape, peers, use_graph=use_graph))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_t(t) -> str:
+    return f"{t:8.1f}" if isinstance(t, float) else "  failed"
+
+
+def fmt_ratio(a, b) -> str:
+    return f"{a / b:6.2f}x" if isinstance(a, float) and isinstance(b, float) else "     - "
+
+
+def print_table(rows, peer_names):
+    cols = [p for p in ("cudnn", "flash", "authors", "authors-cute", "fla") if p in peer_names]
+    log("")
+    log("== decode, bf16, D=128: µs per call (bench = do_bench median with L2 flush; graph = CUDA-graph replay) ==")
+    head = f"{'shape':<20} {'ours':>8} {'graph':>8} " + " ".join(f"{c:>8}" for c in cols)
+    head += f" {'TB/s':>6} {'vs cudnn':>8} {'(graph)':>8} {'vs authors':>10}"
+    log(head)
+    for row in rows:
+        b, g = row["bench"], row["graph"]
+        ours = b.get("ours")
+        tbs = f"{row['kv_bytes'] / ours / 1e6:6.2f}" if isinstance(ours, float) else "     -"
+        line = f"{row['shape']:<20} {fmt_t(ours)} {fmt_t(g.get('ours', 'n/a'))} "
+        line += " ".join(fmt_t(b.get(c, "n/a")) for c in cols)
+        line += f" {tbs} {fmt_ratio(ours, b.get('cudnn')):>8} {fmt_ratio(g.get('ours'), g.get('cudnn')):>8}"
+        line += f" {fmt_ratio(ours, b.get('authors')):>10}"
+        log(line)
+    log("ratios are our time / peer time (< 1 means ours is faster). Targets: <= 1.15x cudnn everywhere, "
+        ">= 3.6 TB/s at B32 H8:8 L16384.")  # fmt: skip
+
+
+# ------------------------------------------------------------------ sweep
+
+
+KERNEL_CONFIGS = [  # (use_dot, block_n, num_warps, num_stages); the vector path only without GQA
+    (True, 64, 4, 2), (True, 64, 4, 3), (True, 64, 4, 4), (True, 32, 4, 3), (True, 32, 4, 5),
+    (True, 128, 4, 2), (True, 64, 8, 3), (True, 128, 8, 3),
+    (False, 64, 4, 1), (False, 64, 4, 2), (False, 64, 4, 3), (False, 32, 4, 3), (False, 32, 2, 4),
+    (False, 64, 8, 2), (False, 64, 8, 3), (False, 128, 8, 2),
+]  # fmt: skip
+
+
+def describe(c) -> str:
+    return f"{'dot' if c.use_dot else 'vec'}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+
+
+def sweep_shape(B, Hq, Hkv, L, sms):
+    """Configs at the heuristic split count, then split counts around it with the best config."""
+    from parallax_kernels.parallax.triton_decode import DecodeConfig, _plan, parallax_decode_triton
+
+    q, r, [(k, v)] = make_inputs(B, Hq, Hkv, L)
+    name = f"B{B} H{Hq}:{Hkv} L{L}"
+
+    def timed(cfg):
+        return bench_us(lambda: parallax_decode_triton(q, r, k, v, None, None, None, cfg), warmup=5, rep=25)
+
+    t_default = timed(None)
+    results = []
+    for use_dot, bn, nw, ns in KERNEL_CONFIGS:
+        if use_dot or Hq == Hkv:
+            cfg = DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns, use_dot=use_dot)
+            try:
+                results.append((timed(cfg), cfg))
+            except Exception as e:
+                log(f"  {name} {describe(cfg)}: FAILED {short_error(e)}")
+    results.sort(key=lambda x: x[0])
+    best = results[0][1]
+    log(f"  {name}: heuristic {_plan(B, Hq, Hkv, D, L, None, sms, None)} -> {t_default:.1f}")
+    log("    configs at heuristic splits: " + "  ".join(f"{describe(c)}={t:.1f}" for t, c in results))
+    base_splits = _plan(B, Hq, Hkv, D, L, None, sms, best).num_splits
+    n_tiles = -(-L // best.block_n)
+    factors = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)
+    candidates = sorted({1, *(max(1, min(n_tiles, round(base_splits * f))) for f in factors)})
+    split_times = []
+    for splits in candidates:
+        cfg = DecodeConfig(splits, best.block_n, best.num_warps, best.num_stages, best.use_dot)
+        try:
+            split_times.append((timed(cfg), splits))
+        except Exception as e:
+            log(f"    splits={splits}: FAILED {short_error(e)}")
+    log(f"    splits with {describe(best)}: " + "  ".join(f"{s}={t:.1f}" for t, s in split_times))
+    t_best, s_best = min(split_times)
+    return name, t_default, t_best, best, s_best, s_best * B * Hkv / sms, base_splits
+
+
+def run_sweep(shapes):
+    from parallax_kernels.parallax.triton_decode import sm_count
+
+    sms = sm_count(torch.device(DEVICE))
+    log(f"== sweep ({sms} SMs): µs by do_bench median ==")
+    summary = []
+    for shape in shapes:
+        summary.append(sweep_shape(*shape, sms))
+        torch.cuda.empty_cache()
+    log("")
+    log("== sweep summary: heuristic vs best (programs/SM = splits * B * H_kv / SMs) ==")
+    log(f"{'shape':<20} {'heuristic µs':>12} {'best µs':>8} {'gain':>6}  best config")
+    for name, t_def, t_best, c, s, per_sm, base in summary:
+        log(
+            f"{name:<20} {t_def:12.1f} {t_best:8.1f} {t_def / t_best:5.2f}x  {describe(c)} splits={s} "
+            f"({per_sm:.1f} programs/SM; the heuristic gives {base} splits for this config)"
+        )
+    return summary
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    global _log_file
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="time configs and split counts per shape instead")
+    ap.add_argument("--quick", action="store_true", help="only the 5 anchor shapes")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode.py needs a CUDA GPU")
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        log_name = "bench_decode_sweep.log" if args.sweep else "bench_decode.log"
+        _log_file = open(os.path.join(out_dir, log_name), "w")  # noqa: SIM115 (kept open for log())
+    import triton
+
+    log(f"GPU {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    torch.manual_seed(0)
+    t0 = time.time()
+    shapes = ANCHORS if args.quick else ANCHORS + GQA + EXTRA
+    if args.sweep:
+        run_sweep(ANCHORS if args.quick else ANCHORS + GQA)
+        log(f"sweep took {time.time() - t0:.0f} s")
+        return 0
+    peers, missing = load_peers()
+    for name, why in missing.items():
+        log(f"peer {name} not available: {why}")
+    ok = check_correctness(peers)
+    log(f"correctness {'PASSED' if ok else 'FAILED'} ({time.time() - t0:.0f} s)")
+    log("== timing ==")
+    rows = run_grid(shapes, peers, use_graph=not args.no_graph)
+    if out_dir:
+        with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
+            json.dump({"correct": ok, "missing_peers": missing, "rows": rows}, f, indent=1)
+    print_table(rows, list(peers))
+    log(f"total {time.time() - t0:.0f} s; correctness {'PASSED' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
