@@ -1,0 +1,265 @@
+"""Callbacks the CLI registers (each configurable under its own key, or listed in `trainer.callbacks`):
+
+- `SpeedMonitor`: tokens/s, step time and MFU (model FLOPs utilisation: FLOPs per token counted by hand,
+  attention included, over the device's dense bf16 peak from a small table or a configured peak).
+- `ParallaxDiagnostics`: every N steps, per layer, the correction-to-output ratio ‖Cov·r‖/‖v̄‖, mean ‖r‖ and
+  the stable ranks of W_R, W_Q, W_K (the paper's evidence for the Muon codesign), plus a figure at the end.
+- `LossCurves`: a figure of the train / validation loss of the whole run (resumed sessions included).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from .tracking import log_figure, metric_history, mlflow_loggers
+
+# Dense (no sparsity) 16-bit tensor-core peaks, FLOP/s, from the vendors' datasheets. Most specific first.
+PEAK_FLOPS_16BIT = (
+    ("h200", 989e12),
+    ("gh200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("l40s", 362e12),
+    ("l4", 121e12),
+    ("a10g", 70e12),
+)
+_16BIT = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "bf16", "16")
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    name = device_name.lower()
+    for key, flops in PEAK_FLOPS_16BIT:
+        if key in name:
+            return flops
+    return None
+
+
+def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    if trainer.global_rank == 0:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
+class SpeedMonitor(Callback):
+    """Logs perf/tokens_per_s (all devices), perf/step_time_s and perf/mfu every `log_every_n_steps`.
+
+    Time spent in validation is excluded; the first step (compilation, warm-up) starts the clock.
+
+    Args:
+        peak_flops: peak FLOP/s of ONE device. None = the table entry for the GPU when training in 16-bit
+            precision; on CPU, or in 32-bit, MFU is logged only when this is given.
+        log_every_n_steps: None = the trainer's log_every_n_steps.
+    """
+
+    def __init__(self, peak_flops: float | None = None, log_every_n_steps: int | None = None):
+        super().__init__()
+        self.peak_flops = peak_flops
+        self.log_every_n_steps = log_every_n_steps
+        self._peak: float | None = None
+        self._reset()
+
+    def _reset(self):
+        self._t0: float | None = None
+        self._tokens = 0
+        self._steps = 0
+        self._paused = 0.0
+        self._val_t0: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._reset()
+        self._peak = self.peak_flops
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        if self._peak is None and on_gpu and str(trainer.precision) in _16BIT:
+            self._peak = peak_flops_for(torch.cuda.get_device_name(trainer.strategy.root_device))
+            if self._peak is None:
+                warnings.warn(
+                    f"no peak FLOP/s known for {torch.cuda.get_device_name()}: set speed.peak_flops to log MFU",
+                    stacklevel=2,
+                )
+
+    def _sync(self, trainer):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None:  # the first step compiles and warms up: start the clock after it
+            self._sync(trainer)
+            self._t0 = time.perf_counter()
+            self._last_step = trainer.global_step
+            return
+        self._tokens += batch["input_ids"].numel()
+        if trainer.global_step == self._last_step:  # inside gradient accumulation
+            return
+        self._steps += trainer.global_step - self._last_step
+        self._last_step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every:
+            return
+        self._sync(trainer)
+        elapsed = time.perf_counter() - self._t0 - self._paused
+        if elapsed <= 0 or self._steps == 0:
+            return
+        tokens_per_s = self._tokens * trainer.world_size / elapsed
+        metrics = {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": elapsed / self._steps}
+        if self._peak and hasattr(pl_module, "flops_per_token"):
+            seq_len = batch["input_ids"].shape[1]
+            achieved = tokens_per_s * pl_module.flops_per_token(seq_len)
+            metrics["perf/mfu"] = achieved / (self._peak * trainer.world_size)
+        _log(trainer, metrics, trainer.global_step)
+        self._t0, self._tokens, self._steps, self._paused = time.perf_counter(), 0, 0, 0.0
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._val_t0 is not None and self._t0 is not None:
+            self._paused += time.perf_counter() - self._val_t0
+        self._val_t0 = None
+
+
+class ParallaxDiagnostics(Callback):
+    """Per-layer Parallax statistics every `every_n_steps` optimizer steps (0 turns them off), logged as
+    diag/layer{i}/{stat}, and a figure of their evolution at the end of training.
+
+    They are computed on a fixed batch (the first validation batch, cut to `batch_size` × `seq_len`),
+    on rank 0, with the decoder's own weights (`pl_module.model`). Fully sharded (FSDP) runs skip them.
+    """
+
+    def __init__(self, every_n_steps: int = 100, batch_size: int = 2, seq_len: int | None = 256, figure: bool = True):
+        super().__init__()
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.figure = figure
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._inputs: torch.Tensor | None = None
+        self._last_step = -1
+
+    def _enabled(self, trainer, pl_module) -> bool:
+        if self.every_n_steps == 0 or trainer.global_rank != 0 or not hasattr(pl_module, "model"):
+            return False
+        return "fsdp" not in type(trainer.strategy).__name__.lower()
+
+    def _fixed_inputs(self, trainer, batch) -> torch.Tensor:
+        if self._inputs is None:
+            source = batch["input_ids"]
+            datamodule = trainer.datamodule
+            if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+                try:
+                    source = next(iter(datamodule.val_dataloader()))["input_ids"]
+                except Exception as err:  # fall back to the training batch rather than lose the diagnostics
+                    warnings.warn(f"diagnostics use a training batch: no validation batch ({err})", stacklevel=2)
+            self._inputs = source[: self.batch_size, : self.seq_len].clone()
+        return self._inputs
+
+    def _measure(self, trainer, pl_module, batch) -> None:
+        from .diagnostics import parallax_layer_stats
+
+        step = trainer.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        inputs = self._fixed_inputs(trainer, batch).to(pl_module.device)
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            layers = parallax_layer_stats(pl_module.model, inputs)
+        metrics = {}
+        for entry in layers:
+            for key, value in entry.items():
+                if key != "layer":
+                    name = f"diag/layer{entry['layer']}/{key}"
+                    metrics[name] = float(value)
+                    self.history[name].append((step, float(value)))
+        _log(trainer, metrics, step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._enabled(trainer, pl_module) and trainer.global_step % max(self.every_n_steps, 1) == 0:
+            self._measure(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer, pl_module):
+        if not self._enabled(trainer, pl_module):
+            return
+        if self._inputs is not None:
+            self._measure(trainer, pl_module, {"input_ids": self._inputs})
+        if self.figure and self.history:
+            save_figure(trainer, self.make_figure(), "figures/parallax_diagnostics.png")
+
+    def make_figure(self):
+        from matplotlib.figure import Figure
+
+        stats = sorted({name.split("/", 2)[2] for name in self.history})
+        fig = Figure(figsize=(4.2 * len(stats), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(stats), squeeze=False)[0]
+        for ax, stat in zip(axes, stats):
+            for name in sorted(n for n in self.history if n.endswith("/" + stat)):
+                steps, values = zip(*sorted(self.history[name]))
+                ax.plot(steps, values, marker="o", markersize=2, label=name.split("/")[1])
+            ax.set_title(stat)
+            ax.set_xlabel("step")
+            if stat == "correction_ratio":
+                ax.set_ylabel("‖Cov·r‖ / ‖v̄‖")
+        axes[0].legend(fontsize=7)
+        fig.suptitle("Parallax per-layer diagnostics")
+        return fig
+
+    def state_dict(self) -> dict:
+        return {"history": {k: [list(p) for p in v] for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state_dict.get("history", {}).items()})
+
+
+class LossCurves(Callback):
+    """At the end of training, a figure of train/loss and val/loss over the whole MLflow run."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train/loss", "val/loss")):
+        super().__init__()
+        self.keys = tuple(keys)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module):
+        loggers = mlflow_loggers(trainer)
+        if not loggers:
+            return
+        from matplotlib.figure import Figure
+
+        logger = loggers[0]
+        fig = Figure(figsize=(6.5, 4), layout="constrained")
+        ax = fig.subplots()
+        plotted = False
+        for key in self.keys:
+            points = metric_history(logger, key)
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+                plotted = True
+        if not plotted:
+            return
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.suptitle(getattr(pl_module, "run_name", lambda: "")())
+        log_figure(logger, fig, "figures/loss_curves.png")
+
+
+def save_figure(trainer: pl.Trainer, fig, artifact_file: str) -> None:
+    """To the MLflow run if there is one, else under the trainer's root folder."""
+    loggers = mlflow_loggers(trainer)
+    if loggers:
+        log_figure(loggers[0], fig, artifact_file)
+    else:
+        path = Path(trainer.default_root_dir) / artifact_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)

@@ -1,0 +1,174 @@
+"""`python -m parallax_lightning {fit,validate,test,predict} --config FILE.yaml` — LightningCLI with
+jsonargparse's omegaconf mode (`${...}` interpolation), the data's vocabulary size and sequence length linked
+into the model, MLflow tracking by default, and the platform's callbacks under their own config keys.
+
+Config layout (see experiments/quickstart.yaml):
+
+    model:    class_path: parallax_lightning.LanguageModelModule (default) + init_args: model / optimizer / schedule
+    data:     class_path: parallax_lightning.data.TextDataModule (default) or TokenShardDataModule + init_args
+    trainer:  Lightning Trainer arguments; trainer.logger defaults to ParallaxMLFlowLogger (sqlite:///mlflow.db)
+    checkpoint / speed / diagnostics / loss_curves: ModelCheckpoint, SpeedMonitor, ParallaxDiagnostics, LossCurves
+
+Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
+sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
+as the run's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from .callbacks import LossCurves, ParallaxDiagnostics, SpeedMonitor
+from .data.token_datamodule import TokenDataModule
+from .lm_module import LanguageModelModule, NonFiniteLossError
+from .tracking import (
+    TAG_PREFIX,
+    ParallaxMLFlowLogger,
+    flatten_config,
+    log_params,
+    log_text,
+    mlflow_loggers,
+    run_info_from_checkpoint,
+)
+
+TRAINER_DEFAULTS = {
+    "logger": {"class_path": "parallax_lightning.tracking.ParallaxMLFlowLogger"},
+    "default_root_dir": "runs",
+    # The training stream is endless (batch i is a function of the seed and i): training is measured in
+    # steps, validation every `val_check_interval` batches.
+    "check_val_every_n_epoch": None,
+    "val_check_interval": 250,
+    "log_every_n_steps": 10,
+}
+
+# Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
+# an endless stream has no length by design.
+_QUIET = (
+    r".*does not have many workers.*",
+    r".*Total length of .* across ranks is zero.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+)
+
+
+class ParallaxCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        kwargs.setdefault("model_class", LanguageModelModule)
+        kwargs.setdefault("datamodule_class", TokenDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", None)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        for pattern in _QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        super().__init__(args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(
+            {
+                "model": {"class_path": "parallax_lightning.lm_module.LanguageModelModule"},
+                "data": {"class_path": "parallax_lightning.data.TextDataModule"},
+            }
+        )
+        parser.link_arguments("data.vocab_size", "model.init_args.model.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.seq_len", "model.init_args.model.max_seq_len", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.add_lightning_class_args(SpeedMonitor, "speed")
+        parser.add_lightning_class_args(ParallaxDiagnostics, "diagnostics")
+        parser.add_lightning_class_args(LossCurves, "loss_curves")
+
+    def instantiate_trainer(self, **kwargs):
+        if self.subcommand == "predict":
+            kwargs.setdefault("logger", False)  # generating text is not an experiment worth a run
+        return super().instantiate_trainer(**kwargs)
+
+    # -- tracking ------------------------------------------------------------------------------------
+    def _ckpt_path(self) -> str | None:
+        path = self.config_init[self.subcommand].get("ckpt_path") if self.subcommand else None
+        return str(path) if path else None
+
+    def _prepare_run(self, resume: bool) -> None:
+        """Name the run, continue the checkpoint's run when resuming, log parameters and the config."""
+        loggers = mlflow_loggers(self.trainer)
+        if not loggers:
+            return
+        logger = loggers[0]
+        ckpt_path = self._ckpt_path()
+        info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+        if resume and info and logger._run_id is None:
+            if info.get("tracking_uri") in (None, logger._tracking_uri):
+                if isinstance(logger, ParallaxMLFlowLogger):
+                    logger.continue_run(info["run_id"])
+                else:
+                    logger._run_id = info["run_id"]
+            else:
+                warnings.warn(
+                    f"the checkpoint's MLflow run {info['run_id']} is in {info['tracking_uri']}, not in "
+                    f"{logger._tracking_uri}: starting a new run",
+                    stacklevel=2,
+                )
+        name = self.model.run_name() if hasattr(self.model, "run_name") else None
+        if name and isinstance(logger, ParallaxMLFlowLogger):
+            logger.set_run_name(name if self.subcommand == "fit" else f"{name}-{self.subcommand}")
+        if rank_zero_only.rank != 0:
+            return
+        client, run_id = logger.experiment, logger.run_id
+        text = self._parser(self.subcommand).dump(
+            self.config[self.subcommand], skip_none=False, skip_link_targets=False
+        )
+        params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k != "config"})
+        model_config = getattr(self.model, "model_config", None)
+        if dataclasses.is_dataclass(model_config):  # the linked values, as the model was built
+            params.update(flatten_config({"model": {"model": dataclasses.asdict(model_config)}}))
+        if hasattr(self.model, "describe"):
+            params.update(flatten_config({"model": self.model.describe()}))
+        log_params(client, run_id, params)
+        resumes = client.get_run(run_id).data.tags.get(TAG_PREFIX + "resumes")
+        artifact = "config.yaml" if self.subcommand == "fit" and not resumes else f"config_{self.subcommand}"
+        if resumes and self.subcommand == "fit":
+            artifact = f"config_resume{resumes}.yaml"
+        elif self.subcommand != "fit":
+            artifact += ".yaml"
+        log_text(logger, text, artifact)
+        client.set_tag(run_id, TAG_PREFIX + "subcommand", self.subcommand)
+        if ckpt_path:
+            client.set_tag(run_id, TAG_PREFIX + "checkpoint", str(Path(ckpt_path).resolve()))
+            if info and not resume:
+                client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
+
+    def before_fit(self) -> None:
+        self._prepare_run(resume=True)
+
+    def before_validate(self) -> None:
+        self._prepare_run(resume=False)
+
+    def before_test(self) -> None:
+        self._prepare_run(resume=False)
+
+    def predict(self, model, datamodule=None, **kwargs):
+        results = self.trainer.predict(model, datamodule=datamodule, **kwargs) or []
+        if rank_zero_only.rank == 0:
+            for r in results:
+                if "completion" in r:
+                    print(f"--- prompt {r['prompt_index']}: {r['prompt']!r}\n{r['prompt']}{r['completion']}")
+                else:
+                    print(f"--- prompt {r['prompt_index']}: {r['tokens']}")
+        return results
+
+
+def main(args=None) -> None:
+    try:
+        ParallaxCLI(args=args)
+    except NonFiniteLossError as err:
+        print(f"parallax_lightning: {err}", file=sys.stderr)
+        sys.exit(3)

@@ -1,0 +1,219 @@
+"""LanguageModelModule: trains the Decoder on next-token prediction.
+
+Batches are {"input_ids": (B, T), "labels": (B, T)}; a label of -100 carries no loss (tasks such as
+associative recall mark every position but the answers that way and reuse this module as is). Logs
+train/loss and train/ppl every step, val/loss and val/ppl (torchmetrics, token-weighted, synced across
+devices), the learning rates and the annealed weight decay. A non-finite loss stops training with the
+step named and a checkpoint of the state before it.
+
+Subclasses (long-context tasks, reliability tests) override `compute_loss`, `eval_step_metrics`, or the
+usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkeeping come along.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .model import Decoder, DecoderConfig, count_params, flops_per_token
+from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the saved checkpoint."""
+
+
+def _as_config(cls, value):
+    """Dataclass configs arrive as instances (CLI, Python) or plain dicts (checkpoint hyper-parameters)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"expected {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+class LanguageModelModule(pl.LightningModule):
+    """Next-token language model around `Decoder(model)`.
+
+    Args:
+        model: the decoder's configuration (`vocab_size` and `max_seq_len` are linked from the data by the CLI).
+        optimizer: Muon (with AdamW for embeddings/head/norms) or AdamW, see OptimizerConfig.
+        schedule: cosine / WSD / constant learning rate with optional weight-decay annealing, see ScheduleConfig.
+        compile: torch.compile the decoder (in place; checkpoints keep the plain parameter names).
+        max_new_tokens, temperature, top_k: how `predict` continues prompts.
+    """
+
+    def __init__(
+        self,
+        model: DecoderConfig = DecoderConfig(),  # noqa: B008 - dataclass defaults are what jsonargparse shows
+        optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
+        schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
+        compile: bool = False,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+    ):
+        super().__init__()
+        self.model_config = _as_config(DecoderConfig, model)
+        self.optimizer_config = _as_config(OptimizerConfig, optimizer)
+        self.schedule_config = _as_config(ScheduleConfig, schedule)
+        self.save_hyperparameters(logger=False)
+        # Plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True).
+        for key, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = dataclasses.asdict(value)
+        self.model = Decoder(self.model_config)
+        self.compile_model = compile
+        self._compiled = False
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_loss = MeanMetric()
+        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    # -- description ---------------------------------------------------------------------------------
+    def run_name(self) -> str:
+        """Model, attention and optimizer, e.g. 'parallax-muon-d128x2'."""
+        c = self.model_config
+        window = f"-w{c.window_size}" if c.window_size else ""
+        return f"{c.attention}{window}-{self.optimizer_config.name}-d{c.d_model}x{c.n_layers}"
+
+    def describe(self) -> dict[str, Any]:
+        """Numbers worth recording with the run (parameter counts)."""
+        return {
+            "params_total": count_params(self.model, exclude_embeddings=False),
+            "params_non_embedding": count_params(self.model, exclude_embeddings=True),
+        }
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token at this sequence length (attention counted by hand), for MFU."""
+        return flops_per_token(self.model_config, int(seq_len or self.model_config.max_seq_len))
+
+    # -- model ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.compile_model and not self._compiled:
+            self.model.compile()
+            self._compiled = True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean loss over labelled tokens, logits, number of labelled tokens)."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        logits = self(input_ids)
+        # fp32 cross-entropy: bf16 logits lose the small probabilities the loss is made of.
+        loss = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        n_tokens = (labels != IGNORE_INDEX).sum()
+        return loss, logits, n_tokens
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self.compute_loss(batch)
+        if not self._all_finite(loss):
+            self._stop_on_nonfinite(loss, batch_idx)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = bool(torch.isfinite(loss.detach()).item())
+        if self.trainer.world_size > 1:  # every rank must take the same branch, or the next collective hangs
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        return finite
+
+    def _stop_on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        trainer = self.trainer
+        step = trainer.global_step
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
+        path = folder / f"nonfinite-step{step}.ckpt"
+        # This step's update has not happened yet: the weights are the last good state.
+        trainer.save_checkpoint(path)
+        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        raise NonFiniteLossError(
+            f"training loss is {loss.item()} at step {step} (batch {batch_idx}); training stopped. "
+            f"The state before this step is saved at {path}"
+            + (f" (last periodic checkpoint: {last})" if last else "")
+            + ". Resume with --ckpt_path after lowering the learning rate or raising warmup."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        muon = [g for g in optimizer.param_groups if g.get("use_muon")]
+        adamw = [g for g in optimizer.param_groups if not g.get("use_muon")]
+        metrics = {"train/lr": (muon or adamw)[0]["lr"]}
+        if muon and adamw:
+            metrics["train/lr_adamw"] = adamw[0]["lr"]
+        if self.schedule_config.wd_anneal_gamma is not None:
+            metrics["train/weight_decay"] = optimizer.param_groups[0].get("weight_decay", 0.0)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_config, verbose=self.trainer.global_rank == 0)
+        total = self.schedule_config.total_steps or self.trainer.max_steps
+        if total is None or total < 1:
+            raise ValueError(
+                "the learning-rate schedule needs the length of training: set trainer.max_steps "
+                "(or model.schedule.total_steps)"
+            )
+        scheduler = ScheduledLR(optimizer, Schedule(self.schedule_config, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def eval_step_metrics(self, batch: dict, logits: torch.Tensor, stage: str) -> None:
+        """Hook for subclasses: extra metrics on an evaluation batch (logits already computed)."""
+
+    def _eval_step(self, batch: dict, stage: str) -> torch.Tensor:
+        loss, logits, n_tokens = self.compute_loss(batch)
+        mean, ppl = (self.val_loss, self.val_ppl) if stage == "val" else (self.test_loss, self.test_ppl)
+        mean.update(loss.detach(), weight=n_tokens)
+        ppl.update(logits.float(), batch["labels"])
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", mean, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=bs)
+        self.log(f"{stage}/ppl", ppl, on_step=False, on_epoch=True, batch_size=bs)
+        self.eval_step_metrics(batch, logits, stage)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Continue one prompt; returns its index, the new token ids and (with a tokenizer) the text."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = datamodule.get_tokenizer() if datamodule is not None else None
+        prompt = batch["input_ids"]
+        out = self.model.generate(
+            prompt,
+            max_new_tokens=self.hparams.max_new_tokens,
+            temperature=self.hparams.temperature,
+            top_k=self.hparams.top_k,
+            eos_id=getattr(tokenizer, "eos_id", None),
+        )
+        new = out[0, prompt.shape[1] :].tolist()
+        result = {"prompt_index": int(batch.get("prompt_index", batch_idx)), "tokens": new}
+        if tokenizer is not None:
+            result["prompt"] = tokenizer.decode(prompt[0].tolist())
+            result["completion"] = tokenizer.decode(new)
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from .tracking import checkpoint_run_info
+
+        info = checkpoint_run_info(self.trainer)
+        if info:
+            checkpoint["mlflow"] = info

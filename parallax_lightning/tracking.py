@@ -1,0 +1,287 @@
+"""MLflow tracking: the logger the CLI uses by default, and helpers to record a run completely.
+
+- `ParallaxMLFlowLogger`: Lightning's MLFlowLogger with a default store of `sqlite:///mlflow.db` in the
+  working folder (MLflow 3.x refuses the old file store), environment tags (git commit and dirty flag,
+  torch / triton / lightning / mlflow versions, GPU), MLflow system metrics when `psutil` is installed,
+  parameters that may be re-logged on resume, and continuation of an existing run (`run_id`).
+- `checkpoint_run_info` / `run_info_from_checkpoint`: the run id travels inside every checkpoint, so
+  resuming from a checkpoint continues the same MLflow run.
+- `flatten_config`, `log_params`, `log_text`, `log_figure`: the pieces the CLI and callbacks use.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+DEFAULT_DB = "mlflow.db"
+PARAM_VALUE_LIMIT = 6000  # MLflow 3 rejects longer parameter values
+TAG_PREFIX = "parallax."
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else an SQLite store `mlflow.db` in the working folder (absolute, so a later
+    change of folder does not split one run over two stores)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+
+
+def _absolute_sqlite(uri: str) -> str:
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri[len(prefix) :] != ":memory:":
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the repository holding `path` (default: this package), or 'unknown'."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def environment_tags() -> dict[str, str]:
+    """Tags that say what produced a run: code version, library versions, hardware."""
+    tags = {TAG_PREFIX + k: v for k, v in git_state().items()}
+    if tags[TAG_PREFIX + "git_commit"] != "unknown":
+        tags["mlflow.source.git.commit"] = tags[TAG_PREFIX + "git_commit"]  # shown by the MLflow UI
+    tags.update(
+        {
+            TAG_PREFIX + "torch_version": torch.__version__,
+            TAG_PREFIX + "triton_version": _version("triton"),
+            TAG_PREFIX + "lightning_version": _version("lightning"),
+            TAG_PREFIX + "mlflow_version": _version("mlflow"),
+            TAG_PREFIX + "python_version": platform.python_version(),
+            TAG_PREFIX + "host": platform.node(),
+        }
+    )
+    if torch.cuda.is_available():
+        tags[TAG_PREFIX + "gpu"] = torch.cuda.get_device_name(0)
+        tags[TAG_PREFIX + "gpu_count"] = str(torch.cuda.device_count())
+    else:
+        tags[TAG_PREFIX + "gpu"] = "none"
+        tags[TAG_PREFIX + "cpu_count"] = str(os.cpu_count())
+    return tags
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"a.b.c": "value"}; `init_args` levels are dropped (they only say 'arguments of')."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        if key == "init_args":
+            name = prefix.rstrip(".")
+            flat.update(flatten_config(value, f"{name}." if name else ""))
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+            flat[name] = text[:PARAM_VALUE_LIMIT]
+    return flat
+
+
+class ParallaxMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger with this platform's defaults (see the module docstring).
+
+    Args:
+        experiment_name: MLflow experiment (created if missing).
+        run_name: None lets the CLI name the run after model, attention and optimizer.
+        tracking_uri: None = $MLFLOW_TRACKING_URI or sqlite:///<working folder>/mlflow.db.
+        run_id: continue this run (the CLI fills it in from a checkpoint when resuming).
+        system_metrics: log MLflow system metrics (CPU, memory, GPU) while the run is active; needs psutil.
+        system_metrics_interval: seconds between samples.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "parallax",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        log_model: bool = False,
+        prefix: str = "",
+        artifact_location: str | None = None,
+        run_id: str | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval: float = 10.0,
+    ):
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=_absolute_sqlite(tracking_uri or default_tracking_uri()),
+            tags=tags,
+            log_model=log_model,
+            prefix=prefix,
+            artifact_location=artifact_location,
+            run_id=run_id,
+        )
+        self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        self.resumed = run_id is not None
+        self._monitor = None
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._tracking_uri
+
+    def continue_run(self, run_id: str) -> None:
+        """Log into an existing run instead of creating one (before the run is first used)."""
+        if self._initialized and self._run_id != run_id:
+            raise RuntimeError(f"the logger already writes to run {self._run_id}; cannot switch to {run_id}")
+        self._run_id = run_id
+        self.resumed = True
+
+    def set_run_name(self, name: str) -> None:
+        if self._run_name is None and not self._initialized:
+            self._run_name = name
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        first = not self._initialized
+        client = MLFlowLogger.experiment.fget(self)
+        if first:
+            self._on_run_start(client)
+        return client
+
+    def _on_run_start(self, client) -> None:
+        run_id = self._run_id
+        if self.resumed:
+            client.update_run(run_id, status="RUNNING")
+            previous = client.get_run(run_id).data.tags.get(TAG_PREFIX + "resumes", "0")
+            client.set_tag(run_id, TAG_PREFIX + "resumes", str(int(previous) + 1))
+        for key, value in environment_tags().items():
+            client.set_tag(run_id, key, value)
+        self._start_system_metrics(client)
+
+    def _start_system_metrics(self, client) -> None:
+        if not self.system_metrics:
+            return
+        if importlib.util.find_spec("psutil") is None:
+            client.set_tag(self._run_id, TAG_PREFIX + "system_metrics", "off: psutil is not installed")
+            warnings.warn(
+                "MLflow system metrics are off: install psutil (pip install psutil) to record CPU/GPU/memory use",
+                stacklevel=3,
+            )
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            self._run_id,
+            sampling_interval=self.system_metrics_interval,
+            resume_logging=self.resumed,
+            tracking_uri=self._tracking_uri,
+        )
+        self._monitor.start()
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        """Log parameters; on a resumed run, identical ones are skipped and changed ones are recorded in a
+        tag (MLflow parameters are immutable, so re-logging a changed value would fail)."""
+        if not isinstance(params, Mapping):
+            params = vars(params)
+        log_params(self.experiment, self.run_id, flatten_config(params))
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            finally:
+                self._monitor = None
+        super().finalize(status)
+
+
+def log_params(client, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Log new parameters in batches; return {key: (old, new)} for those that differ from the run's."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    fresh = {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in params.items() if k not in existing}
+    changed = {k: (existing[k], str(v)) for k, v in params.items() if k in existing and existing[k] != str(v)}
+    items = [Param(k, v) for k, v in fresh.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+    if changed:
+        resumes = client.get_run(run_id).data.tags.get(TAG_PREFIX + "resumes", "0")
+        text = json.dumps({k: {"was": a, "now": b} for k, (a, b) in changed.items()})
+        client.set_tag(run_id, f"{TAG_PREFIX}changed_params.resume{resumes}", text[:5000])
+        warnings.warn(
+            f"run {run_id} continues with changed settings (kept as a tag, parameters stay as first logged): "
+            + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            stacklevel=2,
+        )
+    return changed
+
+
+def mlflow_loggers(trainer) -> list[MLFlowLogger]:
+    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, MLFlowLogger)]
+
+
+def checkpoint_run_info(trainer) -> dict[str, str] | None:
+    """What a checkpoint records so that resuming continues the same run."""
+    for logger in mlflow_loggers(trainer):
+        run_id = logger.run_id
+        if run_id:
+            return {"run_id": run_id, "experiment_id": str(logger.experiment_id), "tracking_uri": logger._tracking_uri}
+    return None
+
+
+def run_info_from_checkpoint(path: str | os.PathLike) -> dict[str, str] | None:
+    """The MLflow run recorded in a checkpoint (loaded weights-only and memory-mapped: no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    info = checkpoint.get("mlflow")
+    return dict(info) if isinstance(info, Mapping) else None
+
+
+def log_text(logger: MLFlowLogger, text: str, artifact_file: str) -> None:
+    if rank_zero_only.rank == 0:
+        logger.experiment.log_text(logger.run_id, text, artifact_file)
+
+
+def log_figure(logger: MLFlowLogger, figure, artifact_file: str) -> None:
+    if rank_zero_only.rank == 0:
+        logger.experiment.log_figure(logger.run_id, figure, artifact_file)
+
+
+def metric_history(logger: MLFlowLogger, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of a metric over the whole run, earlier sessions of a resumed run included."""
+    history = logger.experiment.get_metric_history(logger.run_id, key)
+    return sorted((m.step, m.value) for m in history)
