@@ -23,7 +23,7 @@ import triton.language as tl
 from .._alloc import empty
 
 _LOG2E = 1.4426950408889634
-# The combine kernel merges the slices in chunks of this many; it also bounds the split count.
+# The combine kernel loads every slice of a row at once, so the split count is bounded.
 _MAX_SPLITS = 256
 
 
@@ -241,46 +241,37 @@ def _decode_split_vec_kernel(
 def _decode_combine_kernel(
     SEQLENS, O, PO1, PO2, PSTAT,
     L_max, window, num_splits, n_rows, stride_ob, stride_oh,
-    H_Q: tl.constexpr, D: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_S: tl.constexpr,
+    H_Q: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DC: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):  # fmt: skip
-    """One (batch, query head): merge the slices' states exactly, then o = O1/d1 (1 + d2/d1) - O2/d1."""
+    """One (batch, query head, chunk of D): merge the slices' states exactly, then
+    o = O1/d1 (1 + d2/d1) - O2/d1. Every load is issued at once (one memory round trip): the partials
+    were just written and sit in L2, so latency, not bandwidth, is this kernel's cost."""
     bh = tl.program_id(0)
     b = bh // H_Q
     h = bh % H_Q
     lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
     _t0, _t1, used = _split_tiles(lo, n, 0, num_splits, BLOCK_N)
 
-    base = bh * num_splits
-    offs_c = tl.arange(0, CHUNK_S)
-    m_chunks = tl.full([CHUNK_S], float("-inf"), tl.float32)
-    for c in range(0, used, CHUNK_S):
-        m_c = tl.load(PSTAT + base + c + offs_c, mask=(c + offs_c) < used, other=float("-inf"))
-        m_chunks = tl.maximum(m_chunks, m_c)
-    m_max = tl.max(m_chunks, 0)
-
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    s_ok = offs_s < used
     d_ok = offs_d < D
-    d1 = tl.zeros([CHUNK_S], tl.float32)
-    d2 = tl.zeros([CHUNK_S], tl.float32)
-    o1 = tl.zeros([BLOCK_D], tl.float32)
-    o2 = tl.zeros([BLOCK_D], tl.float32)
-    for c in range(0, used, CHUNK_S):
-        s_ok = (c + offs_c) < used
-        rows = base + c + offs_c
-        w = tl.exp2(tl.load(PSTAT + rows, mask=s_ok, other=float("-inf")) - m_max)
-        w = tl.where(s_ok, w, 0.0)
-        d1 += w * tl.load(PSTAT + n_rows + rows, mask=s_ok, other=0.0)
-        d2 += w * tl.load(PSTAT + 2 * n_rows + rows, mask=s_ok, other=0.0)
-        p_offs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-        cd_ok = s_ok[:, None] & d_ok[None, :]
-        o1 += tl.sum(w[:, None] * tl.load(PO1 + p_offs, mask=cd_ok, other=0.0), 0)
-        o2 += tl.sum(w[:, None] * tl.load(PO2 + p_offs, mask=cd_ok, other=0.0), 0)
-    d1_sum = tl.sum(d1, 0)
-    d2_sum = tl.sum(d2, 0)
+    rows = bh * num_splits + offs_s
+    m = tl.load(PSTAT + rows, mask=s_ok, other=float("-inf"))
+    d1 = tl.load(PSTAT + n_rows + rows, mask=s_ok, other=0.0)
+    d2 = tl.load(PSTAT + 2 * n_rows + rows, mask=s_ok, other=0.0)
+    p_offs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    sd_ok = s_ok[:, None] & d_ok[None, :]
+    o1 = tl.load(PO1 + p_offs, mask=sd_ok, other=0.0)
+    o2 = tl.load(PO2 + p_offs, mask=sd_ok, other=0.0)
+    w = tl.where(s_ok, tl.exp2(m - tl.max(m, 0)), 0.0)
+    d1_sum = tl.sum(w * d1, 0)
+    d2_sum = tl.sum(w * d2, 0)
+    o1_sum = tl.sum(w[:, None] * o1, 0)
+    o2_sum = tl.sum(w[:, None] * o2, 0)
     inv = 1.0 / d1_sum
-    out = o1 * (inv * (1.0 + d2_sum * inv)) - o2 * inv
+    out = o1_sum * (inv * (1.0 + d2_sum * inv)) - o2_sum * inv
     out = tl.where(used > 0, out, float("nan"))
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=d_ok)
@@ -335,8 +326,8 @@ def default_config(head_dim: int, group: int) -> DecodeConfig:
     Tensor-core dots even for one query head a group: the 16-row padding is free in a memory-bound
     loop, and the mma layout reduces over the keys without the per-tile cross-warp sums of the
     vector path (fewer instructions, fewer registers)."""
-    block_n = 64 if head_dim <= 128 else 32
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, use_dot=True)
+    block_n = 64 if head_dim <= 128 else 32 if head_dim <= 256 else 16
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 256 else 2, use_dot=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -352,7 +343,7 @@ def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -
     return _Plan(
         use_dot=use_dot,
         block_g=max(16, triton.next_power_of_2(group)),
-        block_d=triton.next_power_of_2(head_dim),
+        block_d=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         block_n=block_n,
         num_warps=cfg.num_warps or base.num_warps,
         num_stages=cfg.num_stages or base.num_stages,
@@ -409,8 +400,10 @@ def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_
             NUM_STAGES=plan.num_stages, num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
         )  # fmt: skip
     if S > 1:
-        _decode_combine_kernel[(B * H_q,)](
+        block_s = triton.next_power_of_2(S)
+        block_dc = min(plan.block_d, max(16, 4096 // block_s))  # at most 32 fp32 per thread per tensor
+        _decode_combine_kernel[(B * H_q, triton.cdiv(D, block_dc))](
             seqlens, out, po1, po2, pstat, L_max, window, S, n_rows, out.stride(0), out.stride(2),
-            H_Q=H_q, D=D, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, CHUNK_S=16, num_warps=4, **flags,
+            H_Q=H_q, D=D, BLOCK_N=plan.block_n, BLOCK_S=block_s, BLOCK_DC=block_dc, num_warps=4, **flags,
         )  # fmt: skip
     return out

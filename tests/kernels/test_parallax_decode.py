@@ -57,6 +57,7 @@ CASES = [
     ("mha-d128-window-heuristic", 3, 80, 1, 1, 128, torch.float32, 9, None),
     ("gqa2-d96-unpadded", 2, 40, 4, 2, 96, torch.float32, 17, DecodeConfig(num_splits=3, block_n=16)),
     ("mha-d48-vec", 2, 40, 2, 2, 48, torch.float16, None, DecodeConfig(2, block_n=16, use_dot=False)),
+    ("gqa2-d8", 2, 40, 4, 2, 8, torch.float32, None, DecodeConfig(2, block_n=16)),
 ]
 
 
@@ -81,6 +82,13 @@ def test_scale_and_short_sequences_in_many_slices(poison):
     got = parallax_decode_triton(q, r, k, v, lens, 0.3, None, DecodeConfig(num_splits=6, block_n=16))
     want = parallax_decode_reference(q, r, k, v, lens, scale=0.3)
     assert_close_rel(got, want, TOL[torch.float32])
+
+
+def test_many_slices_merge_in_head_dim_chunks(poison):
+    """33 slices: the merge loads 64 slice rows at once and so covers D=128 in two column chunks."""
+    q, r, k, v, lens = _inputs(1, 33 * 16, 2, 1, 128, torch.float32, lens=torch.tensor([33 * 16]))
+    got = parallax_decode_triton(q, r, k, v, lens, None, None, DecodeConfig(num_splits=33, block_n=16))
+    _check(got, q, r, k, v, lens)
 
 
 def test_strided_cache_is_read_in_place(poison):
@@ -240,7 +248,7 @@ def _aot_main():  # pragma: no cover - runs in a subprocess without TRITON_INTER
             fn = td._decode_combine_kernel
             values = dict(SEQLENS="*i32", O=ptr, PO1="*fp32", PO2="*fp32", PSTAT="*fp32", L_max=L, window=0,
                           num_splits=7, n_rows=H_kv * G * 7, stride_ob=H_kv * G * D, stride_oh=D, H_Q=H_kv * G, D=D,
-                          BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, CHUNK_S=16)  # fmt: skip
+                          BLOCK_N=plan.block_n, BLOCK_S=8, BLOCK_DC=plan.block_d)  # fmt: skip
             warps, stages = 4, 1
         else:
             fn = td._decode_split_dot_kernel if kind == "dot" else td._decode_split_vec_kernel
