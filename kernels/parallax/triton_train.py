@@ -40,6 +40,9 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    # Forward only: rescale the accumulators only when a row's running max grows by more than 2^8 (weights
+    # then stay below 256), instead of on every tile. Saves the multiply of both accumulators most tiles.
+    lazy_rescale: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -62,11 +65,13 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim. Two fp32 accumulators per program (O1 and O2; dq and dr;
-# dk and dv) are what limits the tiles: at 256 the query tile drops to 64 rows so nothing spills.
+# Hopper (sm90) table, keyed by the padded head dim. Registers bound the tiles: per program two fp32
+# accumulators (O1 and O2; dq and dr; dk and dv) of rows x head dim, plus two (forward) or three (backward:
+# s, t and dO·vᵀ) fp32 score tiles of block_m x block_n, must fit in ~192 registers a thread. Hence 8 warps
+# everywhere, key tiles of 32-64 for the wide accumulators, and 64-row tiles at head dim 256.
 _HOPPER = {
-    64: TrainConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
-    128: TrainConfigs(KernelConfig(128, 64, 8, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 128, 8, 2)),
+    64: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 2), KernelConfig(64, 128, 8, 2)),
+    128: TrainConfigs(KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)),
     256: TrainConfigs(KernelConfig(64, 32, 8, 2), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
@@ -219,12 +224,22 @@ def _visible(rows_pos, cols, t_k, window, CAUSAL: tl.constexpr, WINDOW: tl.const
 # Forward
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _finite_or_zero(m, MASK: tl.constexpr):
+    """The running max to subtract. In masked tiles a row with no visible key yet has m = -inf: subtract 0
+    instead, so exp2 gives 0 rather than NaN (the row's m itself stays -inf)."""
+    if MASK:
+        m = tl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@triton.jit
 def _fwd_tiles(
     o1, o2, d1, d2, m_i,
     q, r, k_ptrs, v_ptrs, stride_kt, stride_vt,
     pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     k_ptrs += lo.to(tl.int64) * stride_kt
     v_ptrs += lo.to(tl.int64) * stride_vt
@@ -237,17 +252,30 @@ def _fwd_tiles(
         if MASK:
             qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
-        if MASK:
-            # A row with no visible key yet keeps m = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(qk * qk_scale2 - m_new[:, None])
-        wt = w * t
-        d1 = d1 * alpha + tl.sum(w, 1)
-        d2 = d2 * alpha + tl.sum(wt, 1)
-        o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
-        o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        if LAZY_RESCALE:
+            if tl.max((m_new > m_i + 8.0).to(tl.int32), 0) > 0:
+                alpha = tl.math.exp2(m_i - _finite_or_zero(m_new, MASK))
+                d1 = d1 * alpha
+                d2 = d2 * alpha
+                o1 = o1 * alpha[:, None]
+                o2 = o2 * alpha[:, None]
+                m_i = m_new
+            w = tl.math.exp2(qk * qk_scale2 - _finite_or_zero(m_i, MASK)[:, None])
+            wt = w * t
+            d1 += tl.sum(w, 1)
+            d2 += tl.sum(wt, 1)
+            o1 = tl.dot(w.to(v.dtype), v, acc=o1, input_precision=DOT_PREC)
+            o2 = tl.dot(wt.to(v.dtype), v, acc=o2, input_precision=DOT_PREC)
+        else:
+            m_sub = _finite_or_zero(m_new, MASK)
+            alpha = tl.math.exp2(m_i - m_sub)
+            w = tl.math.exp2(qk * qk_scale2 - m_sub[:, None])
+            wt = w * t
+            d1 = d1 * alpha + tl.sum(w, 1)
+            d2 = d2 * alpha + tl.sum(wt, 1)
+            o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
+            o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
     return o1, o2, d1, d2, m_i
@@ -264,7 +292,7 @@ def _fwd_kernel(
     t_q, t_k, n_heads, group, stat_len, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATS: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -300,13 +328,13 @@ def _fwd_kernel(
     if WINDOW:
         o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
                                          pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
-                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
     o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC)
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
     o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
 
     # Only rows past the end of the queries can see no key at all (d1 = 0); they are never stored.
     inv = 1.0 / tl.where(d1 > 0.0, d1, 1.0)
@@ -596,7 +624,8 @@ def parallax_fwd_triton(
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window_size is not None, VARLEN=cu_seqlens is not None, SAVE_STATS=save_stats,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=cfg.lazy_rescale, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     # fmt: on
     return o, vbar, lse, tbar
