@@ -267,6 +267,7 @@ def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
                 row["bench"][name] = bench_us(lambda fn=fn: fn(q, r, k0, v0))
             except Exception as e:
                 row["bench"][name] = short_error(e)
+                continue  # a call that fails eagerly is not captured: a failed capture can poison the context
         if use_graph:
             try:
                 fns = [lambda fn=fn, k=k, v=v: fn(q, r, k, v) for k, v in caches]
@@ -371,7 +372,7 @@ def sweep_shape(B, Hq, Hkv, L, sms):
     return name, t_default, t_best, best, s_best, s_best * B * Hkv / sms, base_splits
 
 
-def run_sweep(shapes):
+def run_sweep(shapes, t0):
     from parallax_kernels.parallax.triton_decode import sm_count
 
     sms = sm_count(torch.device(DEVICE))
@@ -380,6 +381,7 @@ def run_sweep(shapes):
     for shape in shapes:
         summary.append(sweep_shape(*shape, sms))
         torch.cuda.empty_cache()
+    log(f"sweep took {time.time() - t0:.0f} s")
     log("")
     log("== sweep summary: heuristic vs best (programs/SM = splits * B * H_kv / SMs) ==")
     log(f"{'shape':<20} {'heuristic µs':>12} {'best µs':>8} {'gain':>6}  best config")
@@ -415,8 +417,7 @@ def main(argv=None):
     t0 = time.time()
     shapes = ANCHORS if args.quick else ANCHORS + GQA + EXTRA
     if args.sweep:
-        run_sweep(ANCHORS if args.quick else ANCHORS + GQA)
-        log(f"sweep took {time.time() - t0:.0f} s")
+        run_sweep(ANCHORS if args.quick else ANCHORS + GQA, t0)
         return 0
     peers, missing = load_peers()
     for name, why in missing.items():
@@ -428,8 +429,8 @@ def main(argv=None):
     if out_dir:
         with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
             json.dump({"correct": ok, "missing_peers": missing, "rows": rows}, f, indent=1)
-    print_table(rows, list(peers))
     log(f"total {time.time() - t0:.0f} s; correctness {'PASSED' if ok else 'FAILED'}")
+    print_table(rows, list(peers))
     return 0 if ok else 1
 
 
