@@ -240,6 +240,10 @@ def timing(grid, peers, authors_all):
                 continue
             try:
                 t_f, t_fb = time_impl(name, fn, spec[1], spec[2])
+                if name == "ours":
+                    from parallax_kernels.parallax.triton_train import LAUNCH_STATS
+
+                    log(f"kernels      {shape_name:22s} (registers, spills): {LAUNCH_STATS}")
                 mult = 1 if name in ("flash", "cudnn") else 2
                 row[name] = {"fwd_ms": t_f, "fwd_bwd_ms": t_fb,
                              "fwd_tflops": mult * f_fwd / t_f / 1e9, "fwd_bwd_tflops": mult * f_fb / t_fb / 1e9}  # fmt: skip
@@ -304,6 +308,7 @@ def sweep_dim(D):
     from triton.testing import do_bench
 
     from parallax_kernels.parallax.triton_train import (
+        LAUNCH_STATS,
         KernelConfig,
         default_configs,
         parallax_bwd_triton,
@@ -349,11 +354,13 @@ def sweep_dim(D):
                 ms, err = measure(fn, kind == "fwd")
                 wrong = err > 1e-2
                 note = {"fwd": "", "dq": "  (+ dK/dV at default)", "dkv": "  (+ dQ/dR at best)"}[kind]
-                log(f"sweep D{D:<3d} {kind:3s} {c!s:20s} {ms:7.3f} ms  err {err:.1e}{'  WRONG' if wrong else ''}{note}")
+                regs, spills = LAUNCH_STATS.get(kind, ("?", "?"))
+                log(f"sweep D{D:<3d} {kind:3s} {c!s:26s} {ms:7.3f} ms  regs {regs} spills {spills}  err {err:.1e}"
+                    f"{'  WRONG' if wrong else ''}{note}")  # fmt: skip
                 if not wrong:
                     timings.append((ms, c))
             except Exception as e:
-                log(f"sweep D{D:<3d} {kind:3s} {c!s:20s} FAILED {type(e).__name__}: {str(e).splitlines()[0]}")
+                log(f"sweep D{D:<3d} {kind:3s} {c!s:26s} FAILED {type(e).__name__}: {str(e).splitlines()[0]}")
             torch.cuda.empty_cache()
         if timings:
             ms, c = min(timings)

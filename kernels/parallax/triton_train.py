@@ -586,6 +586,17 @@ def _layout(q, k, cu_seqlens, max_seqlen):
     return q.shape[0], q.shape[1], k.shape[1], q.shape[1], q.shape[1]
 
 
+# Registers and spills of the last compiled launch of each kernel ("fwd", "dq", "dkv"), for the benchmark's
+# config sweep: a spilling config is the usual reason a larger tile is slower. Empty under the interpreter.
+LAUNCH_STATS: dict[str, tuple[int, int]] = {}
+
+
+def _record(name: str, compiled) -> None:
+    regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+    if regs is not None:
+        LAUNCH_STATS[name] = (regs, spills)
+
+
 def _block_d(head_dim: int) -> int:
     # Head dims that are not powers of two are padded up to one and masked; 16 is tl.dot's minimum.
     return max(triton.next_power_of_2(head_dim), 16)
@@ -618,7 +629,7 @@ def parallax_fwd_triton(
         tbar = q.new_empty(0, dtype=torch.float32)
     grid = (triton.cdiv(max_q, cfg.block_m), Hq, n_seq)
     # fmt: off
-    _fwd_kernel[grid](
+    compiled = _fwd_kernel[grid](
         q, r, k, v, o, vbar if save_stats else o, lse, tbar, _dummy(cu_seqlens, q.device),
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
@@ -628,6 +639,7 @@ def parallax_fwd_triton(
         num_stages=cfg.num_stages,
     )
     # fmt: on
+    _record("fwd", compiled)
     return o, vbar, lse, tbar
 
 
@@ -657,14 +669,14 @@ def parallax_bwd_triton(
     )  # fmt: skip
     # The dQ/dR kernel also writes T = dO·o and b = dO·v̄ (delta_t, delta_b), which the dK/dV kernel reads.
     # fmt: off
-    _bwd_dq_kernel[(triton.cdiv(max_q, dq_cfg.block_m), Hq, n_seq)](
+    compiled_dq = _bwd_dq_kernel[(triton.cdiv(max_q, dq_cfg.block_m), Hq, n_seq)](
         q, r, k, v, o, vbar, do, lse, tbar, delta_t, delta_b, dq, dr, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
         **common,
     )
-    _bwd_dkv_kernel[(triton.cdiv(max_k, dkv_cfg.block_n), Hkv, n_seq)](
+    compiled_dkv = _bwd_dkv_kernel[(triton.cdiv(max_k, dkv_cfg.block_n), Hkv, n_seq)](
         q, r, k, v, do, lse, tbar, delta_t, delta_b, dk, dv, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
@@ -672,4 +684,6 @@ def parallax_bwd_triton(
         num_stages=dkv_cfg.num_stages, **common,
     )
     # fmt: on
+    _record("dq", compiled_dq)
+    _record("dkv", compiled_dkv)
     return dq, dr, dk, dv

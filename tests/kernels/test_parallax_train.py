@@ -216,6 +216,20 @@ def test_inference_forward_skips_statistics(poison):
     assert_close_rel(o, parallax_attn_reference(q, r, k, v), 1e-5)
 
 
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Triton op ran on CPU without the interpreter")
+
+    monkeypatch.setattr(parallax_op, "parallax_fwd", no_kernel)
+    q, r, k, v = (torch.randn(1, 9, 2, 16) for _ in range(4))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    assert_close_rel(parallax_attn(q, r, k, v), parallax_attn_reference(q, r, k, v), 1e-6)
+    got = parallax_attn(q, r, k, v, cu_seqlens=cu, max_seqlen=5)
+    assert_close_rel(got[:, 4:], parallax_attn_reference(q[:, 4:], r[:, 4:], k[:, 4:], v[:, 4:]), 1e-6)
+
+
 def test_float64_goes_to_the_reference():
     leaves, do = _inputs(1, 9, 9, 2, 1, 8, torch.float64)
     o = parallax_attn(*leaves)
