@@ -327,52 +327,90 @@ KERNEL_CONFIGS = [  # (use_dot, block_n, num_warps, num_stages); the vector path
     (False, 64, 4, 1), (False, 64, 4, 2), (False, 64, 4, 3), (False, 32, 4, 3), (False, 32, 2, 4),
     (False, 64, 8, 2), (False, 64, 8, 3), (False, 128, 8, 2),
 ]  # fmt: skip
+TMA_CONFIGS = [(64, 4, 3), (64, 4, 4), (32, 4, 5), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3)]
 
 
 def describe(c) -> str:
-    return f"{'dot' if c.use_dot else 'vec'}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
+    path = "tma" if c.use_tma else "dot" if c.use_dot else "vec"
+    return f"{path}/n{c.block_n}/w{c.num_warps}/s{c.num_stages}"
 
 
-def sweep_shape(B, Hq, Hkv, L, sms):
-    """Configs at the heuristic split count, then split counts around it with the best config."""
-    from parallax_kernels.parallax.triton_decode import DecodeConfig, _plan, parallax_decode_triton
+def _timer(B, Hq, Hkv, L):
+    from parallax_kernels.parallax.triton_decode import parallax_decode_triton
 
     q, r, [(k, v)] = make_inputs(B, Hq, Hkv, L)
-    name = f"B{B} H{Hq}:{Hkv} L{L}"
 
     def timed(cfg):
         return bench_us(lambda: parallax_decode_triton(q, r, k, v, None, None, None, cfg), warmup=5, rep=25)
 
-    t_default = timed(None)
+    return timed
+
+
+def _time_configs(name, timed, configs):
     results = []
-    for use_dot, bn, nw, ns in KERNEL_CONFIGS:
-        if use_dot or Hq == Hkv:
-            cfg = DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns, use_dot=use_dot)
-            try:
-                results.append((timed(cfg), cfg))
-            except Exception as e:
-                log(f"  {name} {describe(cfg)}: FAILED {short_error(e)}")
+    for cfg in configs:
+        try:
+            results.append((timed(cfg), cfg))
+        except Exception as e:
+            log(f"  {name} {describe(cfg)}: FAILED {short_error(e)}")
     results.sort(key=lambda x: x[0])
-    best = results[0][1]
-    log(f"  {name}: heuristic {_plan(B, Hq, Hkv, D, L, None, sms, None)} -> {t_default:.1f}")
-    log("    configs at heuristic splits: " + "  ".join(f"{describe(c)}={t:.1f}" for t, c in results))
-    base_splits = _plan(B, Hq, Hkv, D, L, None, sms, best).num_splits
-    n_tiles = -(-L // best.block_n)
+    return results
+
+
+def _time_splits(name, timed, best, base_splits, n_tiles):
+    from parallax_kernels.parallax.triton_decode import DecodeConfig
+
     factors = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4)
     candidates = sorted({1, *(max(1, min(n_tiles, round(base_splits * f))) for f in factors)})
     split_times = []
     for splits in candidates:
-        cfg = DecodeConfig(splits, best.block_n, best.num_warps, best.num_stages, best.use_dot)
+        cfg = DecodeConfig(splits, best.block_n, best.num_warps, best.num_stages, best.use_dot, best.use_tma)
         try:
             split_times.append((timed(cfg), splits))
         except Exception as e:
-            log(f"    splits={splits}: FAILED {short_error(e)}")
+            log(f"    {name} splits={splits}: FAILED {short_error(e)}")
     log(f"    splits with {describe(best)}: " + "  ".join(f"{s}={t:.1f}" for t, s in split_times))
-    t_best, s_best = min(split_times)
+    return min(split_times)
+
+
+def sweep_shape(B, Hq, Hkv, L, sms, tma=False):
+    """Configs at the heuristic split count, then split counts around it with the best config."""
+    from parallax_kernels.parallax.triton_decode import DecodeConfig, _plan
+
+    name = f"B{B} H{Hq}:{Hkv} L{L}"
+    timed = _timer(B, Hq, Hkv, L)
+    t_default = timed(None)
+    if tma:
+        configs = [DecodeConfig(None, bn, nw, ns, True, True) for bn, nw, ns in TMA_CONFIGS]
+    else:
+        configs = [
+            DecodeConfig(None, bn, nw, ns, use_dot, False)
+            for use_dot, bn, nw, ns in KERNEL_CONFIGS
+            if use_dot or Hq == Hkv
+        ]
+    results = _time_configs(name, timed, configs)
+    best = results[0][1]
+    log(f"  {name}: heuristic {_plan(B, Hq, Hkv, D, L, None, sms, None)} -> {t_default:.1f}")
+    log("    configs at heuristic splits: " + "  ".join(f"{describe(c)}={t:.1f}" for t, c in results))
+    base_splits = _plan(B, Hq, Hkv, D, L, None, sms, best).num_splits
+    t_best, s_best = _time_splits(name, timed, best, base_splits, -(-L // best.block_n))
     return name, t_default, t_best, best, s_best, s_best * B * Hkv / sms, base_splits
 
 
+def print_sweep_summary(title, summary):
+    log("")
+    log(f"== {title}: heuristic vs best (programs/SM = splits * B * H_kv / SMs) ==")
+    log(f"{'shape':<20} {'heuristic µs':>12} {'best µs':>8} {'gain':>6}  best config")
+    for name, t_def, t_best, c, s, per_sm, base in summary:
+        log(
+            f"{name:<20} {t_def:12.1f} {t_best:8.1f} {t_def / t_best:5.2f}x  {describe(c)} splits={s} "
+            f"({per_sm:.1f} programs/SM; the heuristic gives {base} splits for this config)"
+        )
+
+
 def run_sweep(shapes, t0):
+    """Pointer-load configs for every shape first (summary printed), then the TMA path, which goes
+    last because a fault there could end the process."""
     from parallax_kernels.parallax.triton_decode import sm_count
 
     sms = sm_count(torch.device(DEVICE))
@@ -381,16 +419,20 @@ def run_sweep(shapes, t0):
     for shape in shapes:
         summary.append(sweep_shape(*shape, sms))
         torch.cuda.empty_cache()
+    print_sweep_summary("sweep summary, pointer loads", summary)
+    log(f"({time.time() - t0:.0f} s) == sweep of the TMA (bulk copy) path ==")
+    tma_summary = []
+    for shape in shapes:
+        try:
+            tma_summary.append(sweep_shape(*shape, sms, tma=True))
+        except Exception as e:
+            log(f"  TMA sweep of {shape} FAILED: {short_error(e)}")
+            break
+        torch.cuda.empty_cache()
     log(f"sweep took {time.time() - t0:.0f} s")
-    log("")
-    log("== sweep summary: heuristic vs best (programs/SM = splits * B * H_kv / SMs) ==")
-    log(f"{'shape':<20} {'heuristic µs':>12} {'best µs':>8} {'gain':>6}  best config")
-    for name, t_def, t_best, c, s, per_sm, base in summary:
-        log(
-            f"{name:<20} {t_def:12.1f} {t_best:8.1f} {t_def / t_best:5.2f}x  {describe(c)} splits={s} "
-            f"({per_sm:.1f} programs/SM; the heuristic gives {base} splits for this config)"
-        )
-    return summary
+    print_sweep_summary("sweep summary, pointer loads", summary)
+    print_sweep_summary("sweep summary, TMA", tma_summary)
+    return summary, tma_summary
 
 
 # ------------------------------------------------------------------ main

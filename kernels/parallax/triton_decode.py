@@ -64,8 +64,12 @@ def _decode_split_dot_kernel(
     H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """One (slice, batch, kv head): the G query heads as a (BLOCK_G, D) block, tensor-core dots."""
+    """One (slice, batch, kv head): the G query heads as a (BLOCK_G, D) block, tensor-core dots.
+
+    USE_TMA loads the K/V tiles with Hopper bulk copies through descriptors built here, whose row
+    bound is this sequence's own length, so rows at or past it arrive as zeros without masks."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H_KV
@@ -89,14 +93,15 @@ def _decode_split_dot_kernel(
     r = tl.load(r_ptrs, mask=gd_ok, other=0.0)
 
     start = lo + t0 * BLOCK_N
-    k_ptrs = (
-        K + b64 * stride_kb + h * stride_kh + start.to(tl.int64) * stride_kl
-        + offs_n[:, None] * stride_kl + offs_d[None, :]
-    )  # fmt: skip
-    v_ptrs = (
-        V + b64 * stride_vb + h * stride_vh + start.to(tl.int64) * stride_vl
-        + offs_n[:, None] * stride_vl + offs_d[None, :]
-    )  # fmt: skip
+    k_base = K + b64 * stride_kb + h * stride_kh
+    v_base = V + b64 * stride_vb + h * stride_vh
+    if USE_TMA:
+        rows = tl.maximum(n, 1)  # an empty range runs no tile; keep the descriptor well formed
+        k_desc = tl.make_tensor_descriptor(k_base, [rows, D], [stride_kl, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [rows, D], [stride_vl, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_ptrs = k_base + start.to(tl.int64) * stride_kl + offs_n[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + start.to(tl.int64) * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     # d1, d2 are summed over the keys only after the loop: one cross-warp reduction per tile (the max)
@@ -104,15 +109,21 @@ def _decode_split_dot_kernel(
     d2_acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     o1 = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     o2 = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    pos = start + offs_n
-    for _ in tl.range(t0, t1, num_stages=NUM_STAGES):
-        key_ok = pos < n
-        if BLOCK_D == D:
-            kv_mask = key_ok[:, None]
+    for it in tl.range(t0, t1, num_stages=NUM_STAGES):
+        row0 = lo + it * BLOCK_N
+        key_ok = row0 + offs_n < n
+        if USE_TMA:
+            k = k_desc.load([row0, 0])
+            v = v_desc.load([row0, 0])
         else:
-            kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            if BLOCK_D == D:
+                kv_mask = key_ok[:, None]
+            else:
+                kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            k_ptrs += BLOCK_N * stride_kl
+            v_ptrs += BLOCK_N * stride_vl
         kt = tl.trans(k)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         t = tl.dot(r, kt, input_precision=DOT_PRECISION)
@@ -126,9 +137,6 @@ def _decode_split_dot_kernel(
         o1 = tl.dot(p.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PRECISION)
         o2 = tl.dot(pt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
-        pos += BLOCK_N
-        k_ptrs += BLOCK_N * stride_kl
-        v_ptrs += BLOCK_N * stride_vl
 
     d1 = tl.sum(d1_acc, 1)
     d2 = tl.sum(d2_acc, 1)
@@ -286,11 +294,13 @@ class DecodeConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     use_dot: bool | None = None
+    use_tma: bool | None = None
 
 
 @dataclass(frozen=True)
 class _Plan:
     use_dot: bool
+    use_tma: bool
     block_g: int
     block_d: int
     block_n: int
@@ -327,7 +337,8 @@ def default_config(head_dim: int, group: int) -> DecodeConfig:
     loop, and the mma layout reduces over the keys without the per-tile cross-warp sums of the
     vector path (fewer instructions, fewer registers)."""
     block_n = 64 if head_dim <= 128 else 32 if head_dim <= 256 else 16
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if head_dim <= 256 else 2, use_dot=True)
+    stages = 3 if head_dim <= 256 else 2
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=stages, use_dot=True, use_tma=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -342,6 +353,7 @@ def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -
     num_splits = cfg.num_splits or choose_num_splits(batch * heads_kv, n_tiles, sms)
     return _Plan(
         use_dot=use_dot,
+        use_tma=use_dot and bool(base.use_tma if cfg.use_tma is None else cfg.use_tma),
         block_g=max(16, triton.next_power_of_2(group)),
         block_d=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
         block_n=block_n,
@@ -349,6 +361,15 @@ def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -
         num_stages=cfg.num_stages or base.num_stages,
         num_splits=max(1, min(num_splits, n_tiles, _MAX_SPLITS)),
     )
+
+
+def _tma_ready(*caches) -> bool:
+    """Bulk copies need 16-byte aligned bases and strides."""
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in caches)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):
@@ -388,11 +409,14 @@ def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_
     flags = {"HAS_SEQLENS": has_seqlens, "HAS_WINDOW": window_size is not None}
     grid = (S, B * H_kv)
     if plan.use_dot:
+        use_tma = plan.use_tma and _tma_ready(k_cache, v_cache)
+        if use_tma and q.is_cuda:
+            triton.set_allocator(_scratch)  # the descriptors are written to global scratch per program
         _decode_split_dot_kernel[grid](
             *args, H_KV=H_kv, G=H_q // H_kv, D=D,
             BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
             NUM_STAGES=plan.num_stages, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
+            USE_TMA=use_tma, num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
         )  # fmt: skip
     else:
         _decode_split_vec_kernel[grid](

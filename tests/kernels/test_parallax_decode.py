@@ -58,6 +58,8 @@ CASES = [
     ("gqa2-d96-unpadded", 2, 40, 4, 2, 96, torch.float32, 17, DecodeConfig(num_splits=3, block_n=16)),
     ("mha-d48-vec", 2, 40, 2, 2, 48, torch.float16, None, DecodeConfig(2, block_n=16, use_dot=False)),
     ("gqa2-d8", 2, 40, 4, 2, 8, torch.float32, None, DecodeConfig(2, block_n=16)),
+    ("tma-gqa4-window", 3, 70, 8, 2, 64, torch.float32, 23, DecodeConfig(3, block_n=16, use_tma=True)),
+    ("tma-d96-fp16-single", 2, 50, 2, 2, 96, torch.float16, None, DecodeConfig(1, block_n=16, use_tma=True)),
 ]
 
 
@@ -226,6 +228,7 @@ AOT_VARIANTS = [
     ("dot", "fp16", 256, 1, False, False, False),
     ("vec", "bf16", 128, 1, True, False, True),
     ("combine", "bf16", 96, 4, True, True, False),
+    ("tma", "bf16", 128, 4, True, True, False),
 ]
 
 
@@ -251,15 +254,15 @@ def _aot_main():  # pragma: no cover - runs in a subprocess without TRITON_INTER
                           BLOCK_N=plan.block_n, BLOCK_S=8, BLOCK_DC=plan.block_d)  # fmt: skip
             warps, stages = 4, 1
         else:
-            fn = td._decode_split_dot_kernel if kind == "dot" else td._decode_split_vec_kernel
+            fn = td._decode_split_vec_kernel if kind == "vec" else td._decode_split_dot_kernel
             values = dict(Q=ptr, R=ptr, K=ptr, V=ptr, SEQLENS="*i32", O=ptr, PO1="*fp32", PO2="*fp32", PSTAT="*fp32",
                           scale_log2=0.1, L_max=L, window=0, num_splits=4, n_rows=64, stride_qb=H_kv * G * D,
                           stride_qh=D, stride_rb=H_kv * G * D, stride_rh=D, stride_kb=L * H_kv * D,
                           stride_kl=H_kv * D, stride_kh=D, stride_vb=L * H_kv * D, stride_vl=H_kv * D, stride_vh=D,
                           stride_ob=H_kv * G * D, stride_oh=D, H_KV=H_kv, D=D, BLOCK_D=plan.block_d,
                           BLOCK_N=plan.block_n, SINGLE=not split, NUM_STAGES=plan.num_stages)  # fmt: skip
-            if kind == "dot":
-                values.update(G=G, BLOCK_G=plan.block_g, DOT_PRECISION="tf32")
+            if kind != "vec":
+                values.update(G=G, BLOCK_G=plan.block_g, DOT_PRECISION="tf32", USE_TMA=kind == "tma")
             warps, stages = plan.num_warps, plan.num_stages
         values.update(HAS_SEQLENS=lens, HAS_WINDOW=window)
         signature, constants, attrs = {}, {}, {}
