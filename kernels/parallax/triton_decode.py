@@ -70,8 +70,8 @@ def _decode_split_dot_kernel(
 
     USE_TMA loads the K/V tiles with Hopper bulk copies through descriptors built here, whose row
     bound is this sequence's own length, so rows at or past it arrive as zeros without masks."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
+    split = tl.program_id(1)
     b = bh // H_KV
     h = bh % H_KV
     lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
@@ -170,8 +170,8 @@ def _decode_split_vec_kernel(
 ):  # fmt: skip
     """One (slice, batch, head) without GQA: q and r as vectors, the dots as fp32 row reductions
     (no 16-row padding of a single query head)."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
+    split = tl.program_id(1)
     b = bh // H_KV
     h = bh % H_KV
     lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
@@ -407,7 +407,7 @@ def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_
         out.stride(0), out.stride(2),
     )  # fmt: skip
     flags = {"HAS_SEQLENS": has_seqlens, "HAS_WINDOW": window_size is not None}
-    grid = (S, B * H_kv)
+    grid = (B * H_kv, S)
     if plan.use_dot:
         use_tma = plan.use_tma and _tma_ready(k_cache, v_cache)
         if use_tma and q.is_cuda:
