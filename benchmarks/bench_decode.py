@@ -129,6 +129,19 @@ def bench_us(fn, warmup=10, rep=50) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
 
 
+def loop_us(fn, calls: int = 50) -> float:
+    """µs per call of eager back-to-back calls: the host's cost (Python, checks, launches) where it
+    exceeds the device's, as a decode loop without CUDA graphs sees it (the L2 is not flushed)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def graph_us(fns, calls: int, replays: int = 7) -> float:
     """Median µs per call of a CUDA graph that runs `calls` calls cycling through `fns`."""
     stream = torch.cuda.Stream()
@@ -256,18 +269,20 @@ def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
     q, r, caches = make_inputs(B, Hq, Hkv, L, copies=copies)
     lens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
     row = {"shape": f"B{B} H{Hq}:{Hkv} L{L}", "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "kv_bytes": nbytes}
-    row.update(bench={}, graph={})
+    row.update(bench={}, graph={}, loop={})
     methods = {"ours": lambda q, r, k, v: parallax_decode(q, r, k, v), **peers}
     if use_graph:  # lengths on the device: the host range check is skipped under capture
         methods["ours+lens"] = lambda q, r, k, v: parallax_decode(q, r, k, v, cache_seqlens=lens)
     k0, v0 = caches[0]
     for name, fn in methods.items():
-        if name != "ours+lens":
-            try:
+        try:
+            if name in ("ours", "ours+lens", "cudnn"):
+                row["loop"][name] = loop_us(lambda fn=fn: fn(q, r, k0, v0))
+            if name != "ours+lens":
                 row["bench"][name] = bench_us(lambda fn=fn: fn(q, r, k0, v0))
-            except Exception as e:
-                row["bench"][name] = short_error(e)
-                continue  # a call that fails eagerly is not captured: a failed capture can poison the context
+        except Exception as e:
+            row["bench"][name] = short_error(e)
+            continue  # a call that fails eagerly is not captured: a failed capture can poison the context
         if use_graph:
             try:
                 fns = [lambda fn=fn, k=k, v=v: fn(q, r, k, v) for k, v in caches]
@@ -275,7 +290,7 @@ def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
             except Exception as e:
                 row["graph"][name] = short_error(e)
                 torch.cuda.synchronize()
-    for kind in ("bench", "graph"):
+    for kind in ("bench", "graph", "loop"):
         parts = [f"{m}={t:.1f}" if isinstance(t, float) else f"{m}=FAILED({t})" for m, t in row[kind].items()]
         if parts:
             log(f"  {row['shape']:<20} {kind:<5} µs: " + "  ".join(parts))
@@ -301,17 +316,19 @@ def fmt_ratio(a, b) -> str:
 def print_table(rows, peer_names):
     cols = [p for p in ("cudnn", "flash", "authors", "authors-cute", "fla") if p in peer_names]
     log("")
-    log("== decode, bf16, D=128: µs per call (bench = do_bench median with L2 flush; graph = CUDA-graph replay) ==")
-    head = f"{'shape':<20} {'ours':>8} {'graph':>8} " + " ".join(f"{c:>8}" for c in cols)
-    head += f" {'TB/s':>6} {'vs cudnn':>8} {'(graph)':>8} {'vs authors':>10}"
+    log("== decode, bf16, D=128, µs per call: do_bench median (L2 flushed) unless named; graph = CUDA-graph "
+        "replay; loop = eager back-to-back calls (host-bound when small) ==")  # fmt: skip
+    head = f"{'shape':<20} {'ours':>8} {'graph':>8} {'loop':>8} " + " ".join(f"{c:>8}" for c in cols)
+    head += f" {'cud.loop':>8} {'TB/s':>6} {'vs cudnn':>8} {'(graph)':>8} {'vs authors':>10}"
     log(head)
     for row in rows:
-        b, g = row["bench"], row["graph"]
+        b, g, lp = row["bench"], row["graph"], row["loop"]
         ours = b.get("ours")
         tbs = f"{row['kv_bytes'] / ours / 1e6:6.2f}" if isinstance(ours, float) else "     -"
-        line = f"{row['shape']:<20} {fmt_t(ours)} {fmt_t(g.get('ours', 'n/a'))} "
+        line = f"{row['shape']:<20} {fmt_t(ours)} {fmt_t(g.get('ours', 'n/a'))} {fmt_t(lp.get('ours', 'n/a'))} "
         line += " ".join(fmt_t(b.get(c, "n/a")) for c in cols)
-        line += f" {tbs} {fmt_ratio(ours, b.get('cudnn')):>8} {fmt_ratio(g.get('ours'), g.get('cudnn')):>8}"
+        line += f" {fmt_t(lp.get('cudnn', 'n/a'))} {tbs}"
+        line += f" {fmt_ratio(ours, b.get('cudnn')):>8} {fmt_ratio(g.get('ours'), g.get('cudnn')):>8}"
         line += f" {fmt_ratio(ours, b.get('authors')):>10}"
         log(line)
     log("ratios are our time / peer time (< 1 means ours is faster). Targets: <= 1.15x cudnn everywhere, "
