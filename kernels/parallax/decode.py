@@ -4,16 +4,44 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_attn_inputs
+from .._checks import check_attn_inputs, check_scale, check_window
 from .._dispatch import backend_for
 from .reference import parallax_decode_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _plainly_valid(q, r, k, v) -> bool:
+    """The common case in one pass, strictly narrower than the full checks (which then run only for
+    anything unusual, to name the problem): a decode step pays this per layer and token."""
+    if not (
+        type(q) is torch.Tensor and type(r) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+    ):
+        return False
+    qs, ks = q.shape, k.shape
+    dtype, device = q.dtype, q.device
+    return (
+        len(qs) == 4 and len(ks) == 4 and qs[1] == 1 and r.shape == qs and v.shape == ks
+        and qs[0] == ks[0] and qs[3] == ks[3] and min(qs[0], qs[2], qs[3], ks[1], ks[2]) >= 1
+        and qs[2] % ks[2] == 0
+        and dtype in _KERNEL_DTYPES and r.dtype == dtype and k.dtype == dtype and v.dtype == dtype
+        and r.device == device and k.device == device and v.device == device
+        and q.layout == r.layout == k.layout == v.layout == torch.strided
+        and k.stride(3) == 1 and v.stride(3) == 1
+    )  # fmt: skip
+
+
 def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
+    if _plainly_valid(q, r, k_cache, v_cache):
+        check_scale(op, scale)
+        check_window(op, window_size, causal=True)
+    else:
+        _check_unusual_inputs(op, q, r, k_cache, v_cache, scale, window_size)
+    _check_seqlens(op, q, k_cache, cache_seqlens)
+
+
+def _check_unusual_inputs(op, q, r, k_cache, v_cache, scale, window_size):
     check_attn_inputs(op, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
-    B = k_cache.shape[0]
     if q.shape[1] != 1:
         raise ValueError(
             f"{op}: q must hold one token per sequence, shape (B, 1, H_q, D); got {tuple(q.shape)} "
@@ -25,6 +53,10 @@ def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window
                 f"{op}: {name} must have unit stride along head_dim (it is read in place), got strides "
                 f"{tuple(t.stride())}"
             )
+
+
+def _check_seqlens(op, q, k_cache, cache_seqlens):
+    B = k_cache.shape[0]
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, torch.Tensor):

@@ -220,6 +220,18 @@ def test_bad_inputs_are_named(what, make, kwargs, exc, msg):
     assert msg in str(info.value)
 
 
+def test_common_inputs_take_the_short_check():
+    """Valid everyday inputs skip the full validation (a decode loop pays it per layer and token);
+    anything else goes through it (the cases above prove that it then names the problem)."""
+    from parallax_kernels.parallax.decode import _plainly_valid
+
+    assert _plainly_valid(*_good())
+    k = torch.randn(2, 8, 4, 16)[:, :, ::2]  # a strided cache view is still common
+    assert _plainly_valid(*_good()[:2], k, k)
+    assert not _plainly_valid(*[x.double() for x in _good()])  # fp64 runs the reference, full checks
+    assert not _plainly_valid(*_good()[:3], torch.nn.Parameter(torch.randn(2, 8, 2, 16)))
+
+
 # --- the GPU compiler accepts what the interpreter ran ---
 
 # (kernel, dtype, head_dim, group, config, split, lengths, window): the default launch of each path
