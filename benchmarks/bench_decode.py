@@ -1,7 +1,7 @@
 """Parallax decode on the GPU: bf16 correctness first, then speed against the peers in the same run.
 
     python benchmarks/bench_decode.py            # correctness + timing over the anchors grid (~2 min)
-    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape, print the best
+    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape (~3 min)
     python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only
 
 Peers (each optional; one that is missing or fails is reported, never fatal): torch SDPA softmax decode
@@ -9,10 +9,15 @@ with the cuDNN and FlashAttention backends (q of length 1 against the full cache
 Triton decode `parallax.triton.parallax_decode` (and their CuTeDSL `parallax_attn_with_kvcache` if it
 imports), and fla's `parallax_decode_one_step`.
 
-Two timings per kernel: `bench` is triton.testing.do_bench's median (the L2 is flushed before every
-call, so it is device time of one call); `graph` replays a CUDA graph of back-to-back calls that cycle
-through enough copies of the cache to defeat the L2, as a decode loop under CUDA graphs would run.
+Timings: `bench` is triton.testing.do_bench's median (the L2 is flushed before every call, so it is
+the device time of one call; the ratios and TB/s use it); `graph` replays a CUDA graph of back-to-back
+calls that cycle through enough copies of the cache to defeat the L2, as a decode loop under CUDA
+graphs runs; `loop` times eager back-to-back calls, the host cost where it exceeds the device's.
 Bandwidth is the bytes of K and V read once, divided by the time. Logs go to $OUT when it is set.
+
+--sweep times, per shape, the kernel configs (tensor-core vs vector path, block, warps, stages) at
+the heuristic split count, then split counts around it, and prints the heuristic against the best;
+the TMA (bulk-copy) path is swept last, after the pointer-load summary is out.
 """
 
 from __future__ import annotations
