@@ -165,6 +165,10 @@ def iterate(X: Tensor, per_step: Sequence[Coefficients], *, backend: str = "auto
 
 
 def _iterate_torch(X: Tensor, per_step: Sequence[Coefficients]) -> Tensor:
+    if X.shape[0] == 1:
+        # One matrix: exactly torch.optim.Muon's calls (mm/addmm), so the result is the same bits on any BLAS.
+        # (A batched product may split its sums differently from the single-matrix one.)
+        return _iterate_torch_2d(X[0], per_step).unsqueeze(0)
     N, n = X.shape[:2]
     A = X.new_empty(N, n, n)
     B = X.new_empty(N, n, n)
@@ -174,6 +178,14 @@ def _iterate_torch(X: Tensor, per_step: Sequence[Coefficients]) -> Tensor:
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
         torch.baddbmm(X, B, X, beta=a, out=Z)
         X, Z = Z, X
+    return X
+
+
+def _iterate_torch_2d(X: Tensor, per_step: Sequence[Coefficients]) -> Tensor:
+    for a, b, c in per_step:
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a)
     return X
 
 

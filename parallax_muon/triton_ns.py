@@ -16,7 +16,7 @@ This module imports triton at import time, so ``parallax_muon`` imports it lazil
 
 from __future__ import annotations
 
-import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -26,11 +26,32 @@ from torch import Tensor
 
 
 @triton.jit
+def _upper_tile(pid, tiles):
+    """The pid-th tile (ti, tj), ti <= tj, of a tiles×tiles grid, enumerating the upper triangle row by row.
+
+    Row ti starts at index ti·tiles − ti·(ti−1)/2. ti comes from the quadratic formula in fp32 and is then
+    corrected by one in either direction, so rounding in the square root cannot pick a wrong row.
+    """
+    t = tiles.to(tl.float32)
+    p = pid.to(tl.float32)
+    disc = (2.0 * t + 1.0) * (2.0 * t + 1.0) - 8.0 * p
+    ti = tl.floor(((2.0 * t + 1.0) - tl.sqrt(disc)) / 2.0).to(tl.int32)
+    ti = tl.maximum(tl.minimum(ti, tiles - 1), 0)
+    start = ti * tiles - (ti * (ti - 1)) // 2
+    ti = tl.where(start > pid, ti - 1, ti)
+    start = ti * tiles - (ti * (ti - 1)) // 2
+    nxt = start + (tiles - ti)
+    ti = tl.where(pid >= nxt, ti + 1, ti)
+    start = ti * tiles - (ti * (ti - 1)) // 2
+    tj = ti + (pid - start)
+    return ti, tj
+
+
+@triton.jit
 def _sym_mmt_kernel(
     M,
     C,
     Out,
-    pairs,
     n,
     k,
     alpha,
@@ -45,15 +66,14 @@ def _sym_mmt_kernel(
     stride_or,
     stride_oc,
     HAS_C: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
 ):
-    # One program per (upper-triangular tile pair, matrix of the batch). `pairs` lists (ti, tj) with ti <= tj.
+    # One program per (upper-triangular output tile, matrix of the batch).
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
-    ti = tl.load(pairs + 2 * pid)
-    tj = tl.load(pairs + 2 * pid + 1)
+    ti, tj = _upper_tile(pid, tl.cdiv(n, BLOCK))
     rows_i = ti * BLOCK + tl.arange(0, BLOCK)
     rows_j = tj * BLOCK + tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
@@ -83,23 +103,26 @@ def _sym_mmt_kernel(
     obase = Out + bid * stride_ob
     tl.store(obase + rows_i[:, None] * stride_or + rows_j[None, :] * stride_oc, out, mask=mask_ij)
     if ti != tj:
-        # The mirror tile (tj, ti) is the transpose: out[rows_j, rows_i] = out_tile.T.
+        # The mirror tile (tj, ti) is the transpose: out[rows_j, rows_i] = tile.T.
         mask_ji = (rows_j[:, None] < n) & (rows_i[None, :] < n)
         tl.store(obase + rows_j[:, None] * stride_or + rows_i[None, :] * stride_oc, tl.trans(out), mask=mask_ji)
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_pairs(tiles: int, device: str) -> Tensor:
-    """(ti, tj) for every tile on or above the diagonal, flattened; int32 on ``device``."""
-    pairs = [(i, j) for i in range(tiles) for j in range(i, tiles)]
-    return torch.tensor(pairs, dtype=torch.int32, device=device).flatten()
+# A small pruned set for Hopper-class GPUs, tuned once per (n, k) shape class at the first step (seconds).
+# Square output tiles only: the mirror store writes a BLOCK×BLOCK tile transposed.
+_CONFIGS = [
+    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+]
+_sym_mmt_tuned = triton.autotune(configs=_CONFIGS, key=["n", "k", "HAS_C"])(_sym_mmt_kernel)
 
 
-# Hopper-class defaults for bf16: 128×128 output tiles (64 for small Gram matrices), 64-wide K slices.
-def _launch_config(n: int, dtype: torch.dtype) -> dict:
-    if n <= 256:
-        return {"BLOCK": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+def _autotune_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("PARALLAX_MUON_AUTOTUNE", "1") != "0"
 
 
 def sym_mmt(
@@ -111,13 +134,14 @@ def sym_mmt(
     out: Tensor | None = None,
     block: int | None = None,
     block_k: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> Tensor:
     """``out = alpha · M Mᵀ + beta · C`` for a batch ``M`` (N, n, k); C, out: (N, n, n), C symmetric.
 
-    Only the upper-triangular tiles are computed; the lower ones are written as their mirror. Block sizes
-    default to a GPU configuration; tests pass small ones for the interpreter.
+    Only the tiles on and above the diagonal are computed; the ones below are written as their mirror.
+    Without ``block``, CUDA launches are autotuned over a few configurations (``PARALLAX_MUON_AUTOTUNE=0``
+    picks a fixed 128×128×64 one); tests pass small blocks for the interpreter.
     """
     if M.ndim != 3:
         raise ValueError(f"sym_mmt expects a batch (N, n, k), got shape {tuple(M.shape)}")
@@ -130,32 +154,19 @@ def sym_mmt(
         raise ValueError(f"sym_mmt: C has shape {tuple(C.shape)}, expected {(N, n, n)}")
     if out.data_ptr() == M.data_ptr() or (C is not None and out.data_ptr() == C.data_ptr()):
         raise ValueError("sym_mmt: out must not alias M or C (other programs still read them)")
-    cfg = _launch_config(n, M.dtype)
-    BLOCK = block or cfg["BLOCK"]
-    BLOCK_K = block_k or cfg["BLOCK_K"]
-    tiles = triton.cdiv(n, BLOCK)
-    pairs = _tile_pairs(tiles, str(M.device))
     Cc = C if C is not None else out  # never read when HAS_C is False
-    grid = (tiles * (tiles + 1) // 2, N)
-    _sym_mmt_kernel[grid](
-        M,
-        Cc,
-        out,
-        pairs,
-        n,
-        k,
-        float(alpha),
-        float(beta),
-        *M.stride(),
-        *Cc.stride(),
-        *out.stride(),
-        HAS_C=C is not None,
-        BLOCK=BLOCK,
-        BLOCK_K=BLOCK_K,
-        IEEE=M.dtype == torch.float32,
-        num_warps=num_warps or cfg["num_warps"],
-        num_stages=num_stages or cfg["num_stages"],
-    )
+    args = (M, Cc, out, n, k, float(alpha), float(beta), *M.stride(), *Cc.stride(), *out.stride())
+    flags = {"HAS_C": C is not None, "IEEE": M.dtype == torch.float32}
+
+    def grid(meta):
+        tiles = triton.cdiv(n, meta["BLOCK"])
+        return (tiles * (tiles + 1) // 2, N)
+
+    if block is None and _autotune_enabled(M.device):
+        _sym_mmt_tuned[grid](*args, **flags)
+    else:
+        meta = {"BLOCK": block or 128, "BLOCK_K": block_k or 64}
+        _sym_mmt_kernel[grid(meta)](*args, **flags, **meta, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

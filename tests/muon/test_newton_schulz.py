@@ -104,8 +104,11 @@ def test_batched_equals_one_by_one_and_tall_is_transposed():
     for i in range(3):
         for j in range(2):
             one = newton_schulz(G[i, j], 5, "jordan")
-            assert torch.equal(X[i, j], one)
-            # A tall matrix is orthogonalized through its transpose.
+            # Batched products may order fp32 sums differently: a rare bf16 rounding flip, at most ~1e-2
+            # relative after five steps (see BF16_FLIP_TOL in test_optimizer.py).
+            err = ((X[i, j].double() - one.double()).norm() / one.double().norm()).item()
+            assert err < 2e-2, f"matrix {i},{j}: batched result differs by {err:.2e}"
+            # A tall matrix is orthogonalized through its transpose: the very same computation.
             assert torch.equal(one, newton_schulz(G[i, j].T.contiguous(), 5, "jordan").T)
 
 
@@ -135,6 +138,19 @@ needs_interpreter = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels run on CUDA or under TRITON_INTERPRET=1",
 )
+
+
+from parallax_muon.triton_ns import _upper_tile  # noqa: E402  (after the triton import check)
+
+tl = triton.language
+
+
+@triton.jit
+def enumerate_tiles(out, tiles, first):
+    i = tl.program_id(0)
+    ti, tj = _upper_tile(first + i, tiles)
+    tl.store(out + 2 * i, ti)
+    tl.store(out + 2 * i + 1, tj)
 
 
 def _device():
@@ -190,3 +206,22 @@ def test_triton_iteration_matches_torch_iteration():
     ours = triton_ns.iterate(X.clone(), per_step, block=16, block_k=16)
     ref = iterate(X.clone(), per_step, backend="torch")
     assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@needs_interpreter
+def test_upper_triangle_tile_enumeration():
+    """Program p computes tile (ti, tj): every tile on or above the diagonal exactly once, for any tile count."""
+
+    def check(tiles, first, count):
+        got = torch.full((2 * count,), -1, dtype=torch.int32, device=_device())
+        enumerate_tiles[(count,)](got, tiles, first)
+        every = [[i, j] for i in range(tiles) for j in range(i, tiles)]
+        assert got.view(-1, 2).tolist() == every[first : first + count], f"{tiles} tiles, programs {first}+{count}"
+
+    for tiles in [1, 2, 3, 5, 8, 13]:
+        check(tiles, 0, tiles * (tiles + 1) // 2)
+    # Many tiles (the fp32 square root matters there): windows at the start, middle and end.
+    for tiles in [64, 1000]:
+        total = tiles * (tiles + 1) // 2
+        for first in (0, total // 2 - 10, total - 25):
+            check(tiles, first, 25)

@@ -1,0 +1,90 @@
+"""Muon inside the tools people use it with: Lightning's automatic optimization (accumulation, clipping,
+a scheduler) and torch.compile of the Newton–Schulz iteration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from parallax_muon import Muon, muon_param_groups
+
+
+def make_model():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Embedding(30, 12), nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 12), nn.LayerNorm(12))
+
+
+def batches(n):
+    gen = torch.Generator().manual_seed(9)
+    return [torch.randint(0, 30, (3, 5), generator=gen) for _ in range(n)]
+
+
+def loss_of(model, x):
+    return model(x).square().mean()
+
+
+def test_lightning_automatic_optimization_with_accumulation_clipping_and_scheduler():
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, x, _):
+            return loss_of(self.net, x)
+
+        def configure_optimizers(self):
+            opt = Muon(muon_param_groups(self.net, verbose=False), lr=0.05, adamw_lr=1e-2)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    data = batches(8)
+    module = Module()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+
+    # The same training written by hand: average two micro-batches, clip, step, schedule.
+    ref = make_model()
+    opt = Muon(muon_param_groups(ref, verbose=False), lr=0.05, adamw_lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for i in range(0, 8, 2):
+        for x in data[i : i + 2]:
+            (loss_of(ref, x) / 2).backward()
+        nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert trainer.global_step == 4
+    lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+    assert lrs["muon"] == 0.05 * 0.5**4 and lrs["adamw_embedding"] == 1e-2 * 0.5**4
+    for (name, a), b in zip(module.net.named_parameters(), ref.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), f"{name}: Lightning run differs by {(a - b).abs().max():.2e}"
+
+
+@pytest.mark.slow
+def test_compiled_newton_schulz_does_not_recompile_when_lr_changes():
+    """~20 s of Inductor compilation on a CPU: the compiled function never sees the learning rate."""
+    p = torch.randn(16, 24, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    opt, eager = Muon([p], compile_ns=True), Muon([q])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(3):
+            g = torch.randn(16, 24)
+            p.grad, q.grad = g.clone(), g.clone()
+            for o in (opt, eager):
+                o.param_groups[0]["lr"] = 0.01 * (i + 1)
+                o.param_groups[0]["weight_decay"] = 0.1 * i
+            opt.step()
+            eager.step()
+    assert torch.allclose(p, q, rtol=0, atol=1e-6)
