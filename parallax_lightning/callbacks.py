@@ -5,6 +5,8 @@
 - `ParallaxDiagnostics`: every N steps, per layer, the correction-to-output ratio ‖Cov·r‖/‖v̄‖, mean ‖r‖ and
   the stable ranks of W_R, W_Q, W_K (the paper's evidence for the Muon codesign), plus a figure at the end.
 - `LossCurves`: a figure of the train / validation loss of the whole run (resumed sessions included).
+- `ParallaxCheckpoint`: ModelCheckpoint whose `last` checkpoint is also written when training ends between
+  two periodic saves, so a run stopped by max_steps continues from exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from .tracking import log_figure, metric_history, mlflow_loggers
@@ -263,3 +265,24 @@ def save_figure(trainer: pl.Trainer, fig, artifact_file: str) -> None:
         path = Path(trainer.default_root_dir) / artifact_file
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
+
+
+class ParallaxCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes `last` at the end of training when the final step was not saved yet
+    (Lightning's writes it only if no `last` exists at all), so `--ckpt_path .../last.ckpt` with a larger
+    max_steps continues from the final step instead of replaying the steps since the previous save."""
+
+    def on_train_end(self, trainer, pl_module):
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+            # Lightning expects saves inside on_train_batch_end, before its logging-step counter moves, and
+            # adds one on restart; by now the counter has moved, so undo that here (as its fit loop does for
+            # epoch-end logging), or a resumed run would log its steps one too high.
+            loop = trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped -= 1
+            try:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            finally:
+                loop._batches_that_stepped += 1
+            self._last_global_step_saved = trainer.global_step
+        else:
+            super().on_train_end(trainer, pl_module)

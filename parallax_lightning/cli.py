@@ -7,7 +7,8 @@ Config layout (see experiments/quickstart.yaml):
     model:    class_path: parallax_lightning.LanguageModelModule (default) + init_args: model / optimizer / schedule
     data:     class_path: parallax_lightning.data.TextDataModule (default) or TokenShardDataModule + init_args
     trainer:  Lightning Trainer arguments; trainer.logger defaults to ParallaxMLFlowLogger (sqlite:///mlflow.db)
-    checkpoint / speed / diagnostics / loss_curves: ModelCheckpoint, SpeedMonitor, ParallaxDiagnostics, LossCurves
+    checkpoint / speed / diagnostics / loss_curves: ParallaxCheckpoint (a ModelCheckpoint), SpeedMonitor,
+              ParallaxDiagnostics, LossCurves
 
 Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
@@ -22,11 +23,10 @@ import warnings
 from pathlib import Path
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from .callbacks import LossCurves, ParallaxDiagnostics, SpeedMonitor
+from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .tracking import (
@@ -81,11 +81,17 @@ class ParallaxCLI(LightningCLI):
         )
         parser.link_arguments("data.vocab_size", "model.init_args.model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.model.max_seq_len", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ParallaxCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(ParallaxDiagnostics, "diagnostics")
         parser.add_lightning_class_args(LossCurves, "loss_curves")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the model's config with the hyper-parameters stored in the checkpoint,
+        # silently dropping what the command line says (e.g. predict's max_new_tokens). Here the config you
+        # pass is the truth; the checkpoint only supplies the state (a shape mismatch is reported by name).
+        return
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "predict":
@@ -126,7 +132,8 @@ class ParallaxCLI(LightningCLI):
         text = self._parser(self.subcommand).dump(
             self.config[self.subcommand], skip_none=False, skip_link_targets=False
         )
-        params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k != "config"})
+        # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
+        params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k not in ("config", "ckpt_path")})
         model_config = getattr(self.model, "model_config", None)
         if dataclasses.is_dataclass(model_config):  # the linked values, as the model was built
             params.update(flatten_config({"model": {"model": dataclasses.asdict(model_config)}}))
@@ -147,6 +154,8 @@ class ParallaxCLI(LightningCLI):
                 client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
 
     def before_fit(self) -> None:
+        if hasattr(self.model, "schedule_for"):  # a bad schedule fails here, before a run is opened
+            self.model.schedule_for(self.trainer)
         self._prepare_run(resume=True)
 
     def before_validate(self) -> None:

@@ -13,6 +13,7 @@ usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkee
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,18 +157,22 @@ class LanguageModelModule(pl.LightningModule):
         if muon and adamw:
             metrics["train/lr_adamw"] = adamw[0]["lr"]
         if self.schedule_config.wd_anneal_gamma is not None:
-            metrics["train/weight_decay"] = optimizer.param_groups[0].get("weight_decay", 0.0)
+            metrics["train/weight_decay"] = (muon or adamw)[0].get("weight_decay", 0.0)
         self.log_dict(metrics, on_step=True, on_epoch=False)
 
-    def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optimizer_config, verbose=self.trainer.global_rank == 0)
-        total = self.schedule_config.total_steps or self.trainer.max_steps
+    def schedule_for(self, trainer: pl.Trainer) -> Schedule:
+        """The schedule over this training (checked by the CLI before a run starts, so a bad one fails early)."""
+        total = self.schedule_config.total_steps or trainer.max_steps
         if total is None or total < 1:
             raise ValueError(
                 "the learning-rate schedule needs the length of training: set trainer.max_steps "
                 "(or model.schedule.total_steps)"
             )
-        scheduler = ScheduledLR(optimizer, Schedule(self.schedule_config, total))
+        return Schedule(self.schedule_config, total)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optimizer_config, verbose=self.trainer.global_rank == 0)
+        scheduler = ScheduledLR(optimizer, self.schedule_for(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -196,9 +201,20 @@ class LanguageModelModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = datamodule.get_tokenizer() if datamodule is not None else None
         prompt = batch["input_ids"]
+        room = self.model_config.max_seq_len - prompt.shape[1]
+        if room < 1:
+            raise ValueError(
+                f"predict prompt {batch.get('prompt_index', batch_idx)} has {prompt.shape[1]} tokens; the model "
+                f"takes at most max_seq_len={self.model_config.max_seq_len}"
+            )
+        max_new = min(self.hparams.max_new_tokens, room)
+        if max_new < self.hparams.max_new_tokens:
+            warnings.warn(
+                f"generating {max_new} tokens, not {self.hparams.max_new_tokens}: max_seq_len is reached", stacklevel=2
+            )
         out = self.model.generate(
             prompt,
-            max_new_tokens=self.hparams.max_new_tokens,
+            max_new_tokens=max_new,
             temperature=self.hparams.temperature,
             top_k=self.hparams.top_k,
             eos_id=getattr(tokenizer, "eos_id", None),

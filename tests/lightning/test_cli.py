@@ -1,0 +1,261 @@
+"""The CLI: --help and --print_config, unknown keys named, ${...} interpolation, the data→model links,
+the shipped configs, fit end to end into MLflow, exact resume into the same run, bad input named before
+training, validate/test/predict, and DDP over two CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config, write_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+LM = REPO / "experiments" / "lm"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module (each test its own experiment): creating the tables costs seconds."""
+    return tmp_path_factory.mktemp("store")
+
+
+def _subprocess_env() -> dict:
+    # One intra-op thread per process: the machines running CI share two cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_help_lists_subcommands_and_keys():
+    out = subprocess.run(
+        [sys.executable, "-m", "parallax_lightning", "fit", "--help"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    for key in ("--config", "--print_config", "--model.help", "--data.help", "--trainer.max_steps", "--ckpt_path"):
+        assert key in out.stdout
+
+
+def _print_config(args, tmp_path, capsys) -> dict:
+    with pytest.raises(SystemExit) as info:
+        run_cli([*args, "--print_config"], tmp_path)
+    assert info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_resolves_interpolation(tmp_path, corpus, capsys):
+    config = tiny_config(tmp_path, corpus)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  seq_len: 24\ndiagnostics:\n  seq_len: ${data.seq_len}\n")
+    printed = _print_config(["fit", "--config", str(config), "--config", str(extra)], tmp_path, capsys)
+    assert printed["data"]["init_args"]["seq_len"] == 24
+    assert printed["diagnostics"]["seq_len"] == 24
+    assert printed["trainer"]["logger"]["class_path"] == "parallax_lightning.tracking.ParallaxMLFlowLogger"
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        ("model.model", "d_modle"),
+        ("model.optimizer", "learning_rate"),
+        ("trainer", "max_stepz"),
+        ("data", "seq_length"),
+    ],
+)
+def test_unknown_keys_are_named(tmp_path, corpus, capsys, where, key):
+    section, *rest = where.split(".")
+    nested = {key: 1}
+    for part in reversed(rest):
+        nested = {part: nested}
+    config = tiny_config(tmp_path, corpus, **{section: nested})
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(config)], tmp_path)
+    assert info.value.code != 0
+    assert key in capsys.readouterr().err
+
+
+def test_vocab_size_and_seq_len_are_linked_from_the_data(tmp_path, corpus):
+    config = tiny_config(tmp_path, corpus, data={"vocab_size": 384, "seq_len": 24})
+    from parallax_lightning.cli import ParallaxCLI
+
+    argv, sys.argv = sys.argv, ["parallax_lightning"]
+    try:
+        cli = ParallaxCLI(args=["--config", str(config)], run=False)
+    finally:
+        sys.argv = argv
+    assert cli.model.model_config.vocab_size == 384
+    assert cli.model.model_config.max_seq_len == 24
+    assert cli.model.model.embed.num_embeddings == 384
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("attention", ["parallax", "softmax"])
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_grid_configs_parse(tmp_path, capsys, size, attention, optimizer):
+    files = [LM / "base.yaml", LM / f"{size}.yaml", LM / f"{attention}.yaml", LM / f"{optimizer}.yaml"]
+    args = ["fit"] + [a for f in files for a in ("--config", str(f))]
+    printed = _print_config(args, tmp_path, capsys)
+    init = printed["model"]["init_args"]
+    assert init["model"]["attention"] == attention
+    assert init["optimizer"]["name"] == optimizer
+    assert printed["trainer"]["accelerator"] == ("cpu" if size == "tiny" else "gpu")
+
+
+def test_quickstart_config_trains_briefly(tmp_path):
+    """The front door, shortened: the shipped quickstart.yaml with fewer steps and a smaller corpus slice."""
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "experiments" / "quickstart.yaml"),
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.max_bytes=300000",
+        "--diagnostics.every_n_steps=2",
+        "--model.schedule.warmup_steps=1",
+    ]
+    run_cli(args, tmp_path)
+    client = mlflow_client(tmp_path)
+    run = only_run(client, "quickstart")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "parallax-muon-d64x2"
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [0, 1, 2, 3]
+    assert history(client, run.info.run_id, "val/loss")
+    assert history(client, run.info.run_id, "diag/layer1/correction_ratio")
+
+
+def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
+    config = tiny_config(tmp_path, corpus, experiment="complete", store=store)
+    run_cli(["fit", "--config", str(config)], tmp_path)
+    client = mlflow_client(store)
+    run = only_run(client, "complete")
+    rid = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "parallax-muon-d32x1"
+    params = run.data.params
+    assert params["model.model.attention"] == "parallax"
+    assert params["model.model.vocab_size"] == "320"  # the linked value, as the model was built
+    assert params["data.seq_len"] == "16" and params["trainer.max_steps"] == "6"
+    assert int(params["model.params_total"]) > 0
+    tags = run.data.tags
+    for tag in ("git_commit", "git_dirty", "torch_version", "triton_version", "lightning_version", "gpu"):
+        assert tags[f"parallax.{tag}"]
+    artifacts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "figures")}
+    assert {"config.yaml", "figures/loss_curves.png", "figures/parallax_diagnostics.png"} <= artifacts
+    config_text = Path(client.download_artifacts(rid, "config.yaml", str(tmp_path / "dl"))).read_text()
+    assert yaml.safe_load(config_text)["model"]["init_args"]["model"]["d_model"] == 32
+    losses = history(client, rid, "train/loss")
+    assert [s for s, _ in losses] == list(range(6))
+    assert history(client, rid, "val/loss") and history(client, rid, "val/ppl")
+    assert history(client, rid, "perf/tokens_per_s")
+    assert history(client, rid, "train/lr")
+    for stat in ("correction_ratio", "r_norm", "stable_rank_w_r", "stable_rank_w_q", "stable_rank_w_k"):
+        assert [s for s, _ in history(client, rid, f"diag/layer0/{stat}")] == [3, 6]
+    checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
+    assert checkpoints and all(rid in str(p) for p in checkpoints)
+    assert torch.load(checkpoints[0], weights_only=True)["mlflow"]["run_id"] == rid
+
+
+def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path, corpus, store):
+    schedule = {"model": {"schedule": {"total_steps": 8, "wd_anneal_gamma": 1.0}, "optimizer": {"weight_decay": 0.1}}}
+    trainer = {"max_steps": 8, "val_check_interval": 4}
+    full = tiny_config(tmp_path, corpus, experiment="full", store=store, trainer=trainer, **schedule)
+    run_cli(["fit", "--config", str(full)], tmp_path)
+    part = tiny_config(tmp_path, corpus, experiment="part", store=store, trainer=trainer, **schedule)
+    run_cli(["fit", "--config", str(part), "--trainer.max_steps=4"], tmp_path)  # "interrupted" after 4 steps
+    client = mlflow_client(store)
+    first = only_run(client, "part")
+    [ckpt] = [p for p in (tmp_path / "runs").rglob("last.ckpt") if first.info.run_id in str(p)]
+    run_cli(["fit", "--config", str(part), "--ckpt_path", str(ckpt)], tmp_path)
+
+    resumed = only_run(client, "part")  # still one run: the resume continued it
+    assert resumed.info.run_id == first.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["parallax.resumes"] == "1"
+    reference = only_run(client, "full")
+    for key in ("train/loss", "val/loss", "train/lr", "train/weight_decay"):
+        expected = history(client, reference.info.run_id, key)
+        got = history(client, resumed.info.run_id, key)
+        assert [s for s, _ in got] == [s for s, _ in expected], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5, abs=1e-7), key
+    artifacts = {a.path for a in client.list_artifacts(resumed.info.run_id)}
+    assert {"config.yaml", "config_resume1.yaml"} <= artifacts
+
+
+def test_missing_data_path_fails_before_training(tmp_path, corpus):
+    config = tiny_config(tmp_path, tmp_path / "no_such_corpus", experiment="missing")
+    # jsonargparse reports errors raised while building the data module inside its own ValueError
+    with pytest.raises((FileNotFoundError, ValueError), match="no_such_corpus' does not exist"):
+        run_cli(["fit", "--config", str(config)], tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_heads_not_dividing_is_named(tmp_path, corpus):
+    config = tiny_config(tmp_path, corpus, model={"model": {"n_heads": 3, "n_kv_heads": 2}})
+    with pytest.raises(Exception, match="n_kv_heads"):
+        run_cli(["fit", "--config", str(config)], tmp_path)
+
+
+def test_validate_test_and_predict_subcommands(tmp_path, corpus, store, capsys):
+    config = tiny_config(tmp_path, corpus, experiment="evals", store=store, trainer={"max_steps": 2})
+    run_cli(["fit", "--config", str(config)], tmp_path)
+    client = mlflow_client(store)
+    trained = only_run(client, "evals")
+    [ckpt] = list((tmp_path / "runs").rglob("last.ckpt"))
+    for sub in ("validate", "test"):
+        cli = run_cli([sub, "--config", str(config), "--ckpt_path", str(ckpt)], tmp_path)
+        assert ("test/loss" if sub == "test" else "val/loss") in cli.trainer.callback_metrics
+    runs = client.search_runs([client.get_experiment_by_name("evals").experiment_id])
+    evals = [r for r in runs if r.info.run_id != trained.info.run_id]
+    assert sorted(r.data.tags["parallax.subcommand"] for r in evals) == ["test", "validate"]
+    assert all(r.data.tags["parallax.source_run_id"] == trained.info.run_id for r in evals)
+    capsys.readouterr()
+    predict = ["predict", "--config", str(config), "--ckpt_path", str(ckpt), "--data.predict_prompts=[import]"]
+    run_cli([*predict, "--model.max_new_tokens=4"], tmp_path)
+    assert "--- prompt 0: 'import'" in capsys.readouterr().out
+    assert len(client.search_runs([client.get_experiment_by_name("evals").experiment_id])) == 3  # predict: no run
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, corpus):
+    config = tiny_config(
+        tmp_path,
+        corpus,
+        experiment="ddp",
+        trainer={"strategy": "ddp", "devices": 2, "max_steps": 3, "val_check_interval": 3},
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "parallax_lightning", "fit", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "distributed_backend=gloo" in out.stdout + out.stderr
+    client = mlflow_client(tmp_path)
+    run = only_run(client, "ddp")  # rank 1 must not open a run of its own
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [0, 1, 2]
+    assert history(client, run.info.run_id, "val/loss")

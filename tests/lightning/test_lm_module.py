@@ -1,0 +1,234 @@
+"""LanguageModelModule: every attention kind trains through the module, the loss ignores -100 labels,
+perplexity agrees with the loss, optimizers and schedules do what the config says, a NaN loss stops
+training with a checkpoint of the last good state, and checkpoints load weights-only."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallax_lightning.attention import ATTENTION_KINDS
+from parallax_lightning.callbacks import SpeedMonitor
+from parallax_lightning.data import TextDataModule
+from parallax_lightning.lm_module import LanguageModelModule, NonFiniteLossError
+from parallax_lightning.model import DecoderConfig, flops_per_token
+from parallax_lightning.optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
+
+from .platform_utils import single_thread, write_corpus
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny(attention="parallax", **overrides) -> DecoderConfig:
+    base = dict(vocab_size=320, max_seq_len=16, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, attention=attention)
+    return DecoderConfig(**{**base, **overrides})
+
+
+def trainer(tmp_path, steps=3, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_each_attention_kind_trains_through_the_module(tmp_path, corpus, attention):
+    module = LanguageModelModule(tiny(attention), optimizer=OptimizerConfig(name="muon", adamw_lr=3e-3))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=3)
+    t.fit(module, dm)
+    assert t.global_step == 3
+    assert math.isfinite(t.callback_metrics["train/loss"]) and math.isfinite(t.callback_metrics["val/loss"])
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("attn" in k for k in changed) and any("mlp" in k for k in changed)
+
+
+def test_loss_ignores_minus_100_labels():
+    module = LanguageModelModule(tiny())
+    ids = torch.randint(0, 256, (2, 16))
+    labels = torch.randint(0, 256, (2, 16))
+    labels[0, :10] = -100
+    loss, logits, n = module.compute_loss({"input_ids": ids, "labels": labels})
+    keep = labels != -100
+    assert n == keep.sum()
+    assert torch.allclose(loss, F.cross_entropy(logits[keep].float(), labels[keep]))
+
+
+def test_val_perplexity_is_exp_of_the_token_weighted_loss(tmp_path, corpus):
+    module = LanguageModelModule(tiny())
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=3)
+    [metrics] = trainer(tmp_path).validate(module, dm, verbose=False)
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+
+
+def test_optimizer_choice():
+    model = LanguageModelModule(tiny()).model
+    from parallax_muon import Muon
+
+    muon = build_optimizer(model, OptimizerConfig(name="muon", lr=0.03, adamw_lr=1e-3), verbose=False)
+    assert isinstance(muon, Muon)
+    lrs = {g["lr"] for g in muon.param_groups}
+    assert lrs == {0.03, 1e-3}
+    adamw = build_optimizer(model, OptimizerConfig(name="adamw", adamw_lr=2e-3, adamw_weight_decay=0.1))
+    assert isinstance(adamw, torch.optim.AdamW)
+    decayed = [p for g in adamw.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed and all(p.ndim >= 2 for p in decayed)  # norms are never decayed
+    with pytest.raises(ValueError, match=r"OptimizerConfig\.name"):
+        OptimizerConfig(name="sgd")
+
+
+def test_cosine_schedule():
+    s = Schedule(ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
+    assert s.lr_factor(0) == pytest.approx(1 / 11)
+    assert s.lr_factor(9) == pytest.approx(10 / 11)
+    assert s.lr_factor(10) == pytest.approx(1.0)
+    assert s.lr_factor(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert s.lr_factor(110) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_with_weight_decay_annealing():
+    cfg = ScheduleConfig(name="wsd", warmup_steps=0.1, decay_fraction=0.2, wd_anneal_gamma=2.0)
+    s = Schedule(cfg, total_steps=100)
+    assert s.warmup == 10
+    assert s.lr_factor(50) == 1.0 and s.wd_factor(50) == 1.0  # stable phase
+    assert s.lr_factor(80) == 1.0 and s.lr_factor(90) == pytest.approx(0.5)  # linear decay over the last 20
+    t = 10 / 20
+    assert s.wd_factor(90) == pytest.approx((1 - t) ** 2.0)  # λ(t) = λ(1 − t)^γ
+    assert s.lr_factor(100) == 0.0 and s.wd_factor(100) == 0.0
+    sqrt = Schedule(ScheduleConfig(name="wsd", decay_fraction=0.5, decay_shape="sqrt"), total_steps=100)
+    assert sqrt.lr_factor(75) == pytest.approx(1 - math.sqrt(0.5))
+    with pytest.raises(ValueError, match="warmup_steps=100 must be shorter"):
+        Schedule(ScheduleConfig(warmup_steps=100), total_steps=100)
+
+
+def test_scheduler_anneals_weight_decay_and_saves_weights_only(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = torch.optim.AdamW([p], lr=1.0, weight_decay=0.5)
+    cfg = ScheduleConfig(name="wsd", decay_fraction=0.5, wd_anneal_gamma=1.0)
+    sched = ScheduledLR(opt, Schedule(cfg, total_steps=10))
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 - 2 / 5)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.5 * (1 - 2 / 5))
+    torch.save(sched.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    opt2 = torch.optim.AdamW([p], lr=1.0, weight_decay=0.5)
+    sched2 = ScheduledLR(opt2, Schedule(cfg, total_steps=10))
+    sched2.load_state_dict(state)
+    opt2.step()
+    sched2.step()
+    assert sched2.last_epoch == 8
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1 - 3 / 5)
+
+
+def test_schedule_needs_the_length_of_training(tmp_path, corpus):
+    module = LanguageModelModule(tiny())
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=-1, max_epochs=1, limit_train_batches=2, val_check_interval=None)
+    with pytest.raises(ValueError, match=r"set trainer\.max_steps"):
+        t.fit(module, dm)
+
+
+def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path, corpus):
+    module = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="adamw"))
+    real_forward = module.model.forward
+    calls = {"n": 0}
+
+    def forward(input_ids, cache=None):
+        calls["n"] += 1
+        logits = real_forward(input_ids, cache)
+        return logits * float("nan") if calls["n"] == 4 else logits
+
+    module.model.forward = forward
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=10, val_check_interval=100)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3") as info:
+        t.fit(module, dm)
+    path = tmp_path / "nonfinite-step3.ckpt"
+    assert str(path) in str(info.value)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert ckpt["TextDataModule"]["next_batch"] == 3  # resuming replays the batch that failed
+
+
+def test_checkpoint_is_weights_only_and_reloads(tmp_path, corpus):
+    module = LanguageModelModule(tiny(attention="softmax"), optimizer=OptimizerConfig(name="muon"))
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=2)
+    t.fit(module, dm)
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["model"]["attention"] == "softmax"
+    again = LanguageModelModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    ids = torch.randint(0, 256, (1, 8))
+    module.eval()
+    again.eval()
+    assert torch.equal(again(ids), module(ids))
+
+
+def test_predict_continues_prompts(tmp_path, corpus):
+    module = LanguageModelModule(tiny(max_seq_len=32), max_new_tokens=5, temperature=0.0)
+    dm = TextDataModule(source=str(corpus), seq_len=32, predict_prompts=["the quick", "fox"])
+    out = trainer(tmp_path).predict(module, dm)
+    assert [o["prompt"] for o in out] == ["the quick", "fox"]
+    assert all(len(o["tokens"]) <= 5 and isinstance(o["completion"], str) for o in out)
+
+
+def test_compile_flag_compiles_the_decoder_in_place(monkeypatch):
+    module = LanguageModelModule(tiny(), compile=True)
+    calls = []
+    monkeypatch.setattr(module.model, "compile", lambda *a, **k: calls.append(1))
+    module.configure_model()
+    module.configure_model()
+    assert calls == [1]
+    assert all(not k.startswith("model._orig_mod") for k in module.state_dict())
+
+
+def test_speed_monitor_logs_tokens_per_second_and_mfu(tmp_path, corpus):
+    logged = []
+
+    class Recorder(pl.loggers.logger.Logger):
+        name, version = "rec", "0"
+
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    module = LanguageModelModule(tiny())
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=4, logger=Recorder(), log_every_n_steps=2, callbacks=[SpeedMonitor(peak_flops=1e9)])
+    t.fit(module, dm)
+    perf = [m for _, m in logged if "perf/tokens_per_s" in m]
+    assert perf
+    for m in perf:
+        expected = m["perf/tokens_per_s"] * flops_per_token(module.model_config, 16) / 1e9
+        assert m["perf/mfu"] == pytest.approx(expected)
