@@ -372,3 +372,8 @@ def test_negative_lr_set_later_is_caught_at_step():
     w.grad = torch.randn(4, 4)
     with pytest.raises(ValueError, match=r"lr=-0\.5 must be >= 0"):
         opt.step()
+
+
+def test_tensor_learning_rate_is_accepted():
+    after, start, u = _first_step((8, 12), {"lr": torch.tensor(0.05)})
+    assert torch.equal(after, start.add(newton_schulz(u), alpha=-0.05))
