@@ -171,6 +171,12 @@ class LanguageModelModule(pl.LightningModule):
         return Schedule(self.schedule_config, total)
 
     def configure_optimizers(self):
+        if self.optimizer_config.name == "muon" and "fsdp" in type(self.trainer.strategy).__name__.lower():
+            raise ValueError(
+                "optimizer.name='muon' cannot run under Lightning's FSDP strategy: it flattens every weight into "
+                "1-D shards, so Muon would see no matrices to orthogonalize. Use strategy=ddp with Muon, or AdamW "
+                "with FSDP"
+            )
         optimizer = build_optimizer(self.model, self.optimizer_config, verbose=self.trainer.global_rank == 0)
         scheduler = ScheduledLR(optimizer, self.schedule_for(self.trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

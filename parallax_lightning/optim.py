@@ -179,13 +179,20 @@ class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay on matrices (ndim >= 2, embeddings included, as in GPT-2), never on norms or biases."""
+    """Decay on the weights of linear and embedding layers (as in GPT-2), never on norms or biases.
+
+    Decided by module type, not by `p.ndim`: FSDP flattens parameters to 1-D shards before the
+    optimizer is built, and a shape test would then silently turn weight decay off.
+    """
+    matrices = {
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is not None
+    }
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if id(p) in matrices else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

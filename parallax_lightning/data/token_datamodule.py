@@ -14,6 +14,7 @@ import warnings
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from .sampling import EvalBatches, PromptDataset, RandomBatchStream, TokenWindows
@@ -149,7 +150,7 @@ class TokenDataModule(pl.LightningDataModule):
             batch_size=None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:

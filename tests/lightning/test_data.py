@@ -329,3 +329,29 @@ def test_eval_batches_cover_each_window_once():
     assert sorted(inputs[:, 0].tolist()) == sorted(((np.arange(99) * 10) % 97).tolist())
     again = EvalBatches(w, batch_size=8)
     assert torch.equal(again[3]["input_ids"], ev[3]["input_ids"])
+
+
+def test_prepare_shards_script_round_trip(tmp_path, corpus):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "prepare_shards.py"
+    spec = importlib.util.spec_from_file_location("prepare_shards", script)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = tmp_path / "shards"
+    args = ["--source", str(corpus), "--out", str(out), "--tokenizer", "bpe", "--vocab-size", "300"]
+    meta = prepare.main([*args, "--shard-tokens", "2000", "--val-fraction", "0.25"])
+    assert meta["vocab_size"] == 300 and (out / "tokenizer.json").is_file()
+    assert len(meta["train_shards"]) > 1  # split at --shard-tokens
+    assert all(read_header(out / name)[1] <= 2000 for name in meta["train_shards"])
+    dm = TokenShardDataModule(train_files=str(out / "*_train_*.bin"), val_files=str(out / "*_val_*.bin"), seq_len=16)
+    assert dm.vocab_size == 320 and dm.get_tokenizer().vocab_size == 300
+    dm.setup()
+    assert dm.train_windows.num_tokens == meta["train_tokens"] and dm.val_windows.num_tokens == meta["val_tokens"]
+    # the same documents, tokenized the same way, as the text module sees them
+    text_dm = TextDataModule(source=str(corpus), tokenizer=str(out / "tokenizer.json"), val_fraction=0.25, seq_len=16)
+    text_dm.setup()
+    assert np.array_equal(np.concatenate(dm.val_windows.arrays), text_dm.val_windows.arrays[0])
+    with pytest.raises(SystemExit, match="not empty"):
+        prepare.main(args)  # never overwrites

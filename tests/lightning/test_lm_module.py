@@ -102,6 +102,31 @@ def test_optimizer_choice():
         OptimizerConfig(name="sgd")
 
 
+def test_adamw_decay_survives_fsdp_flattening():
+    """FSDP hands the optimizer 1-D shards: weight decay must still follow the layer type, not the shape."""
+    from parallax_lightning.optim import adamw_param_groups
+
+    model = LanguageModelModule(tiny()).model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.flatten()
+    decay, no_decay = adamw_param_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model.embed.weight)} | {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)
+    }
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) > 0
+
+
+def test_muon_under_fsdp_is_refused_by_name():
+    class FSDPStrategy:  # stands in for Lightning's (which needs a GPU)
+        pass
+
+    module = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="muon"))
+    module._trainer = type("T", (), {"strategy": FSDPStrategy(), "global_rank": 0, "max_steps": 10})()
+    with pytest.raises(ValueError, match="cannot run under Lightning's FSDP"):
+        module.configure_optimizers()
+
+
 def test_cosine_schedule():
     s = Schedule(ScheduleConfig(name="cosine", warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
     assert s.lr_factor(0) == pytest.approx(1 / 11)
