@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -115,7 +116,8 @@ def newton_schulz(
         eps: lower clamp on the normaliser, so an all-zero matrix maps to zero.
         norm_scale: the input is divided by ``norm_scale·‖G‖_F``; default 1.0, or 1.02 for Polar Express.
         dtype: the working precision (bf16 as in every Muon; float32/float64 for reference computations).
-        backend: ``"torch"`` (batched matmuls), ``"triton"`` (symmetric half-tile kernels, CUDA), or ``"auto"``.
+        backend: ``"torch"`` (batched matmuls), ``"triton"`` (symmetric half-tile kernels, CUDA), or ``"auto"``
+            (on CUDA, whichever of the two measured faster the first time this batch shape came up).
 
     Returns:
         A tensor of G's shape in ``dtype``.
@@ -157,7 +159,7 @@ def iterate(X: Tensor, per_step: Sequence[Coefficients], *, backend: str = "auto
     """
     if X.ndim != 3 or X.size(-2) > X.size(-1):
         raise ValueError(f"iterate expects a wide batch (N, n, m) with n <= m, got {tuple(X.shape)}")
-    if _use_triton(X, backend):
+    if _use_triton(X, backend, per_step):
         from parallax_muon import triton_ns  # lazy: importing parallax_muon must not import triton
 
         return triton_ns.iterate(X, per_step)
@@ -204,7 +206,23 @@ def triton_available() -> bool:
         return False
 
 
-def _use_triton(X: Tensor, backend: str) -> bool:
+# "auto" measures instead of guessing: the first time it meets a batch shape on a GPU it runs both paths and
+# keeps the faster one for that (device, dtype, shape). The Triton kernels do half the work of the two
+# symmetric products, but cuBLAS is the better-tuned matmul; which wins depends on the GPU and the shape.
+_AUTO_CHOICE: dict[tuple, bool] = {}
+
+
+def _triton_candidate(X: Tensor) -> bool:
+    """The kernels target bf16/fp16 tensor cores; small Gram matrices are launch-bound either way."""
+    return (
+        X.is_cuda
+        and X.dtype in (torch.bfloat16, torch.float16)
+        and X.size(-2) >= _TRITON_MIN_ROWS
+        and triton_available()
+    )
+
+
+def _use_triton(X: Tensor, backend: str, per_step: Sequence[Coefficients] = (JORDAN,)) -> bool:
     if backend == "torch":
         return False
     if backend == "triton":
@@ -215,10 +233,38 @@ def _use_triton(X: Tensor, backend: str) -> bool:
                 f"backend='triton' needs a CUDA tensor (got device {X.device}) or TRITON_INTERPRET=1 on CPU"
             )
         return True
-    # auto: the kernels are written for bf16/fp16 tensor cores; small matrices are launch-bound anyway.
-    return (
-        X.is_cuda
-        and X.dtype in (torch.bfloat16, torch.float16)
-        and X.size(-2) >= _TRITON_MIN_ROWS
-        and triton_available()
+    if not _triton_candidate(X):
+        return False
+    key = (X.device, X.dtype, tuple(X.shape))
+    choice = _AUTO_CHOICE.get(key)
+    if choice is None:
+        choice = _AUTO_CHOICE[key] = _triton_is_faster(X, per_step)
+    return choice
+
+
+def _triton_is_faster(X: Tensor, per_step: Sequence[Coefficients]) -> bool:
+    from parallax_muon import triton_ns
+
+    try:
+        triton_ns.iterate(X.clone(), per_step)  # compiles and autotunes outside the timing
+    except Exception as e:  # a Triton problem must not stop training: use the matmul path and say why
+        warnings.warn(
+            f"parallax_muon: the Triton Newton–Schulz kernels failed on a {tuple(X.shape)} {X.dtype} batch "
+            f"({type(e).__name__}: {e}); using batched matmuls",
+            stacklevel=3,
+        )
+        return False
+    return _time_ms(lambda: triton_ns.iterate(X.clone(), per_step)) < _time_ms(
+        lambda: _iterate_torch(X.clone(), per_step)
     )
+
+
+def _time_ms(fn, reps: int = 3) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps

@@ -92,8 +92,8 @@ class Muon(torch.optim.Optimizer):
         adjust_lr: ``"original"`` (√max(1, rows/cols)), ``"match_rms_adamw"`` (0.2·√max(rows, cols)) or ``"none"``.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW groups' defaults.
         ns_eps: lower clamp on the Frobenius norm before Newton–Schulz (torch.optim.Muon's ``eps``).
-        backend: ``"auto"`` (Triton symmetric kernels for bf16 on CUDA, batched matmuls elsewhere), ``"torch"``,
-            ``"triton"``.
+        backend: ``"auto"`` (on CUDA, per bucket shape, whichever of the Triton symmetric kernels and the batched
+            matmuls measured faster at its first step; batched matmuls elsewhere), ``"torch"``, ``"triton"``.
         compile_ns: run the torch Newton–Schulz path through ``torch.compile`` (compiled once per bucket shape;
             learning rates and other hyper-parameters never enter the compiled function, so changing them
             does not recompile).
@@ -491,7 +491,7 @@ class Muon(torch.optim.Optimizer):
         return Y, handle, stop - start
 
     def _iterate(self, X: Tensor, per_step) -> Tensor:
-        if self.compile_ns and not _use_triton(X, self.backend):
+        if self.compile_ns and not _use_triton(X, self.backend, per_step):
             if self._compiled_ns is None:
                 self._compiled_ns = torch.compile(_iterate_for_compile, dynamic=False)
             return self._compiled_ns(X, per_step)

@@ -65,7 +65,7 @@ def test_triton_newton_schulz_matches_the_torch_path(preset):
     assert rel(newton_schulz(X[0].float(), 5, preset, dtype=torch.float32), a[0]) < 5e-2
 
 
-@parametrize("backend", ["torch", "triton"])
+@parametrize("backend", ["torch", "triton", "auto"])
 def test_muon_step_on_cuda_matches_torch_muon(backend):
     shapes = [(2048, 1024), (1024, 2048), (1024, 1024), (3072, 1024), (1024, 3072), (300, 200)]
     params = [torch.randn(s, device="cuda") for s in shapes]

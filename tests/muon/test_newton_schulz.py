@@ -225,3 +225,38 @@ def test_upper_triangle_tile_enumeration():
         total = tiles * (tiles + 1) // 2
         for first in (0, total // 2 - 10, total - 25):
             check(tiles, first, 25)
+
+
+def test_auto_backend_measures_once_per_shape_and_falls_back_on_triton_errors(monkeypatch):
+    """The choice logic of backend='auto' (the CUDA timing itself runs on the GPU only)."""
+    import importlib
+
+    from parallax_muon import triton_ns
+
+    ns = importlib.import_module("parallax_muon.newton_schulz")  # the module (the package exports the function)
+
+    monkeypatch.setattr(ns, "_AUTO_CHOICE", {})
+    monkeypatch.setattr(ns, "_triton_candidate", lambda X: True)
+    timings = {"triton": 1.0, "torch": 2.0}
+    calls = []
+
+    def fake_time(fn):
+        calls.append(fn)
+        return timings["triton"] if len(calls) % 2 == 1 else timings["torch"]
+
+    monkeypatch.setattr(ns, "_time_ms", fake_time)
+    monkeypatch.setattr(triton_ns, "iterate", lambda X, per_step, **kw: X)
+    per_step, _ = resolve_coefficients("jordan", 5)
+    X = torch.randn(2, 8, 12)
+    assert ns._use_triton(X, "auto", per_step) is True
+    assert ns._use_triton(X, "auto", per_step) is True and len(calls) == 2  # measured once, then cached
+    timings["triton"] = 3.0
+    assert ns._use_triton(torch.randn(3, 8, 12), "auto", per_step) is False  # a new shape is measured anew
+
+    def broken(X, per_step, **kw):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(triton_ns, "iterate", broken)
+    with pytest.warns(UserWarning, match="Triton Newton–Schulz kernels failed .* no kernel for you"):
+        assert ns._use_triton(torch.randn(4, 8, 12), "auto", per_step) is False
+    assert not ns._use_triton(torch.randn(2, 8, 12), "torch", per_step)
