@@ -32,13 +32,13 @@ def momentum_update(g: torch.Tensor, momentum: float = 0.95) -> torch.Tensor:
 
 # Distinct oriented shapes: every bucket holds one matrix, which Muon orthogonalizes with exactly the calls
 # torch.optim.Muon makes (mm/addmm on the same bf16 data), so the results are equal bit for bit.
-DISTINCT = [(64, 32), (32, 48), (48, 48), (96, 40), (40, 80), (17, 33), (20, 12)]
+DISTINCT = [(48, 24), (24, 40), (32, 32), (64, 20), (20, 56), (17, 33), (20, 12)]
 # Repeated shapes: batched products. A batched matmul may order its fp32 sums differently from the
 # single-matrix one; about 1 product entry in 10⁴–10⁵ then rounds to the neighbouring bf16 value (2⁻⁸
 # relative), and the five Newton–Schulz steps carry such a flip to at most ~1e-2 of that matrix's update
 # (measured worst 8e-3 over 1200 16×16 matrices). Muon's momentum does not depend on the weights, so
 # flips never accumulate across steps.
-BATCHED = [(64, 32), (32, 64), (64, 32), (48, 48), (48, 48), (96, 40), (40, 96), (17, 33), (33, 17)]
+BATCHED = [(48, 24), (24, 48), (48, 24), (32, 32), (32, 32), (64, 20), (20, 64), (17, 33), (33, 17)]
 BF16_FLIP_TOL = 2e-2
 
 
@@ -46,7 +46,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run_against_torch(shapes, steps=4, adjust="original", **kwargs):
+def run_against_torch(shapes, steps=3, adjust="original", **kwargs):
     """Yield (step, i, ours, theirs, our update, their update) after each step of both optimizers."""
     params = [torch.randn(s) for s in shapes]
     ours, theirs = clones(params), clones(params)
@@ -89,7 +89,7 @@ def test_batched_buckets_take_torch_muons_step(kwargs):
         assert err <= BF16_FLIP_TOL, f"step {step}, param {i} {BATCHED[i]}: update differs by {err:.2e} (relative)"
         total += 1
         b.copy_(a)
-    assert total == 4 * len(BATCHED)
+    assert total == 3 * len(BATCHED)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
