@@ -200,8 +200,12 @@ class ParallaxDiagnostics(Callback):
         from matplotlib.figure import Figure
 
         stats = sorted({name.split("/", 2)[2] for name in self.history})
-        fig = Figure(figsize=(4.2 * len(stats), 3.4), layout="constrained")
-        axes = fig.subplots(1, len(stats), squeeze=False)[0]
+        cols = min(4, len(stats))
+        rows = -(-len(stats) // cols)
+        fig = Figure(figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False).flatten()
+        for ax in axes[len(stats) :]:
+            ax.set_visible(False)
         for ax, stat in zip(axes, stats):
             for name in sorted(n for n in self.history if n.endswith("/" + stat)):
                 steps, values = zip(*sorted(self.history[name]))

@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -79,6 +80,13 @@ class ParallaxCLI(LightningCLI):
                 "data": {"class_path": "parallax_lightning.data.TextDataModule"},
             }
         )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads for torch (None: torch's default). Tiny CPU models run fastest on 1: "
+            "their matmuls are too small to split, and on a shared machine extra threads spin-wait.",
+        )
         parser.link_arguments("data.vocab_size", "model.init_args.model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.model.max_seq_len", apply_on="instantiate")
         parser.add_lightning_class_args(ParallaxCheckpoint, "checkpoint")
@@ -86,6 +94,13 @@ class ParallaxCLI(LightningCLI):
         parser.add_lightning_class_args(SpeedMonitor, "speed")
         parser.add_lightning_class_args(ParallaxDiagnostics, "diagnostics")
         parser.add_lightning_class_args(LossCurves, "loss_curves")
+
+    def before_instantiate_classes(self) -> None:
+        threads = self._get(self.config, "torch_threads")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"torch_threads must be a positive integer, got {threads}")
+            torch.set_num_threads(threads)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would overwrite the model's config with the hyper-parameters stored in the checkpoint,

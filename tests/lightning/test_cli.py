@@ -259,3 +259,9 @@ def test_ddp_two_cpu_processes(tmp_path, corpus):
     assert run.info.status == "FINISHED"
     assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == [0, 1, 2]
     assert history(client, run.info.run_id, "val/loss")
+
+
+def test_torch_threads_is_checked(tmp_path, corpus):
+    config = tiny_config(tmp_path, corpus)
+    with pytest.raises(ValueError, match="torch_threads must be a positive integer, got 0"):
+        run_cli(["fit", "--config", str(config), "--torch_threads=0"], tmp_path)
