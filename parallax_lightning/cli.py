@@ -68,7 +68,14 @@ class ParallaxCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "parser_mode": "omegaconf",
+                "prog": "python -m parallax_lightning",
+                "description": "Parallax Lab: train and evaluate decoders (Parallax, softmax, ...) with MLflow tracking.",
+            },
+        )
         for pattern in _QUIET:
             warnings.filterwarnings("ignore", message=pattern)
         super().__init__(args=args, run=run, **kwargs)

@@ -119,6 +119,14 @@ def test_grid_configs_parse(tmp_path, capsys, size, attention, optimizer):
     assert printed["trainer"]["accelerator"] == ("cpu" if size == "tiny" else "gpu")
 
 
+def test_stdlib_bpe_override_swaps_the_data_source(tmp_path, capsys):
+    files = [LM / "base.yaml", LM / "small.yaml", LM / "parallax.yaml", LM / "muon.yaml", LM / "stdlib_bpe.yaml"]
+    printed = _print_config(["fit"] + [a for f in files for a in ("--config", str(f))], tmp_path, capsys)
+    data = printed["data"]
+    assert data["class_path"].endswith("TextDataModule")
+    assert data["init_args"]["tokenizer"] == "bpe" and data["init_args"]["seq_len"] == 1024
+
+
 def test_quickstart_config_trains_briefly(tmp_path):
     """The front door, shortened: the shipped quickstart.yaml with fewer steps and a smaller corpus slice."""
     args = [
