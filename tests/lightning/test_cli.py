@@ -13,7 +13,16 @@ import pytest
 import torch
 import yaml
 
-from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config, write_corpus
+from .platform_utils import (
+    history,
+    mlflow_client,
+    only_run,
+    run_cli,
+    single_thread,
+    tiny_config,
+    working_dir,
+    write_corpus,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LM = REPO / "experiments" / "lm"
@@ -273,3 +282,33 @@ def test_torch_threads_is_checked(tmp_path, corpus):
     config = tiny_config(tmp_path, corpus)
     with pytest.raises(ValueError, match="torch_threads must be a positive integer, got 0"):
         run_cli(["fit", "--config", str(config), "--torch_threads=0"], tmp_path)
+
+
+def test_nan_loss_exits_with_the_step_named_and_the_run_failed(tmp_path, corpus, store, capsys, monkeypatch):
+    from parallax_lightning.cli import main
+    from parallax_lightning.lm_module import LanguageModelModule
+
+    real = LanguageModelModule.compute_loss
+
+    def compute_loss(self, batch):
+        loss, logits, n = real(self, batch)
+        if self.training and self.trainer.global_step == 2:
+            loss = loss * float("inf")
+        return loss, logits, n
+
+    monkeypatch.setattr(LanguageModelModule, "compute_loss", compute_loss)
+    config = tiny_config(tmp_path, corpus, experiment="nan", store=store)
+    argv, sys.argv = sys.argv, ["parallax_lightning"]
+    try:
+        with working_dir(tmp_path), pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(config)])
+    finally:
+        sys.argv = argv
+    assert info.value.code == 3
+    err = capsys.readouterr().err
+    assert "training loss is inf at step 2" in err and "nonfinite-step2.ckpt" in err
+    run = only_run(mlflow_client(store), "nan")
+    assert run.info.status == "FAILED"
+    assert [s for s, _ in history(mlflow_client(store), run.info.run_id, "train/loss")] == [0, 1]
+    [ckpt] = list((tmp_path / "runs").rglob("nonfinite-step2.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["mlflow"]["run_id"] == run.info.run_id
