@@ -175,15 +175,24 @@ class ParallaxCLI(LightningCLI):
             if info and not resume:
                 client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
 
-    def before_fit(self) -> None:
-        if hasattr(self.model, "schedule_for"):  # a bad schedule fails here, before a run is opened
+    def _check_before_run(self, stage: str) -> None:
+        """Load the data and build the schedule now: a sequence longer than the data, a vocabulary too small
+        for a shard, a warmup longer than training fail here, before an MLflow run is opened."""
+        if isinstance(self.datamodule, TokenDataModule):
+            self.datamodule.setup(stage)
+        if stage == "fit" and hasattr(self.model, "schedule_for"):
             self.model.schedule_for(self.trainer)
+
+    def before_fit(self) -> None:
+        self._check_before_run("fit")
         self._prepare_run(resume=True)
 
     def before_validate(self) -> None:
+        self._check_before_run("validate")
         self._prepare_run(resume=False)
 
     def before_test(self) -> None:
+        self._check_before_run("test")
         self._prepare_run(resume=False)
 
     def predict(self, model, datamodule=None, **kwargs):

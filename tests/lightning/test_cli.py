@@ -227,6 +227,16 @@ def test_missing_data_path_fails_before_training(tmp_path, corpus):
     assert not (tmp_path / "runs").exists()
 
 
+def test_sequence_longer_than_the_data_fails_before_a_run_is_opened(tmp_path, store):
+    tiny = tmp_path / "tiny_corpus"
+    tiny.mkdir()
+    (tiny / "a.txt").write_text("only a few bytes of text")
+    config = tiny_config(tmp_path, tiny, experiment="too-short", store=store, data={"seq_len": 64})
+    with pytest.raises(ValueError, match="seq_len=64 is larger than the"):
+        run_cli(["fit", "--config", str(config)], tmp_path)
+    assert mlflow_client(store).get_experiment_by_name("too-short") is None
+
+
 def test_heads_not_dividing_is_named(tmp_path, corpus):
     config = tiny_config(tmp_path, corpus, model={"model": {"n_heads": 3, "n_kv_heads": 2}})
     with pytest.raises(Exception, match="n_kv_heads"):
