@@ -60,6 +60,12 @@ _QUIET = (
 
 
 class ParallaxCLI(LightningCLI):
+    """LightningCLI with this platform's defaults; subclass it (or pass keyword arguments) to change them.
+
+    Models may be any LanguageModelModule subclass and data any TokenDataModule subclass (`class_path`);
+    extra callbacks go in `trainer.callbacks` as class_path/init_args entries.
+    """
+
     def __init__(self, args=None, run: bool = True, **kwargs):
         kwargs.setdefault("model_class", LanguageModelModule)
         kwargs.setdefault("datamodule_class", TokenDataModule)
