@@ -1,46 +1,63 @@
-"""Public Parallax decode op: one new token per sequence against a KV cache."""
+"""Public Parallax decode op: one new token per sequence against a KV cache.
+
+An eager decode step (generate() without CUDA graphs) runs this once per layer and token, so the
+host path is kept short: the first call with a given signature (shapes, strides, dtypes, devices,
+scale, window) runs the full checks, which name any problem, and builds a launch plan; later calls
+with an equal signature look the plan up and launch. Nothing in the plain path synchronizes with
+the device.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .._checks import check_attn_inputs, check_scale, check_window
+from .._checks import check_attn_inputs
 from .._dispatch import backend_for
 from .reference import parallax_decode_reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_Tensor = torch.Tensor
 
 
-def _plainly_valid(q, r, k, v) -> bool:
-    """The common case in one pass, strictly narrower than the full checks (which then run only for
-    anything unusual, to name the problem): a decode step pays this per layer and token."""
-    if not (
-        type(q) is torch.Tensor and type(r) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-    ):
-        return False
-    qs, ks = q.shape, k.shape
-    dtype, device = q.dtype, q.device
-    return (
-        len(qs) == 4 and len(ks) == 4 and qs[1] == 1 and r.shape == qs and v.shape == ks
-        and qs[0] == ks[0] and qs[3] == ks[3] and min(qs[0], qs[2], qs[3], ks[1], ks[2]) >= 1
-        and qs[2] % ks[2] == 0
-        and dtype in _KERNEL_DTYPES and r.dtype == dtype and k.dtype == dtype and v.dtype == dtype
-        and r.device == device and k.device == device and v.device == device
-        and q.layout == r.layout == k.layout == v.layout == torch.strided
-        and k.stride(3) == 1 and v.stride(3) == 1
-    )  # fmt: skip
+def call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
+    """Everything the input checks and the launch plan depend on, as one hashable tuple, or None
+    for inputs it does not describe (tensor subclasses, other layouts, unusual scale or window
+    types), which then take the full checks every call.
+
+    Two calls with equal keys pass or fail the checks alike, so the checks run once per key. The
+    last element says whether every input pointer is 16-byte aligned: Triton specializes its
+    kernels on that, and a plan launches its compiled kernel directly only when it holds."""
+    if not (type(q) is _Tensor and type(r) is _Tensor and type(k_cache) is _Tensor and type(v_cache) is _Tensor):
+        return None
+    if not (scale is None or type(scale) is float or type(scale) is int):
+        return None
+    if not (window_size is None or type(window_size) is int):
+        return None
+    try:
+        if cache_seqlens is None:
+            lens, lens_ptr = None, 0
+        elif type(cache_seqlens) is _Tensor:
+            lens = (cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device)
+            lens_ptr = cache_seqlens.data_ptr()
+        else:
+            return None
+        ptrs = q.data_ptr() | r.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | lens_ptr
+        return (
+            q.shape, r.shape, k_cache.shape, v_cache.shape,
+            q.stride(), r.stride(), k_cache.stride(), v_cache.stride(),
+            q.dtype, r.dtype, k_cache.dtype, v_cache.dtype,
+            q.device, r.device, k_cache.device, v_cache.device,
+            lens, scale, window_size, not ptrs & 15,
+        )  # fmt: skip
+    except RuntimeError:  # sparse and other layouts have no strides or data pointer
+        return None
 
 
 def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
-    if _plainly_valid(q, r, k_cache, v_cache):
-        check_scale(op, scale)
-        check_window(op, window_size, causal=True)
-    else:
-        _check_unusual_inputs(op, q, r, k_cache, v_cache, scale, window_size)
-    _check_seqlens(op, q, k_cache, cache_seqlens)
-
-
-def _check_unusual_inputs(op, q, r, k_cache, v_cache, scale, window_size):
+    """The full checks, each naming the problem. The values of cache_seqlens are not read here
+    (that needs the host to wait for the device): see `check_lengths` of parallax_decode."""
     check_attn_inputs(op, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
     if q.shape[1] != 1:
         raise ValueError(
@@ -53,9 +70,10 @@ def _check_unusual_inputs(op, q, r, k_cache, v_cache, scale, window_size):
                 f"{op}: {name} must have unit stride along head_dim (it is read in place), got strides "
                 f"{tuple(t.stride())}"
             )
+    _check_seqlens_meta(op, q, k_cache, cache_seqlens)
 
 
-def _check_seqlens(op, q, k_cache, cache_seqlens):
+def _check_seqlens_meta(op, q, k_cache, cache_seqlens):
     B = k_cache.shape[0]
     if cache_seqlens is None:
         return
@@ -68,18 +86,48 @@ def _check_seqlens(op, q, k_cache, cache_seqlens):
         )
     if cache_seqlens.device != q.device:
         raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    # The range check needs the values on the host: a sync on CUDA, and impossible while a CUDA graph
-    # is being captured. There the kernel turns a length outside [1, L_max] into a NaN output instead.
-    if cache_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    L_max = k_cache.shape[1]
+
+
+def check_length_values(op, cache_seqlens, L_max):
+    """Every length in [1, L_max], read on the host: a device sync for a CUDA tensor."""
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
+            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
+            "NaN output row)"
+        )
     lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
     if lo < 1 or hi > L_max:
         bad = [n for n in cache_seqlens.tolist() if not 1 <= n <= L_max]
         raise ValueError(f"{op}: cache_seqlens must lie in [1, {L_max}], got {bad}")
 
 
-def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None):
+def _reference(q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
+    return parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size)
+
+
+# call_key -> (run(q, r, k_cache, v_cache, cache_seqlens), lengths live on the host)
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
+    check_decode_inputs("parallax_decode", q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    if backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES:
+        from .triton_decode import launch_plan
+
+        run = launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, key=key)
+    else:
+        run = functools.partial(_reference, scale=scale, window_size=window_size)
+    entry = (run, cache_seqlens is not None and cache_seqlens.device.type == "cpu")
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:  # shapes that keep changing must not grow it without bound
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = entry
+    return entry
+
+
+def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None, *, check_lengths=None):
     """One new token per sequence against a KV cache (the token's own k, v already written).
 
     q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D), any strides with unit stride on D
@@ -87,12 +135,20 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, wind
     is full. Sequence b's query sits at position cache_seqlens[b] - 1 and attends keys
     [max(0, n - window_size), n). Returns (B, 1, H_q, D) in the input dtype.
 
-    On CUDA (and under TRITON_INTERPRET=1) this runs the split-KV Triton kernel; with fixed shapes and
-    cache_seqlens on the device it needs no host sync while a CUDA graph is captured.
-    """
-    check_decode_inputs("parallax_decode", q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    if backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES:
-        from .triton_decode import parallax_decode_triton
+    check_lengths: whether to read the lengths on the host and raise a ValueError naming those
+    outside [1, L_max]. None (the default) checks lengths held in CPU memory only: for a CUDA tensor
+    the check is a device sync per call, and impossible under CUDA-graph capture. Unchecked, the
+    kernel never reads outside the cache: a sequence whose length lies outside [1, L_max] gets a
+    NaN output row.
 
-        return parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    return parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size)
+    On CUDA (and under TRITON_INTERPRET=1) this runs the split-KV Triton kernel; with fixed shapes and
+    cache_seqlens on the device it needs no host sync and is CUDA-graph capturable.
+    """
+    key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    entry = None if key is None else _PLANS.get(key)
+    if entry is None:
+        entry = _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    run, lengths_on_host = entry
+    if cache_seqlens is not None and (check_lengths or (check_lengths is None and lengths_on_host)):
+        check_length_values("parallax_decode", cache_seqlens, k_cache.shape[1])
+    return run(q, r, k_cache, v_cache, cache_seqlens)

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 
 from .._alloc import empty
+from .decode import call_key
 
 _LOG2E = 1.4426950408889634
 # The combine kernel loads every slice of a row at once, so the split count is bounded.
@@ -43,6 +46,16 @@ def _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS: tl.constexpr, HAS_WINDOW:
 
 
 @triton.jit
+def _workspace(WS, n_rows, D: tl.constexpr):
+    """The slices' partial states in one fp32 buffer (one allocation per call): O1 and O2 as
+    (n_rows, D) each, then m, d1, d2 as (3, n_rows)."""
+    po1 = WS
+    po2 = WS + n_rows.to(tl.int64) * D
+    pstat = WS + 2 * n_rows.to(tl.int64) * D
+    return po1, po2, pstat
+
+
+@triton.jit
 def _split_tiles(lo, n, split, num_splits, BLOCK_N: tl.constexpr):
     """Tiles [t0, t1) of BLOCK_N keys, counted from lo, that slice `split` owns, and the number of
     non-empty slices. Every owned tile starts at a valid key, so no tile is entirely masked."""
@@ -56,7 +69,7 @@ def _split_tiles(lo, n, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit(do_not_specialize=["L_max", "window"])
 def _decode_split_dot_kernel(
-    Q, R, K, V, SEQLENS, O, PO1, PO2, PSTAT,
+    Q, R, K, V, SEQLENS, O, WS,
     scale_log2, L_max, window, num_splits, n_rows,
     stride_qb, stride_qh, stride_rb, stride_rh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -147,6 +160,7 @@ def _decode_split_dot_kernel(
         o_ptrs = O + b64 * stride_ob + hq[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=gd_ok)
     else:
+        PO1, PO2, PSTAT = _workspace(WS, n_rows, D)
         row = (b * H_KV * G + hq) * num_splits + split
         g_st = g_ok & owned
         tl.store(PSTAT + row, m, mask=g_st)
@@ -159,7 +173,7 @@ def _decode_split_dot_kernel(
 
 @triton.jit(do_not_specialize=["L_max", "window"])
 def _decode_split_vec_kernel(
-    Q, R, K, V, SEQLENS, O, PO1, PO2, PSTAT,
+    Q, R, K, V, SEQLENS, O, WS,
     scale_log2, L_max, window, num_splits, n_rows,
     stride_qb, stride_qh, stride_rb, stride_rh,
     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
@@ -235,6 +249,7 @@ def _decode_split_vec_kernel(
         out = tl.where(d1 > 0, out, float("nan"))
         tl.store(O + b64 * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
     else:
+        PO1, PO2, PSTAT = _workspace(WS, n_rows, D)
         row = bh * num_splits + split
         one = tl.arange(0, 1)
         tl.store(PSTAT + row + one, m, mask=owned)
@@ -247,7 +262,7 @@ def _decode_split_vec_kernel(
 
 @triton.jit(do_not_specialize=["L_max", "window"])
 def _decode_combine_kernel(
-    SEQLENS, O, PO1, PO2, PSTAT,
+    SEQLENS, O, WS,
     L_max, window, num_splits, n_rows, stride_ob, stride_oh,
     H_Q: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DC: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -260,6 +275,7 @@ def _decode_combine_kernel(
     h = bh % H_Q
     lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
     _t0, _t1, used = _split_tiles(lo, n, 0, num_splits, BLOCK_N)
+    PO1, PO2, PSTAT = _workspace(WS, n_rows, D)
 
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.program_id(1) * BLOCK_DC + tl.arange(0, BLOCK_DC)
@@ -394,62 +410,177 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+# ------------------------------------------------------------------ launching
+
+# An eager decode step pays the host path once per layer and token, and at batch 1 the device
+# needs ~12 µs, so everything below is computed once per plan (shapes, strides, dtype, device,
+# options) and a call only allocates its output and workspace and launches.
+
+
+def _hooks_quiet() -> bool:
+    """No launch hook is installed (profilers such as proton add them): a direct launch would skip
+    them, so with one present every launch goes through the JIT."""
+    rt = knobs.runtime
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+class _Launch:
+    """One kernel launch whose grid, scalars and constexprs are fixed; only the tensors change.
+
+    The first call goes through the JIT, which compiles (or finds) the kernel for these arguments'
+    specializations and launches it. Later calls hand that compiled kernel's launcher the same
+    argument list directly (what Triton's own `CompiledKernel[grid](...)` does), skipping the JIT's
+    per-call binding, specialization and cache-key work: most of an eager call's host time.
+    Everything the JIT specializes on is fixed by the plan's key (dtypes, every integer argument)
+    or checked per call (all pointers 16-byte aligned), so the JIT would pick the same kernel again.
+    The kernel is launched directly only on the device it was loaded on; elsewhere the JIT runs."""
+
+    __slots__ = ("device", "fn", "function", "grid", "launcher", "metadata", "options", "tail", "values")
+
+    def __init__(self, fn, grid, tensor_names, values, options):
+        names = tuple(fn.arg_names)
+        if names[: len(tensor_names)] != tensor_names:
+            raise AssertionError(
+                f"{fn.__name__}: tensor arguments {names[: len(tensor_names)]}, expected {tensor_names}"
+            )
+        self.fn, self.values, self.options = fn, values, options
+        self.grid = (*grid, *(1,) * (3 - len(grid)))
+        self.tail = tuple(values[name] for name in names[len(tensor_names) :])  # in the signature's order
+        self.launcher = self.function = self.metadata = self.device = None
+
+    def __call__(self, tensors, device, stream):
+        """Launch; `device` and `stream` are the current ones when a direct launch is allowed
+        (aligned pointers, no launch hooks), else None."""
+        if device is not None and device == self.device:
+            g0, g1, g2 = self.grid
+            self.launcher(g0, g1, g2, stream, self.function, self.metadata, None, None, None, *tensors, *self.tail)
+            return
+        kernel = self.fn[self.grid](*tensors, **self.values, **self.options)
+        # The interpreter returns nothing; a compiled kernel has been loaded by the launch above.
+        if device is not None and getattr(kernel, "function", None) is not None and hasattr(kernel, "packed_metadata"):
+            self.launcher, self.function, self.metadata = kernel.run, kernel.function, kernel.packed_metadata
+            self.device = device
+
+
+_SPLIT_TENSORS = ("Q", "R", "K", "V", "SEQLENS", "O", "WS")
+_COMBINE_TENSORS = ("SEQLENS", "O", "WS")
+# Under TRITON_INTERPRET=1 the kernels are interpreted functions, with nothing compiled to launch.
+_COMPILED = isinstance(_decode_combine_kernel, triton.runtime.JITFunction)
+
+
+class DecodePlan:
+    """Launch plan of one call signature: shapes, strides, dtype, device, lengths' dtype, scale,
+    window, config and whether the inputs are 16-byte aligned (see `call_key`). Holds no tensors.
+
+    Calling it allocates the output (and, when the cache is sliced, one fp32 workspace for the
+    partial states) and launches. The workspace is allocated per call rather than kept in the plan:
+    two calls in flight on different streams, or a call captured in a CUDA graph and replayed
+    beside eager ones, would otherwise share it; the caching allocator makes the allocation cheap.
+    """
+
+    def __init__(self, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None, aligned=False):
+        B, _, H_q, D = q.shape
+        L_max, H_kv = k_cache.shape[1], k_cache.shape[2]
+        self.copy_q, self.copy_r = q.stride(3) != 1, r.stride(3) != 1  # the kernel reads D with unit stride
+        self.copy_lens = cache_seqlens is not None and B > 1 and cache_seqlens.stride(0) != 1
+        q_st = (H_q * D, D) if self.copy_q else (q.stride(0), q.stride(2))
+        r_st = (H_q * D, D) if self.copy_r else (r.stride(0), r.stride(2))
+        plan = _plan(B, H_q, H_kv, D, L_max, window_size, sm_count(q.device), config)
+        S = plan.num_splits
+        self.plan, self.num_splits, self.single = plan, S, S == 1
+        self.out_shape, self.dtype, self.device = (B, 1, H_q, D), q.dtype, q.device
+        n_rows = B * H_q * S
+        self.ws_shape = (n_rows * (2 * D + 3),)  # O1 and O2 (n_rows, D) each, then m, d1, d2 (3, n_rows)
+        self.aligned = aligned and _COMPILED
+        # Only where every call of this plan has aligned caches (aligned is part of its key).
+        self.use_tma = plan.use_dot and plan.use_tma and aligned and _tma_ready(k_cache, v_cache)
+        self.set_allocator = self.use_tma and q.is_cuda  # the descriptors go to global scratch per program
+        flags = {"HAS_SEQLENS": cache_seqlens is not None, "HAS_WINDOW": window_size is not None}
+        window = 0 if window_size is None else window_size
+        scale = D**-0.5 if scale is None else scale
+        out_st = (H_q * D, D)  # the output is allocated contiguous
+        values = dict(
+            scale_log2=scale * _LOG2E, L_max=L_max, window=window, num_splits=S, n_rows=n_rows,
+            stride_qb=q_st[0], stride_qh=q_st[1], stride_rb=r_st[0], stride_rh=r_st[1],
+            stride_kb=k_cache.stride(0), stride_kl=k_cache.stride(1), stride_kh=k_cache.stride(2),
+            stride_vb=v_cache.stride(0), stride_vl=v_cache.stride(1), stride_vh=v_cache.stride(2),
+            stride_ob=out_st[0], stride_oh=out_st[1],
+            H_KV=H_kv, D=D, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
+            NUM_STAGES=plan.num_stages, **flags,
+        )  # fmt: skip
+        if plan.use_dot:
+            fn = _decode_split_dot_kernel
+            precision = "ieee" if q.dtype == torch.float32 else "tf32"
+            values.update(G=H_q // H_kv, BLOCK_G=plan.block_g, DOT_PRECISION=precision, USE_TMA=self.use_tma)
+        else:
+            fn = _decode_split_vec_kernel
+        options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
+        self.split = _Launch(fn, (B * H_kv, S), _SPLIT_TENSORS, values, options)
+        self.combine = None
+        if S > 1:
+            block_s = triton.next_power_of_2(S)
+            block_dc = min(plan.block_d, max(16, 4096 // block_s))  # at most 32 fp32 per thread per tensor
+            combine_values = dict(
+                L_max=L_max, window=window, num_splits=S, n_rows=n_rows, stride_ob=out_st[0], stride_oh=out_st[1],
+                H_Q=H_q, D=D, BLOCK_N=plan.block_n, BLOCK_S=block_s, BLOCK_DC=block_dc, **flags,
+            )  # fmt: skip
+            grid = (B * H_q, triton.cdiv(D, block_dc))
+            self.combine = _Launch(_decode_combine_kernel, grid, _COMBINE_TENSORS, combine_values, {"num_warps": 4})
+
+    def __call__(self, q, r, k_cache, v_cache, cache_seqlens):
+        if self.copy_q:
+            q = q.contiguous()
+        if self.copy_r:
+            r = r.contiguous()
+        out = empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if cache_seqlens is None:
+            lens = out  # never read: HAS_SEQLENS is off
+        else:
+            lens = cache_seqlens.contiguous() if self.copy_lens else cache_seqlens
+        ws = out if self.single else empty(self.ws_shape, dtype=torch.float32, device=self.device)
+        device = stream = None
+        # Fresh allocations (out, ws, the copies) are aligned with the caching allocator; checked anyway.
+        if self.aligned and not (out.data_ptr() | ws.data_ptr() | q.data_ptr() | r.data_ptr()) & 15 and _hooks_quiet():
+            drv = driver.active
+            device = drv.get_current_device()
+            stream = drv.get_current_stream(device)
+        if self.set_allocator:
+            triton.set_allocator(_scratch)
+        self.split((q, r, k_cache, v_cache, lens, out, ws), device, stream)
+        if self.combine is not None:
+            self.combine((lens, out, ws), device, stream)
+        return out
+
+
+_LAUNCH_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None, key=None) -> DecodePlan:
+    """The cached plan for this call signature (`key` from `call_key`, computed when not given);
+    built on first use. Inputs that `call_key` does not cover get a fresh plan every call."""
+    if key is None:
+        key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    if key is None:
+        return DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
+    full_key = (key, config)
+    plan = _LAUNCH_PLANS.get(full_key)
+    if plan is None:
+        plan = DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, aligned=key[-1])
+        if len(_LAUNCH_PLANS) >= _MAX_PLANS:  # shapes that keep changing must not grow it without bound
+            del _LAUNCH_PLANS[next(iter(_LAUNCH_PLANS))]
+        _LAUNCH_PLANS[full_key] = plan
+    return plan
+
+
 def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):
     """Launch the split kernel (and the combine kernel when it split); inputs already validated.
 
     q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D) with unit stride on D (read in place).
     `config` (a DecodeConfig) overrides the heuristic, for benchmarks and tests.
     """
-    B, _, H_q, D = q.shape
-    L_max, H_kv = k_cache.shape[1], k_cache.shape[2]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if r.stride(-1) != 1:
-        r = r.contiguous()
-    plan = _plan(B, H_q, H_kv, D, L_max, window_size, sm_count(q.device), config)
-    S = plan.num_splits
-    out = empty((B, 1, H_q, D), dtype=q.dtype, device=q.device)
-    n_rows = B * H_q * S
-    if S > 1:
-        po1 = empty((n_rows, D), dtype=torch.float32, device=q.device)
-        po2 = empty((n_rows, D), dtype=torch.float32, device=q.device)
-        pstat = empty((3, n_rows), dtype=torch.float32, device=q.device)
-    else:
-        po1 = po2 = pstat = out  # never touched: the single slice writes the output itself
-    has_seqlens = cache_seqlens is not None
-    seqlens = cache_seqlens if has_seqlens else out
-    window = 0 if window_size is None else window_size
-    scale = D**-0.5 if scale is None else scale
-    args = (
-        q, r, k_cache, v_cache, seqlens, out, po1, po2, pstat,
-        scale * _LOG2E, L_max, window, S, n_rows,
-        q.stride(0), q.stride(2), r.stride(0), r.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(2),
-    )  # fmt: skip
-    flags = {"HAS_SEQLENS": has_seqlens, "HAS_WINDOW": window_size is not None}
-    grid = (B * H_kv, S)
-    if plan.use_dot:
-        use_tma = plan.use_tma and _tma_ready(k_cache, v_cache)
-        if use_tma and q.is_cuda:
-            triton.set_allocator(_scratch)  # the descriptors are written to global scratch per program
-        _decode_split_dot_kernel[grid](
-            *args, H_KV=H_kv, G=H_q // H_kv, D=D,
-            BLOCK_G=plan.block_g, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
-            NUM_STAGES=plan.num_stages, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            USE_TMA=use_tma, num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
-        )  # fmt: skip
-    else:
-        _decode_split_vec_kernel[grid](
-            *args, H_KV=H_kv, D=D, BLOCK_D=plan.block_d, BLOCK_N=plan.block_n, SINGLE=S == 1,
-            NUM_STAGES=plan.num_stages, num_warps=plan.num_warps, num_stages=plan.num_stages, **flags,
-        )  # fmt: skip
-    if S > 1:
-        block_s = triton.next_power_of_2(S)
-        block_dc = min(plan.block_d, max(16, 4096 // block_s))  # at most 32 fp32 per thread per tensor
-        _decode_combine_kernel[(B * H_q, triton.cdiv(D, block_dc))](
-            seqlens, out, po1, po2, pstat, L_max, window, S, n_rows, out.stride(0), out.stride(2),
-            H_Q=H_q, D=D, BLOCK_N=plan.block_n, BLOCK_S=block_s, BLOCK_DC=block_dc, num_warps=4, **flags,
-        )  # fmt: skip
-    return out
+    plan = launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
+    return plan(q, r, k_cache, v_cache, cache_seqlens)

@@ -221,16 +221,79 @@ def test_bad_inputs_are_named(what, make, kwargs, exc, msg):
     assert msg in str(info.value)
 
 
-def test_common_inputs_take_the_short_check():
-    """Valid everyday inputs skip the full validation (a decode loop pays it per layer and token);
-    anything else goes through it (the cases above prove that it then names the problem)."""
-    from parallax_kernels.parallax.decode import _plainly_valid
+@pytest.mark.parametrize("check_lengths", [None, True])
+def test_host_length_check_names_the_bad_lengths(check_lengths):
+    """Lengths in CPU memory are checked by default; check_lengths=True checks any (a sync on CUDA)."""
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[1, 8\], got \[0, 9\]"):
+        parallax_decode(*_good(B=3), torch.tensor([0, 9, 8], dtype=torch.int32), check_lengths=check_lengths)
 
-    assert _plainly_valid(*_good())
-    k = torch.randn(2, 8, 4, 16)[:, :, ::2]  # a strided cache view is still common
-    assert _plainly_valid(*_good()[:2], k, k)
-    assert not _plainly_valid(*[x.double() for x in _good()])  # fp64 runs the reference, full checks
-    assert not _plainly_valid(*_good()[:3], torch.nn.Parameter(torch.randn(2, 8, 2, 16)))
+
+def test_unchecked_lengths_outside_the_cache_give_nan_rows(poison):
+    """check_lengths=False skips the host read, as the default does for CUDA tensors: the bad rows
+    come back NaN (nothing outside the cache is read: its stale rows are NaN too), the rest exact."""
+    q, r, k, v, _ = _inputs(3, 32, 2, 2, 32, torch.float32, lens=torch.tensor([32, 20, 32]))
+    lens = torch.tensor([33, 20, 0], dtype=torch.int32)
+    got = parallax_decode(q, r, k, v, cache_seqlens=lens, check_lengths=False)
+    assert torch.isnan(got[0]).all() and torch.isnan(got[2]).all()
+    _check(got[1:2], q[1:2], r[1:2], k[1:2], v[1:2], lens[1:2])
+
+
+def test_checks_run_once_per_call_signature(monkeypatch):
+    """A decode loop pays the full checks on its first step only; any change of shape, stride, dtype,
+    scale, window or lengths' dtype is a new signature and is checked again."""
+    from parallax_kernels.parallax import decode
+
+    calls = []
+    full_checks = decode.check_decode_inputs
+    monkeypatch.setattr(decode, "check_decode_inputs", lambda *a: calls.append(1) or full_checks(*a))
+    monkeypatch.setattr(decode, "_PLANS", {})
+    q, r, k, v, lens = _inputs(2, 40, 4, 2, 64, torch.float32, stale=0.0)
+    for _ in range(3):
+        parallax_decode(q, r, k, v, cache_seqlens=lens, scale=0.2)
+    parallax_decode(q.clone(), r.clone(), k.clone(), v.clone(), cache_seqlens=lens.clone(), scale=0.2)
+    assert len(calls) == 1
+    variants = [
+        (q, r, k, v, lens, 0.3, None), (q, r, k, v, lens, 0.2, 9), (q, r, k, v, lens.long(), 0.2, None),
+        (q, r, k, v, None, 0.2, None), (q, r, k[:, :32], v[:, :32], None, 0.2, None),
+        (q.half(), r.half(), k.half(), v.half(), lens, 0.2, None),
+    ]  # fmt: skip
+    for i, (*tensors, lengths, scale, window) in enumerate(variants, start=2):
+        parallax_decode(*tensors, cache_seqlens=lengths, scale=scale, window_size=window)
+        assert len(calls) == i
+    with pytest.raises(ValueError, match="r must have the shape of q"):  # after good calls, still named
+        parallax_decode(q, r[:, :, :2], k, v, cache_seqlens=lens)
+
+
+def test_launch_plan_is_cached_per_signature():
+    from parallax_kernels.parallax import triton_decode as td
+    from parallax_kernels.parallax.decode import call_key
+
+    q, r, k, v, lens = _inputs(2, 40, 4, 2, 64, torch.float32)
+    plan = td.launch_plan(q, r, k, v, lens, None, None)
+    assert td.launch_plan(q.clone(), r.clone(), k.clone(), v.clone(), lens.clone(), None, None) is plan
+    assert td.launch_plan(q, r, k, v, lens, None, None, DecodeConfig(num_splits=2)) is not plan
+    assert td.launch_plan(q[:1], r[:1], k[:1], v[:1], lens[:1], None, None) is not plan
+    assert td.launch_plan(q, r, k[:, :32], v[:, :32], lens, None, None) is not plan
+    assert td.launch_plan(q, r, k, v, None, None, None) is not plan
+    assert td.launch_plan(q, r, k, v, lens, None, 5) is not plan
+    # a view that is not 16-byte aligned gets its own plan (which always launches through the JIT:
+    # test_direct_launch_passes_what_the_jit_passes)
+    k_off = torch.randn(k.numel() + 1)[1:].view(k.shape)
+    assert call_key(q, r, k, v, lens, None, None)[-1] and not call_key(q, r, k_off, v, lens, None, None)[-1]
+    assert td.launch_plan(q, r, k_off, v, lens, None, None) is not plan
+
+
+def test_call_key_leaves_unusual_inputs_to_the_full_checks():
+    from parallax_kernels.parallax.decode import call_key
+
+    good = _good()
+    assert call_key(*good, None, None, None) is not None
+    assert call_key(*good, LENS, 0.5, 3) is not None
+    assert call_key(*good[:3], torch.nn.Parameter(good[3]), None, None, None) is None
+    assert call_key(*good[:3], good[3].to_sparse(), None, None, None) is None
+    assert call_key(*good, [3, 8], None, None) is None
+    assert call_key(*good, None, torch.tensor(0.5), None) is None
+    assert call_key(*good, None, None, True) is None  # a bool window is refused by name, not taken as 1
 
 
 # --- the GPU compiler accepts what the interpreter ran ---
@@ -262,15 +325,13 @@ def _aot_main():  # pragma: no cover - runs in a subprocess without TRITON_INTER
         ptr = "*" + dt
         if kind == "combine":
             fn = td._decode_combine_kernel
-            values = dict(SEQLENS="*i32", O=ptr, PO1="*fp32", PO2="*fp32", PSTAT="*fp32", L_max=L, window=0,
-                          num_splits=7, n_rows=H_kv * G * 7, stride_ob=H_kv * G * D, stride_oh=D, H_Q=H_kv * G, D=D,
+            values = dict(SEQLENS="*i32", O=ptr, WS="*fp32", L_max=L, window=0, num_splits=7, n_rows=H_kv * G * 7, stride_ob=H_kv * G * D, stride_oh=D, H_Q=H_kv * G, D=D,
                           BLOCK_N=plan.block_n, BLOCK_S=8, BLOCK_DC=plan.block_d)  # fmt: skip
             warps, stages = 4, 1
         else:
             fn = td._decode_split_vec_kernel if kind == "vec" else td._decode_split_dot_kernel
-            values = dict(Q=ptr, R=ptr, K=ptr, V=ptr, SEQLENS="*i32", O=ptr, PO1="*fp32", PO2="*fp32", PSTAT="*fp32",
-                          scale_log2=0.1, L_max=L, window=0, num_splits=4, n_rows=64, stride_qb=H_kv * G * D,
-                          stride_qh=D, stride_rb=H_kv * G * D, stride_rh=D, stride_kb=L * H_kv * D,
+            values = dict(Q=ptr, R=ptr, K=ptr, V=ptr, SEQLENS="*i32", O=ptr, WS="*fp32", scale_log2=0.1, L_max=L,
+                          window=0, num_splits=4, n_rows=64, stride_qb=H_kv * G * D, stride_qh=D, stride_rb=H_kv * G * D, stride_rh=D, stride_kb=L * H_kv * D,
                           stride_kl=H_kv * D, stride_kh=D, stride_vb=L * H_kv * D, stride_vl=H_kv * D, stride_vh=D,
                           stride_ob=H_kv * G * D, stride_oh=D, H_KV=H_kv, D=D, BLOCK_D=plan.block_d,
                           BLOCK_N=plan.block_n, SINGLE=not split, NUM_STAGES=plan.num_stages)  # fmt: skip
@@ -321,3 +382,142 @@ def test_kernels_compile_for_hopper():
     assert len(lines) == len(AOT_VARIANTS)
     for line in lines:
         assert 0 < line["shared"] <= 227 * 1024, line
+
+
+# --- the direct launch hands the compiled kernel exactly what the JIT would ---
+
+
+def _direct_launch_main():  # pragma: no cover - runs in a subprocess without TRITON_INTERPRET
+    """With a stand-in driver and compiled kernels that record their launches (no GPU needed),
+    compare the JIT's launch (first call of a plan) with the direct one (later calls), argument by
+    argument, and count how often the JIT runs. Prints one JSON line."""
+    import json
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    from parallax_kernels.parallax import decode
+    from parallax_kernels.parallax import triton_decode as td
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 1234
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    launches, jit_runs = [], []
+
+    class Kernel:  # the parts of a CompiledKernel that a launch touches
+        function, packed_metadata = 77, ("packed",)
+
+        def __init__(self, name):
+            self.name = name
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            launches.append((self.name, args))
+
+    triton.runtime.driver.set_active(Driver())
+    kernels = [td._decode_split_dot_kernel, td._decode_split_vec_kernel, td._decode_combine_kernel]
+    for fn in kernels:
+
+        def compile_(key, signature, device, constexprs, options, attrs, warmup, fn=fn):
+            fn.device_caches[device][0][key] = kernel = Kernel(fn.__name__)
+            return kernel
+
+        def run(*args, fn=fn, jit_run=fn.run, **kwargs):
+            jit_runs.append(fn.__name__)
+            return jit_run(*args, **kwargs)
+
+        fn._do_compile, fn.run = compile_, run
+    decode.backend_for = lambda t: "triton"
+    td.sm_count = lambda device: 132
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+        return type(a) is type(b) and a == b
+
+    def compare(first, second):
+        """first: the JIT's launch; second: the direct one."""
+        (name1, a1), (name2, a2) = first, second
+        assert name1 == name2 and a1[:6] == a2[:6], (a1[:6], a2[:6])  # grid, stream, function, metadata
+        assert a2[6:9] == (None, None, None)  # no launch metadata, no hooks
+        assert len(a1) == len(a2) and all(same(x, y) for x, y in zip(a1[9:], a2[9:], strict=True))
+
+    q = torch.randn(1, 1, 8, 128, dtype=torch.bfloat16)
+    r = torch.randn(1, 1, 8, 128, dtype=torch.bfloat16)
+    k, v = torch.randn(1, 4096, 2, 128, dtype=torch.bfloat16), torch.randn(1, 4096, 2, 128, dtype=torch.bfloat16)
+    lens = torch.tensor([3000], dtype=torch.int32)
+    big = [torch.randn(256, 1, 8, 64), torch.randn(256, 1, 8, 64), torch.randn(256, 64, 8, 64)]
+    cases = {  # name: (call, inputs passed in place, launches per call)
+        "dot gqa, lengths, window, sliced": (lambda: decode.parallax_decode(q, r, k, v, lens, None, 1000), 2),
+        "vec, sliced": (
+            lambda: td.parallax_decode_triton(q, r, k[:, :, :1], v[:, :, :1], None, 0.1, None, td.DecodeConfig(use_dot=False)),
+            2,
+        ),
+        "one slice, fp32": (lambda: decode.parallax_decode(*big[:2], big[2], big[2]), 1),
+    }  # fmt: skip
+    report = {}
+    for name, (call, per_call) in cases.items():
+        launches.clear(), jit_runs.clear()
+        call(), call(), call()
+        assert len(launches) == 3 * per_call and len(jit_runs) == per_call, (name, len(launches), jit_runs)
+        for i in range(per_call):
+            compare(launches[i], launches[per_call + i])
+            compare(launches[i], launches[2 * per_call + i])
+        report[name] = "ok"
+    # the caller's tensors are passed in place, in the signature's order
+    launches.clear()
+    decode.parallax_decode(q, r, k, v, lens, None, 1000)
+    assert all(a is b for a, b in zip(launches[0][1][9:14], (q, r, k, v, lens), strict=True))
+    # a launch hook (a profiler) sends every launch through the JIT, which calls the hooks
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        jit_runs.clear()
+        decode.parallax_decode(q, r, k, v, lens, None, 1000)
+        report["hook"] = len(jit_runs)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    # pointers off 16-byte alignment: the JIT every time (its kernel is specialized on alignment)
+    k_off = torch.randn(k.numel() + 8, dtype=torch.bfloat16)[1 : k.numel() + 1].view(k.shape)
+    jit_runs.clear()
+    for _ in range(3):
+        decode.parallax_decode(q, r, k_off, v, lens, None, 1000)
+    report["misaligned"] = len(jit_runs)
+    print(json.dumps(report), flush=True)
+
+
+def test_direct_launch_passes_what_the_jit_passes():
+    """After the first call of a plan, launches skip the JIT and call the compiled kernel's launcher
+    directly; this checks on the CPU (a stand-in driver, kernels that record their launches) that
+    the grid, stream and every argument match what the JIT passed, in order, that the JIT runs once
+    per plan, and that a launch hook or a misaligned pointer sends every launch back through it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.kernels.test_parallax_decode import _direct_launch_main; _direct_launch_main()"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {
+        "dot gqa, lengths, window, sliced": "ok",
+        "vec, sliced": "ok",
+        "one slice, fp32": "ok",
+        "hook": 2,
+        "misaligned": 6,
+    }
