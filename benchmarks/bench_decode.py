@@ -1,23 +1,34 @@
 """Parallax decode on the GPU: bf16 correctness first, then speed against the peers in the same run.
 
     python benchmarks/bench_decode.py            # correctness + timing over the anchors grid (~2 min)
-    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape (~3 min)
-    python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only
+    python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only (< 40 s)
+    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape (~2 min)
+    python benchmarks/bench_decode.py --host     # no GPU needed: the Python host cost of one call
 
 Peers (each optional; one that is missing or fails is reported, never fatal): torch SDPA softmax decode
 with the cuDNN and FlashAttention backends (q of length 1 against the full cache), the paper authors'
 Triton decode `parallax.triton.parallax_decode` (and their CuTeDSL `parallax_attn_with_kvcache` if it
 imports), and fla's `parallax_decode_one_step`.
 
-Timings: `bench` is triton.testing.do_bench's median (the L2 is flushed before every call, so it is
-the device time of one call; the ratios and TB/s use it); `graph` replays a CUDA graph of back-to-back
-calls that cycle through enough copies of the cache to defeat the L2, as a decode loop under CUDA
-graphs runs; `loop` times eager back-to-back calls, the host cost where it exceeds the device's.
-Bandwidth is the bytes of K and V read once, divided by the time. Logs go to $OUT when it is set.
+Timings, µs per call:
+- `eager`: triton.testing.do_bench's median of single calls. The L2 is flushed before each call, and
+  that flush (~60 µs of device work) gives the host a head start: host cost shows only where it
+  exceeds the flush.
+- `graph`: replay of a CUDA graph of back-to-back calls cycling through enough copies of the cache
+  to defeat the L2 (a decode loop under CUDA graphs): the device time. TB/s uses it.
+- `loop`: eager back-to-back calls: max(host, device) per call, what an eager decode loop sees.
+- `host`: the host's time per call while the GPU is kept busy, so calls only queue (Python, checks,
+  allocation, launches).
+`ours+lens` passes cache_seqlens on the device (no host check: that is opt-in, check_lengths=True).
 
 --sweep times, per shape, the kernel configs (tensor-core vs vector path, block, warps, stages) at
 the heuristic split count, then split counts around it, and prints the heuristic against the best;
-the TMA (bulk-copy) path is swept last, after the pointer-load summary is out.
+the TMA (bulk-copy) path is swept last, after the pointer-load summary is out. It times CUDA-graph
+replays (device time): do_bench of eager calls is host-bound at batch 1, as call 1 found.
+
+--host runs on a CPU without a GPU: Triton's launches are replaced by no-ops behind a stand-in
+driver, and it prints the Python cost of one parallax_decode call (validation, plan, allocation,
+launch preparation), the figure that the plan cache and the direct launch cut.
 """
 
 from __future__ import annotations
@@ -147,6 +158,21 @@ def loop_us(fn, calls: int = 50) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def host_us(fn, calls: int = 50) -> float:
+    """µs of host time per call while the GPU is busy with a sleep kernel, so the calls only queue:
+    Python, checks, allocation and launch cost, with no device time in it."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(30_000_000)  # ~15 ms of device work ahead of the calls
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def graph_us(fns, calls: int, replays: int = 7) -> float:
     """Median µs per call of a CUDA graph that runs `calls` calls cycling through `fns`."""
     stream = torch.cuda.Stream()
@@ -220,8 +246,47 @@ def check_graph_replay() -> bool:
         return False
 
 
+def check_length_checks() -> bool:
+    """Lengths outside the cache: NaN rows without the host check (the CUDA default), a named error
+    with check_lengths=True, and a named refusal of check_lengths=True under graph capture."""
+    from parallax_kernels import parallax_decode
+
+    ok = True
+    # the signature of check_graph_replay's calls: compiled already
+    q, r, [(k, v)] = make_inputs(4, 16, 4, 3000)
+    bad = torch.tensor([0, 700, 3001, 3000], device=DEVICE, dtype=torch.int32)
+    out = parallax_decode(q, r, k, v, cache_seqlens=bad, window_size=1024)
+    rows = torch.isnan(out.float()).flatten(1).all(1).tolist()
+    good = rows == [True, False, True, False]
+    ok &= good
+    log(f"  ours  lengths outside the cache, unchecked: NaN rows {rows} {'ok' if good else 'FAIL'}")
+    try:
+        parallax_decode(q, r, k, v, cache_seqlens=bad, window_size=1024, check_lengths=True)
+        log("  ours  check_lengths=True with bad lengths: FAIL (no error)")
+        ok = False
+    except ValueError as e:
+        log(f"  ours  check_lengths=True with bad lengths: ok ({short_error(e)})")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                parallax_decode(q, r, k, v, cache_seqlens=bad, window_size=1024, check_lengths=True)
+            log("  ours  check_lengths=True under capture: FAIL (no error)")
+            ok = False
+        except RuntimeError as e:
+            named = "check_lengths=True" in str(e)
+            ok &= named
+            log(f"  ours  check_lengths=True under capture: {'ok' if named else 'FAIL'} ({short_error(e)})")
+        torch.cuda.synchronize()
+    except Exception as e:
+        ok = False
+        log(f"  ours  check_lengths=True under capture: FAIL {short_error(e)}")
+    return ok
+
+
 def check_correctness(peers) -> bool:
-    from parallax_kernels import parallax_decode, parallax_decode_reference
+    from parallax_kernels import parallax_decode, parallax_decode_reference, poison_outputs
+    from parallax_kernels.parallax.triton_decode import launch_plan
 
     log("== bf16/fp16 correctness against parallax_decode_reference (fp32 math), relative L2 error ==")
     ok = True
@@ -234,18 +299,26 @@ def check_correctness(peers) -> bool:
         tol = 2e-5 if dtype == torch.float32 else 1e-2
         name = f"B{B} H{Hq}:{Hkv} L{L} D{d} {str(dtype)[6:]} window={window} lens={lens_kind or 'full'}"
         try:
-            got = parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=window)
+            # The first call of a signature launches through Triton's JIT, later ones directly; both
+            # into NaN-filled outputs, so an element either leaves unwritten fails.
+            with poison_outputs(True):
+                first = parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=window)
+                second = parallax_decode(q, r, k, v, cache_seqlens=lens, window_size=window)
             want = parallax_decode_reference(q, r, k, v, lens, window_size=window)
-            err = rel_err(got, want)
-            good = err <= tol
+            err = max(rel_err(first, want), rel_err(second, want))
+            plan = launch_plan(q, r, k, v, lens, None, window)
+            direct = plan.split.launcher is not None
+            good = err <= tol and direct
             ok &= good
-            log(f"  ours  {name}: {err:.2e} {'ok' if good else f'FAIL (> {tol:.0e})'}")
+            how = f"{plan.num_splits} slices, {'direct launch' if direct else 'NO direct launch'}"
+            log(f"  ours  {name}: {err:.2e} ({how}) {'ok' if good else f'FAIL (> {tol:.0e})' if direct else 'FAIL'}")
         except Exception as e:
             ok = False
             log(f"  ours  {name}: FAIL {short_error(e)}")
             traceback.print_exc()
 
     ok &= check_graph_replay()
+    ok &= check_length_checks()
 
     # the peers on one shape, to show they are called the right way
     q, r, [(k, v)] = make_inputs(2, 8, 8, 4096)
@@ -266,7 +339,7 @@ def check_correctness(peers) -> bool:
 
 def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
     """Every method on one shape: do_bench on one cache, CUDA-graph replay over enough cache copies
-    to defeat the L2 (the same copies for every method)."""
+    to defeat the L2 (the same copies for every method); eager loop and host time for ours and cuDNN."""
     from parallax_kernels import parallax_decode
 
     nbytes = kv_bytes(B, Hkv, L)
@@ -274,15 +347,15 @@ def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
     q, r, caches = make_inputs(B, Hq, Hkv, L, copies=copies)
     lens = torch.full((B,), L, device=DEVICE, dtype=torch.int32)
     row = {"shape": f"B{B} H{Hq}:{Hkv} L{L}", "B": B, "Hq": Hq, "Hkv": Hkv, "L": L, "kv_bytes": nbytes}
-    row.update(bench={}, graph={}, loop={})
+    row.update(bench={}, graph={}, loop={}, host={})
     methods = {"ours": lambda q, r, k, v: parallax_decode(q, r, k, v), **peers}
-    if use_graph:  # lengths on the device: the host range check is skipped under capture
-        methods["ours+lens"] = lambda q, r, k, v: parallax_decode(q, r, k, v, cache_seqlens=lens)
+    methods["ours+lens"] = lambda q, r, k, v: parallax_decode(q, r, k, v, cache_seqlens=lens)
     k0, v0 = caches[0]
     for name, fn in methods.items():
         try:
             if name in ("ours", "ours+lens", "cudnn"):
                 row["loop"][name] = loop_us(lambda fn=fn: fn(q, r, k0, v0))
+                row["host"][name] = host_us(lambda fn=fn: fn(q, r, k0, v0))
             if name != "ours+lens":
                 row["bench"][name] = bench_us(lambda fn=fn: fn(q, r, k0, v0))
         except Exception as e:
@@ -295,10 +368,10 @@ def time_shape(B, Hq, Hkv, L, peers, use_graph=True) -> dict:
             except Exception as e:
                 row["graph"][name] = short_error(e)
                 torch.cuda.synchronize()
-    for kind in ("bench", "graph", "loop"):
+    for kind in ("bench", "graph", "loop", "host"):
         parts = [f"{m}={t:.1f}" if isinstance(t, float) else f"{m}=FAILED({t})" for m, t in row[kind].items()]
         if parts:
-            log(f"  {row['shape']:<20} {kind:<5} µs: " + "  ".join(parts))
+            log(f"  {row['shape']:<20} {'eager' if kind == 'bench' else kind:<5} µs: " + "  ".join(parts))
     return row
 
 
@@ -310,34 +383,45 @@ def run_grid(shapes, peers, use_graph=True):
     return rows
 
 
-def fmt_t(t) -> str:
-    return f"{t:8.1f}" if isinstance(t, float) else "  failed"
+def fmt_t(t, width=7) -> str:
+    return f"{t:{width}.1f}" if isinstance(t, float) else f"{'-' if t is None else 'failed':>{width}}"
 
 
-def fmt_ratio(a, b) -> str:
-    return f"{a / b:6.2f}x" if isinstance(a, float) and isinstance(b, float) else "     - "
+def fmt_ratio(a, b, width=6) -> str:
+    ok = isinstance(a, float) and isinstance(b, float)
+    return f"{a / b:{width - 1}.2f}x" if ok else f"{'-':>{width}}"
 
 
 def print_table(rows, peer_names):
-    cols = [p for p in ("cudnn", "flash", "authors", "authors-cute", "fla") if p in peer_names]
+    others = [p for p in ("flash", "authors", "authors-cute", "fla") if p in peer_names]
     log("")
-    log("== decode, bf16, D=128, µs per call: do_bench median (L2 flushed) unless named; graph = CUDA-graph "
-        "replay; loop = eager back-to-back calls (host-bound when small) ==")  # fmt: skip
-    head = f"{'shape':<20} {'ours':>8} {'graph':>8} {'loop':>8} " + " ".join(f"{c:>8}" for c in cols)
-    head += f" {'cud.loop':>8} {'TB/s':>6} {'vs cudnn':>8} {'(graph)':>8} {'vs authors':>10}"
+    log("== decode, bf16, D=128, µs per call. eager = do_bench median of single calls (L2 flushed; host cost "
+        "shows only beyond the flush); graph = CUDA-graph replay (device time); loop = eager back-to-back "
+        "calls; host = host time per call with the GPU busy; +lens = ours with cache_seqlens ==")  # fmt: skip
+    w = 7
+    head = f"{'':<20} {' ours ':-^{5 * w + 4}} {' cudnn ':-^{4 * w + 3}} {' ours / cudnn ':-^{3 * 6 + 2}}"
+    log(head)
+    head = f"{'shape':<20} " + " ".join(f"{c:>{w}}" for c in ("eager", "graph", "loop", "host", "+lens"))
+    head += " " + " ".join(f"{c:>{w}}" for c in ("eager", "graph", "loop", "host"))
+    head += " " + " ".join(f"{c:>6}" for c in ("eager", "graph", "loop"))
+    head += f" {'TB/s':>6} " + " ".join(f"{c + ' eager':>{max(w, len(c) + 6)}}" for c in others)
+    head += f" {'vs authors':>10}"
     log(head)
     for row in rows:
-        b, g, lp = row["bench"], row["graph"], row["loop"]
-        ours = b.get("ours")
-        tbs = f"{row['kv_bytes'] / ours / 1e6:6.2f}" if isinstance(ours, float) else "     -"
-        line = f"{row['shape']:<20} {fmt_t(ours)} {fmt_t(g.get('ours', 'n/a'))} {fmt_t(lp.get('ours', 'n/a'))} "
-        line += " ".join(fmt_t(b.get(c, "n/a")) for c in cols)
-        line += f" {fmt_t(lp.get('cudnn', 'n/a'))} {tbs}"
-        line += f" {fmt_ratio(ours, b.get('cudnn')):>8} {fmt_ratio(g.get('ours'), g.get('cudnn')):>8}"
-        line += f" {fmt_ratio(ours, b.get('authors')):>10}"
+        b, g, lp, h = row["bench"], row["graph"], row["loop"], row["host"]
+        ours_g = g.get("ours")
+        basis = ours_g if isinstance(ours_g, float) else b.get("ours")
+        tbs = f"{row['kv_bytes'] / basis / 1e6:6.2f}" if isinstance(basis, float) else f"{'-':>6}"
+        line = f"{row['shape']:<20} " + " ".join(
+            fmt_t(t.get(m)) for t, m in ((b, "ours"), (g, "ours"), (lp, "ours"), (h, "ours"), (lp, "ours+lens"))
+        )
+        line += " " + " ".join(fmt_t(t.get("cudnn")) for t in (b, g, lp, h))
+        line += " " + " ".join(fmt_ratio(t.get("ours"), t.get("cudnn")) for t in (b, g, lp))
+        line += f" {tbs} " + " ".join(fmt_t(b.get(c), max(w, len(c) + 6)) for c in others)
+        line += f" {fmt_ratio(b.get('ours'), b.get('authors'), 10)}"
         log(line)
-    log("ratios are our time / peer time (< 1 means ours is faster). Targets: <= 1.15x cudnn everywhere, "
-        ">= 3.6 TB/s at B32 H8:8 L16384.")  # fmt: skip
+    log("ratios are our time / peer time (< 1 means ours is faster); TB/s = K and V bytes / graph time. "
+        "Targets: <= 1.15x cudnn everywhere, >= 3.6 TB/s at B32 H8:8 L16384.")  # fmt: skip
 
 
 # ------------------------------------------------------------------ sweep
@@ -358,12 +442,15 @@ def describe(c) -> str:
 
 
 def _timer(B, Hq, Hkv, L):
+    """Device time of one config: CUDA-graph replay over enough cache copies to defeat the L2."""
     from parallax_kernels.parallax.triton_decode import parallax_decode_triton
 
-    q, r, [(k, v)] = make_inputs(B, Hq, Hkv, L)
+    copies = min(16, max(1, math.ceil(L2_DEFEAT_BYTES / kv_bytes(B, Hkv, L))))
+    q, r, caches = make_inputs(B, Hq, Hkv, L, copies=copies)
 
     def timed(cfg):
-        return bench_us(lambda: parallax_decode_triton(q, r, k, v, None, None, None, cfg), warmup=5, rep=25)
+        fns = [lambda k=k, v=v: parallax_decode_triton(q, r, k, v, None, None, None, cfg) for k, v in caches]
+        return graph_us(fns, calls=max(2 * copies, 8), replays=5)
 
     return timed
 
@@ -436,7 +523,7 @@ def run_sweep(shapes, t0):
     from parallax_kernels.parallax.triton_decode import sm_count
 
     sms = sm_count(torch.device(DEVICE))
-    log(f"== sweep ({sms} SMs): µs by do_bench median ==")
+    log(f"== sweep ({sms} SMs): µs per call by CUDA-graph replay (device time, L2 defeated) ==")
     summary = []
     for shape in shapes:
         summary.append(sweep_shape(*shape, sms))
@@ -457,6 +544,90 @@ def run_sweep(shapes, t0):
     return summary, tma_summary
 
 
+# ------------------------------------------------------------------ host cost on a CPU
+
+
+def run_host_cpu():
+    """--host: the Python cost of one parallax_decode call, on a CPU with no GPU. A stand-in driver
+    answers Triton's device and stream queries and every compiled kernel is a stand-in whose launch
+    does nothing, so what is timed is everything but the CUDA allocator and the driver's launch:
+    validation, the plan, CPU allocation, and Triton's launch preparation (the JIT's binding and
+    cache lookup on a first call of a plan, or the direct launch after it). Per-call times are
+    thread CPU time (min of 7 runs), so other processes on the machine inflate them little."""
+    os.environ.pop("TRITON_INTERPRET", None)  # before Triton is imported: compiled kernels, not interpreted
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from parallax_kernels import parallax_decode
+    from parallax_kernels.parallax import decode
+    from parallax_kernels.parallax import triton_decode as td
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class Kernel:  # what a launch touches of a CompiledKernel
+        function, packed_metadata = 1, None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            return None
+
+    triton.runtime.driver.set_active(Driver())
+    for fn in (td._decode_split_dot_kernel, td._decode_split_vec_kernel, td._decode_combine_kernel):
+
+        def compile_(key, signature, device, constexprs, options, attrs, warmup, fn=fn):
+            fn.device_caches[device][0][key] = kernel = Kernel()
+            return kernel
+
+        fn._do_compile = compile_
+    decode.backend_for = lambda t: "triton"  # CPU tensors take the GPU path
+    td.sm_count = lambda device: 132  # an H200's SMs, so batch 1 slices the cache as there
+
+    def per_call_us(fn, n=2000):
+        for _ in range(100):
+            fn()
+        runs = []
+        for _ in range(7):
+            start = time.thread_time()
+            for _ in range(n):
+                fn()
+            runs.append((time.thread_time() - start) / n * 1e6)
+        return min(runs)
+
+    log(f"== host cost of one call, CPU thread time, launches stubbed (torch {torch.__version__}, "
+        f"triton {triton.__version__}) ==")  # fmt: skip
+    for shape in [(1, 8, 8, 4096), (1, 32, 8, 16384), (32, 8, 8, 4096)]:
+        _host_cost_of_shape(*shape, per_call_us, parallax_decode, decode, td)
+    return 0
+
+
+def _host_cost_of_shape(B, Hq, Hkv, L, per_call_us, parallax_decode, decode, td):
+    q, r = torch.randn(B, 1, Hq, D, dtype=DTYPE), torch.randn(B, 1, Hq, D, dtype=DTYPE)
+    k, v = torch.empty(B, L, Hkv, D, dtype=DTYPE), torch.empty(B, L, Hkv, D, dtype=DTYPE)
+    lens = torch.full((B,), L, dtype=torch.int32)
+    plan = td.launch_plan(q, r, k, v, None, None, None)
+    t_call = per_call_us(lambda: parallax_decode(q, r, k, v))
+    t_lens = per_call_us(lambda: parallax_decode(q, r, k, v, cache_seqlens=lens, check_lengths=False))
+    t_key = per_call_us(lambda: decode.call_key(q, r, k, v, None, None, None))
+    t_empty = per_call_us(lambda: torch.empty(plan.out_shape, dtype=DTYPE))
+    plan.aligned = False  # as for a misaligned input: every launch through Triton's JIT
+    t_jit = per_call_us(lambda: parallax_decode(q, r, k, v), n=500)
+    plan.aligned = True
+    log(f"  B{B} H{Hq}:{Hkv} L{L} ({plan.num_splits} slices, {1 + (plan.num_splits > 1)} launches): "
+        f"parallax_decode {t_call:.1f} µs, with cache_seqlens {t_lens:.1f} µs (of which the signature "
+        f"key {t_key:.1f} µs, one torch.empty {t_empty:.1f} µs); launching through the JIT instead: "
+        f"{t_jit:.1f} µs")  # fmt: skip
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -466,7 +637,10 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time configs and split counts per shape instead")
     ap.add_argument("--quick", action="store_true", help="only the 5 anchor shapes")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--host", action="store_true", help="CPU only: the Python host cost of one call")
     args = ap.parse_args(argv)
+    if args.host:
+        return run_host_cpu()
     if not torch.cuda.is_available():
         sys.exit("bench_decode.py needs a CUDA GPU")
     out_dir = os.environ.get("OUT")
