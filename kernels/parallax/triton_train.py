@@ -65,14 +65,15 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim. Registers bound the tiles: per program two fp32
-# accumulators (O1 and O2; dq and dr; dk and dv) of rows x head dim, plus two (forward) or three (backward:
-# s, t and dO·vᵀ) fp32 score tiles of block_m x block_n, must fit in ~192 registers a thread. Hence 8 warps
-# everywhere, key tiles of 32-64 for the wide accumulators, and 64-row tiles at head dim 256.
+# Hopper (sm90) table, keyed by the padded head dim. Registers bound the tiles: two fp32 accumulators
+# (O1 and O2; dq and dr; dk and dv) of rows x head dim take >= 128 registers a thread at head dim 128 however
+# the rows are split (a wgmma warp group owns >= 64 rows), so the score tiles beside them stay narrow.
+# Every entry compiles (sm90, Triton 3.7) with no spill inside its tile loops, and head dim 256 with none at
+# all: benchmarks/sm90_spills.py checks that without a GPU; bench_train.py --sweep times the alternatives.
 _HOPPER = {
-    64: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 2), KernelConfig(64, 128, 8, 2)),
-    128: TrainConfigs(KernelConfig(128, 64, 8, 2), KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)),
-    256: TrainConfigs(KernelConfig(64, 32, 8, 2), KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 8, 1)),
+    64: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 2), KernelConfig(32, 128, 8, 2)),
+    128: TrainConfigs(KernelConfig(128, 32, 8, 3), KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)),
+    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 2), KernelConfig(16, 16, 4, 2)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
 _OTHER = {
@@ -128,6 +129,19 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
         else:
             x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return x
+
+
+@triton.jit
+def _tile_offsets(s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """int32 offsets of a (ROWS, BLOCK_D) tile from its first element. Loops carry a scalar base pointer and
+    add these, instead of carrying a tensor of 64-bit pointers (which costs registers per element)."""
+    return tl.arange(0, ROWS)[:, None] * s_t + tl.arange(0, BLOCK_D)[None, :] * s_d
+
+
+@triton.jit
+def _base(BASE, b, s_b, h, s_h, row, s_t):
+    """Scalar pointer to element (b, row, h, 0), in int64 so long packed batches cannot overflow."""
+    return BASE + b * s_b + h.to(tl.int64) * s_h + row * s_t
 
 
 @triton.jit
@@ -235,18 +249,18 @@ def _finite_or_zero(m, MASK: tl.constexpr):
 @triton.jit
 def _fwd_tiles(
     o1, o2, d1, d2, m_i,
-    q, r, k_ptrs, v_ptrs, stride_kt, stride_vt,
+    q, r, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
     pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
 ):
-    k_ptrs += lo.to(tl.int64) * stride_kt
-    v_ptrs += lo.to(tl.int64) * stride_vt
+    k_base += lo.to(tl.int64) * stride_kt
+    v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_tile(k_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        k = _load_tile(k_base + k_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_base + v_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         if MASK:
@@ -276,8 +290,8 @@ def _fwd_tiles(
             o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
             o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
     return o1, o2, d1, d2, m_i
 
 
@@ -312,8 +326,10 @@ def _fwd_kernel(
                    HEAD_DIM, BLOCK_D, True)
     r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)
-    k_ptrs = _ptrs(K, b, sk_b, hk, sk_h, row0, sk_t, sk_d, BLOCK_N, BLOCK_D)
-    v_ptrs = _ptrs(V, b, sv_b, hk, sv_h, row0, sv_t, sv_d, BLOCK_N, BLOCK_D)
+    k_base = _base(K, b, sk_b, hk, sk_h, row0, sk_t)
+    v_base = _base(V, b, sv_b, hk, sv_h, row0, sv_t)
+    k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
+    v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
 
     o1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     o2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -326,13 +342,13 @@ def _fwd_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                          pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
                                          HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_ptrs, v_ptrs, sk_t, sv_t,
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
 
@@ -356,29 +372,31 @@ def _fwd_kernel(
 @triton.jit
 def _dq_tiles(
     dq, dr,
-    q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, stride_kt, stride_vt,
+    q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
     pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    k_ptrs += lo.to(tl.int64) * stride_kt
-    v_ptrs += lo.to(tl.int64) * stride_vt
+    k_base += lo.to(tl.int64) * stride_kt
+    v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_tile(k_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_ptrs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        k = _load_tile(k_base + k_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        v = _load_tile(v_base + v_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
         if MASK:
             p = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), p, 0.0)
-        dt = p * (delta_b[:, None] - a)  # dT = -p (a - b)
-        ds = p * (a - delta_t[:, None]) - (tbar[:, None] - t) * dt
+        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e).
+        e = delta_b[:, None] - a
+        dt = p * e
+        ds = p * (b_minus_t[:, None] - (tbar1[:, None] - t) * e)
         dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PREC)
         dr = tl.dot(dt.to(k.dtype), k, acc=dr, input_precision=DOT_PREC)
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        k_base += BLOCK_N * stride_kt
+        v_base += BLOCK_N * stride_vt
     return dq, dr
 
 
@@ -428,10 +446,13 @@ def _bwd_dq_kernel(
     tl.store(DELTA_B + stat, delta_b, mask=row_ok)
     # Rows past the end get lse = +inf, hence p = 0: they add nothing and need no mask in full tiles.
     lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
-    tbar = tl.load(TBAR + stat, mask=row_ok, other=0.0)
+    tbar1 = 1.0 + tl.load(TBAR + stat, mask=row_ok, other=0.0)
+    b_minus_t = delta_b - delta_t
 
-    k_ptrs = _ptrs(K, b, sk_b, hk, sk_h, row0, sk_t, sk_d, BLOCK_N, BLOCK_D)
-    v_ptrs = _ptrs(V, b, sv_b, hk, sv_h, row0, sv_t, sv_d, BLOCK_N, BLOCK_D)
+    k_base = _base(K, b, sk_b, hk, sk_h, row0, sk_t)
+    v_base = _base(V, b, sv_b, hk, sv_h, row0, sv_t)
+    k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
+    v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if CAUSAL:
@@ -440,13 +461,13 @@ def _bwd_dq_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                            pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
                            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                        pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar, delta_t, delta_b, k_ptrs, v_ptrs, sk_t, sv_t,
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                        pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
 
@@ -461,32 +482,32 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkv_tiles(
     dk, dv,
-    k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B, stride_qt, stride_rt, stride_dot,
+    k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base, LSE, TBAR, DELTA_T, DELTA_B,
+    stride_qt, stride_rt, stride_dot,
     cols, offs_m, offs_d, lo, hi, t_q, t_k, off, window, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Transposed tiles (keys × queries), so dk and dv accumulate as plain (P-like)ᵀ·(query-side) products."""
-    q_ptrs += lo.to(tl.int64) * stride_qt
-    r_ptrs += lo.to(tl.int64) * stride_rt
-    do_ptrs += lo.to(tl.int64) * stride_dot
-    stat_ptrs += lo
+    q_base += lo.to(tl.int64) * stride_qt
+    r_base += lo.to(tl.int64) * stride_rt
+    do_base += lo.to(tl.int64) * stride_dot
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        q = _load_tile(q_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        r = _load_tile(r_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        do = _load_tile(do_ptrs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        q = _load_tile(q_base + q_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        r = _load_tile(r_base + r_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        do = _load_tile(do_base + do_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
         if MASK:
             row_ok = rows < t_q
-            lse = tl.load(LSE + stat_ptrs, mask=row_ok, other=float("inf"))
-            tbar = tl.load(TBAR + stat_ptrs, mask=row_ok, other=0.0)
-            delta_t = tl.load(DELTA_T + stat_ptrs, mask=row_ok, other=0.0)
-            delta_b = tl.load(DELTA_B + stat_ptrs, mask=row_ok, other=0.0)
+            lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
+            tbar = tl.load(TBAR + stat_base + rows, mask=row_ok, other=0.0)
+            delta_t = tl.load(DELTA_T + stat_base + rows, mask=row_ok, other=0.0)
+            delta_b = tl.load(DELTA_B + stat_base + rows, mask=row_ok, other=0.0)
         else:
-            lse = tl.load(LSE + stat_ptrs)
-            tbar = tl.load(TBAR + stat_ptrs)
-            delta_t = tl.load(DELTA_T + stat_ptrs)
-            delta_b = tl.load(DELTA_B + stat_ptrs)
+            lse = tl.load(LSE + stat_base + rows)
+            tbar = tl.load(TBAR + stat_base + rows)
+            delta_t = tl.load(DELTA_T + stat_base + rows)
+            delta_b = tl.load(DELTA_B + stat_base + rows)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         t_t = tl.dot(k, tl.trans(r), input_precision=DOT_PREC)
         a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -498,16 +519,17 @@ def _dkv_tiles(
             if WINDOW:
                 keep = keep & (cols[:, None] > rows[None, :] + off - window)
             p_t = tl.where(keep, p_t, 0.0)
-        u = tbar[None, :] - t_t  # t̄_i - t_ij
-        dt_t = p_t * (delta_b[None, :] - a_t)
-        ds_t = p_t * (a_t - delta_t[None, :]) - u * dt_t
-        dv = tl.dot((p_t + p_t * u).to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
-        dk = tl.dot((ds_t * scale).to(q.dtype), q, acc=dk, input_precision=DOT_PREC)
-        dk = tl.dot(dt_t.to(r.dtype), r, acc=dk, input_precision=DOT_PREC)
-        q_ptrs += BLOCK_M * stride_qt
-        r_ptrs += BLOCK_M * stride_rt
-        do_ptrs += BLOCK_M * stride_dot
-        stat_ptrs += BLOCK_M
+        # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e.
+        pw_t = p_t * ((1.0 + tbar)[None, :] - t_t)
+        e_t = delta_b[None, :] - a_t
+        dv = tl.dot(pw_t.to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
+        ds_t = p_t * ((delta_b - delta_t) * scale)[None, :] - pw_t * e_t * scale
+        dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PREC)
+        dk = tl.dot((p_t * e_t).to(r.dtype), r, acc=dk, input_precision=DOT_PREC)
+        q_base += BLOCK_M * stride_qt
+        r_base += BLOCK_M * stride_rt
+        do_base += BLOCK_M * stride_dot
+
     return dk, dv
 
 
@@ -546,20 +568,26 @@ def _bwd_dkv_kernel(
     else:
         off = 0
     lo, full_lo, full_hi, hi = _query_ranges(n0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    q_offs = _tile_offsets(sq_t, sq_d, BLOCK_M, BLOCK_D)
+    r_offs = _tile_offsets(sr_t, sr_d, BLOCK_M, BLOCK_D)
+    do_offs = _tile_offsets(sdo_t, sdo_d, BLOCK_M, BLOCK_D)
     for g in range(group):
         h = hk * group + g
-        q_ptrs = _ptrs(Q, b, sq_b, h, sq_h, row0, sq_t, sq_d, BLOCK_M, BLOCK_D)
-        r_ptrs = _ptrs(R, b, sr_b, h, sr_h, row0, sr_t, sr_d, BLOCK_M, BLOCK_D)
-        do_ptrs = _ptrs(DO, b, sdo_b, h, sdo_h, row0, sdo_t, sdo_d, BLOCK_M, BLOCK_D)
-        stat_ptrs = (b * n_heads + h) * stat_len + row0 + offs_m
+        q_base = _base(Q, b, sq_b, h, sq_h, row0, sq_t)
+        r_base = _base(R, b, sr_b, h, sr_h, row0, sr_t)
+        do_base = _base(DO, b, sdo_b, h, sdo_h, row0, sdo_t)
+        stat_base = (b * n_heads + h) * stat_len + row0
         if CAUSAL:
-            dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+                                LSE, TBAR, DELTA_T, DELTA_B,
                                 sq_t, sr_t, sdo_t, cols, offs_m, offs_d, lo, full_lo, t_q, t_k, off, window,
                                 qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
-        dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+                            LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_lo, full_hi, t_q, t_k, off, window,
                             qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PREC)
-        dk, dv = _dkv_tiles(dk, dv, k, v, q_ptrs, r_ptrs, do_ptrs, stat_ptrs, LSE, TBAR, DELTA_T, DELTA_B,
+        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+                            LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_hi, hi, t_q, t_k, off, window,
                             qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
 
