@@ -20,17 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
-from parallax_kernels import backend_for, parallax_attn, parallax_attn_reference, parallax_weights
-from parallax_kernels.parallax import op as parallax_op
-from parallax_kernels.parallax.triton_train import (
+triton = pytest.importorskip("triton", reason="the training kernels need triton (the kernels extra)")
+
+from parallax_kernels import backend_for, parallax_attn, parallax_attn_reference, parallax_weights  # noqa: E402
+from parallax_kernels.parallax import op as parallax_op  # noqa: E402
+from parallax_kernels.parallax.triton_train import (  # noqa: E402
     KernelConfig,
     default_configs,
     parallax_bwd_triton,
     parallax_fwd_triton,
 )
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
