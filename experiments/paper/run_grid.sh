@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The paper grid in one command: unpack the shards if needed, train {softmax, parallax} x {muon, adamw}
+# one after another into one MLflow store, print the results table last.
+#
+#   experiments/paper/run_grid.sh [OUT] [--tiny] [--controls] [run_grid.py options...]
+#
+# On the GPU machine (repository root as working folder, .gpu-wheels/ and .gpu-data/ carried):
+#   source benchmarks/gpu_env.sh && bash experiments/paper/run_grid.sh "$OUT"
+# CPU dry run (tiny model, a few steps, same data and code path):
+#   bash experiments/paper/run_grid.sh /tmp/grid_tiny --tiny
+#
+# OUT (default: $OUT, else ./paper_out) receives mlflow.db, grid.log, grid_status.tsv, artifacts.tar.gz.
+# Data, first found: $PAPER_DATA (a shard folder), .gpu-data/paper_shards.tar.xz (unpacked into
+# $PAPER_SCRATCH, default /tmp/paper_grid, and checked against its SHA256SUMS), /tmp/paper_shards.
+# The grid's wall-clock budget is run_grid.py's --budget-s (450 s by default; 4 runs).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+out=${OUT:-paper_out}
+if [[ $# -gt 0 && $1 != -* ]]; then
+    out=$1
+    shift
+fi
+scratch=${PAPER_SCRATCH:-/tmp/paper_grid}
+mkdir -p "$out" "$scratch"
+py=${PYTHON:-python3}
+command -v "$py" >/dev/null || py=python
+
+data=${PAPER_DATA:-}
+archive=.gpu-data/paper_shards.tar.xz
+if [[ -z $data && -f $archive ]]; then
+    data=$scratch/data/paper_shards
+    if [[ ! -f $data/meta.json ]]; then
+        echo "run_grid: unpacking $archive into $scratch/data"
+        mkdir -p "$scratch/data"
+        tar -xJf "$archive" -C "$scratch/data"
+    fi
+    (cd "$data" && sha256sum --quiet -c SHA256SUMS) || { echo "run_grid: $data does not match its SHA256SUMS" >&2; exit 2; }
+fi
+if [[ -z $data && -f /tmp/paper_shards/meta.json ]]; then
+    data=/tmp/paper_shards
+fi
+if [[ -z $data || ! -f $data/meta.json ]]; then
+    echo "run_grid: no token shards: set PAPER_DATA, or pack them with experiments/paper/pack_data.sh" >&2
+    exit 2
+fi
+echo "run_grid: data $data"
+
+# The shard data module opens tokenizer.json with `tokenizers`; the GPU image may lack it: install the wheel
+# that pack_data.sh put beside the archive (no network there).
+if ! "$py" -c "import tokenizers" 2>/dev/null; then
+    wheel=$(ls .gpu-data/tokenizers-*.whl 2>/dev/null | tail -1 || true)
+    if [[ -n $wheel ]]; then
+        echo "run_grid: installing $wheel into $scratch/site"
+        "$py" -m pip install -q --no-index --no-deps --no-compile --target "$scratch/site" "$wheel"
+        export PYTHONPATH=$scratch/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+fi
+
+# Fail in one second, not after the first run, when the environment lacks a piece.
+"$py" - "$@" <<'EOF'
+import importlib.util, sys
+missing = [m for m in ("parallax_lightning", "lightning", "mlflow", "jsonargparse", "omegaconf", "tokenizers")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"run_grid: missing Python packages: {', '.join(missing)} (on the GPU machine: source benchmarks/gpu_env.sh; "
+             "tokenizers: experiments/paper/pack_data.sh puts a wheel in .gpu-data/)")
+if importlib.util.find_spec("matplotlib") is None:
+    print("run_grid: WARNING matplotlib is missing: each run's end-of-training figures will fail after its metrics "
+          "are logged (report.py --print-only still works)", flush=True)
+if "--tiny" not in sys.argv[1:]:
+    import torch
+    if not torch.cuda.is_available():
+        sys.exit("run_grid: no CUDA device; the full grid needs the GPU (use --tiny for a CPU dry run)")
+EOF
+
+status=0
+"$py" experiments/paper/run_grid.py --data "$data" --out "$out" --scratch "$scratch" "$@" || status=$?
+
+# The report reads the experiment the runs went to (grid.yaml's, tiny.yaml's, or --experiment NAME).
+experiment=(--experiment paper-grid)
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+        --tiny) [[ ${experiment[1]} == paper-grid ]] && experiment=(--experiment paper-grid-tiny) ;;
+        --experiment) experiment=(--experiment "${args[i + 1]:-}") ;;
+        --experiment=*) experiment=(--experiment "${args[i]#--experiment=}") ;;
+    esac
+done
+echo
+"$py" experiments/paper/report.py --tracking-uri "sqlite:///$(cd "$out" && pwd)/mlflow.db" "${experiment[@]}" --print-only \
+    || echo "run_grid: report.py failed (the store is still in $out)" >&2
+exit $status
