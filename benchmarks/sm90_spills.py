@@ -1,4 +1,5 @@
 """Compile the Parallax training kernels for Hopper (sm90) without a GPU; report registers and spills.
+(--arch 80 does the same for the table used on pre-Hopper GPUs.)
 
     python benchmarks/sm90_spills.py                    # the configs the op uses (the Hopper table)
     python benchmarks/sm90_spills.py --sweep            # also every candidate bench_train.py --sweep times
@@ -90,7 +91,9 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     return sig, aligned
 
 
-def compile_report(kind, config: tt.KernelConfig, head_dim: int, dtype="bf16", causal=True, window=False):
+def compile_report(
+    kind, config: tt.KernelConfig, head_dim: int, dtype="bf16", causal=True, window=False, target=TARGET
+):
     kernel = KERNELS[kind]
     params = list(inspect.signature(kernel.fn).parameters)
     constexprs = dict(
@@ -105,9 +108,10 @@ def compile_report(kind, config: tt.KernelConfig, head_dim: int, dtype="bf16", c
     sig, aligned = _signature(kernel, dtype, constexprs)
     compiled = triton.compile(
         ASTSource(kernel, sig, constexprs, aligned),
-        target=TARGET,
+        target=target,
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
+    arch = f"sm_{target.arch}a" if target.arch >= 90 else f"sm_{target.arch}"  # wgmma needs the 90a variant
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -115,7 +119,7 @@ def compile_report(kind, config: tt.KernelConfig, head_dim: int, dtype="bf16", c
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         ptxas = subprocess.run(
-            [os.path.join(BIN, "ptxas"), "-v", f"-arch=sm_{TARGET.arch}a", ptx, "-o", os.path.join(tmp, "x")],
+            [os.path.join(BIN, "ptxas"), "-v", f"-arch={arch}", ptx, "-o", os.path.join(tmp, "x")],
             capture_output=True,
             text=True,
             check=True,
@@ -153,6 +157,7 @@ def main():
     ap.add_argument("--kinds", default="fwd,dq,dkv")
     ap.add_argument("--sweep", action="store_true", help="also the candidates of bench_train.py --sweep")
     ap.add_argument("--json", action="store_true", help="one JSON object a line")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 (Hopper table) or 80 (others)")
     args = ap.parse_args()
     candidates = {}
     if args.sweep:
@@ -162,13 +167,13 @@ def main():
         candidates = {"fwd": bench_train.FWD_CANDIDATES, "dq": bench_train.DQ_CANDIDATES,
                       "dkv": bench_train.DKV_CANDIDATES}  # fmt: skip
     for d in (int(x) for x in args.dims.split(",")):
-        table = tt._HOPPER[tt._dim_class(d)]
+        table = (tt._HOPPER if args.arch >= 90 else tt._OTHER)[tt._dim_class(d)]
         for kind in args.kinds.split(","):
             configs = [getattr(table, kind)]
             configs += [tt.KernelConfig(*c) for c in candidates.get(kind, {}).get(tt._dim_class(d), [])]
             for i, cfg in enumerate(dict.fromkeys(configs)):
                 try:
-                    rep = compile_report(kind, cfg, d)
+                    rep = compile_report(kind, cfg, d, target=GPUTarget("cuda", args.arch, 32))
                 except Exception as e:  # report and go on: one config failing to compile is a finding
                     print(f"{kind:3s} D{d:<3d} {cfg}: COMPILE FAILED {type(e).__name__}: {e}", flush=True)
                     continue
