@@ -7,16 +7,25 @@
 - `checkpoint_run_info` / `run_info_from_checkpoint`: the run id travels inside every checkpoint, so
   resuming from a checkpoint continues the same MLflow run.
 - `flatten_config`, `log_params`, `log_text`, `log_figure`: the pieces the CLI and callbacks use.
+- `ui_command` / `start_ui`: the MLflow UI on 127.0.0.1 unless told otherwise (`python -m parallax_lightning ui`).
+
+Once a run is open, metrics, artifacts and the final status go through a `TrackingOutbox` (a background
+writer with a write-ahead spool): a locked, unreachable or full store delays them but never stops training
+or loses them; one warning says so. A run stopped by SIGTERM/SIGINT ends with status KILLED.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import ipaddress
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +35,8 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from .tracking_outbox import TrackingOutbox
 
 DEFAULT_DB = "mlflow.db"
 PARAM_VALUE_LIMIT = 6000  # MLflow 3 rejects longer parameter values
@@ -124,6 +135,12 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         run_id: continue this run (the CLI fills it in from a checkpoint when resuming).
         system_metrics: log MLflow system metrics (CPU, memory, GPU) while the run is active; needs psutil.
         system_metrics_interval: seconds between samples.
+        spool_dir: where metrics and artifacts wait while the store is unavailable (a write-ahead log per run,
+            replayed when the run is resumed). None = `mlflow_spool/` beside an SQLite store, else in the
+            working folder.
+        flush_timeout_s: how long the end of training waits for an unavailable store before leaving the
+            backlog in the spool.
+        retry_s: first wait between attempts while the store fails (doubling up to 30 s).
     """
 
     def __init__(
@@ -138,11 +155,15 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         run_id: str | None = None,
         system_metrics: bool = True,
         system_metrics_interval: float = 10.0,
+        spool_dir: str | None = None,
+        flush_timeout_s: float = 60.0,
+        retry_s: float = 1.0,
     ):
+        tracking_uri = _absolute_sqlite(tracking_uri or default_tracking_uri())
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
-            tracking_uri=_absolute_sqlite(tracking_uri or default_tracking_uri()),
+            tracking_uri=tracking_uri,
             tags=tags,
             log_model=log_model,
             prefix=prefix,
@@ -153,6 +174,11 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         self.system_metrics_interval = system_metrics_interval
         self.resumed = run_id is not None
         self._monitor = None
+        self.spool_dir = Path(spool_dir).resolve() if spool_dir else _default_spool_dir(tracking_uri)
+        self.flush_timeout_s = flush_timeout_s
+        self.retry_s = retry_s
+        self._outbox: TrackingOutbox | None = None
+        self.interrupted: str | None = None
 
     @property
     def tracking_uri(self) -> str:
@@ -186,6 +212,14 @@ class ParallaxMLFlowLogger(MLFlowLogger):
             client.set_tag(run_id, TAG_PREFIX + "resumes", str(int(previous) + 1))
         for key, value in environment_tags().items():
             client.set_tag(run_id, key, value)
+        self._outbox = TrackingOutbox(client, run_id, self._tracking_uri, self.spool_dir, retry_s=self.retry_s)
+        replayed = self._outbox.load_spool()
+        if replayed:
+            warnings.warn(
+                f"run {run_id}: writing {replayed} record(s) an earlier session kept in {self._outbox.spool_file} "
+                "while the store was unavailable",
+                stacklevel=3,
+            )
         self._start_system_metrics(client)
 
     def _start_system_metrics(self, client) -> None:
@@ -216,14 +250,59 @@ class ParallaxMLFlowLogger(MLFlowLogger):
             params = vars(params)
         log_params(self.experiment, self.run_id, flatten_config(params))
 
+    @property
+    def outbox(self) -> TrackingOutbox:
+        _ = self.experiment
+        return self._outbox
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queue metrics for the background writer (Lightning's MLFlowLogger writes them synchronously, which
+        stalls training for as long as the store does)."""
+        now = int(time.time() * 1000)
+        records = []
+        for key, value in metrics.items():
+            if isinstance(value, str):
+                continue
+            if self._prefix:
+                key = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}"
+            key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # the characters MLflow accepts in a metric name
+            value = value.item() if isinstance(value, torch.Tensor) else float(value)
+            records.append((key, value, now, int(step or 0)))
+        self.outbox.submit_metrics(records)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything logged so far is in the store (False: `timeout` passed first)."""
+        if not self._initialized or self._outbox is None:
+            return True
+        return self._outbox.flush(timeout)
+
+    def mark_interrupted(self, reason: str) -> None:
+        """The run was stopped by a signal: it ends as KILLED (resumable), not FINISHED or FAILED."""
+        self.interrupted = reason
+
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         if self._monitor is not None:
             try:
                 self._monitor.finish()
+            except Exception as err:  # a store outage must not turn the end of training into a crash
+                warnings.warn(f"MLflow system metrics did not stop cleanly: {err}", stacklevel=2)
             finally:
                 self._monitor = None
-        super().finalize(status)
+        if not self._initialized:
+            return
+        status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
+        if self.interrupted:
+            self._outbox.submit_tag(TAG_PREFIX + "interrupted", self.interrupted)
+            status = "KILLED"
+        if self._checkpoint_callback and self._log_model:
+            try:
+                self._scan_and_log_checkpoints(self._checkpoint_callback)
+            except Exception as err:
+                warnings.warn(f"checkpoints were not logged to MLflow: {err}", stacklevel=2)
+        self._outbox.submit_status(status)
+        self._outbox.close(self.flush_timeout_s)
 
 
 def log_params(client, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -266,22 +345,89 @@ def run_info_from_checkpoint(path: str | os.PathLike) -> dict[str, str] | None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from .checkpoint_io import load_weights_only
+
+    checkpoint = load_weights_only(path, mmap=True)
     info = checkpoint.get("mlflow")
     return dict(info) if isinstance(info, Mapping) else None
 
 
 def log_text(logger: MLFlowLogger, text: str, artifact_file: str) -> None:
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank != 0:
+        return
+    if isinstance(logger, ParallaxMLFlowLogger):
+        logger.outbox.submit_artifact(lambda path: Path(path).write_text(text), artifact_file)
+    else:
         logger.experiment.log_text(logger.run_id, text, artifact_file)
 
 
 def log_figure(logger: MLFlowLogger, figure, artifact_file: str) -> None:
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank != 0:
+        return
+    if isinstance(logger, ParallaxMLFlowLogger):
+        logger.outbox.submit_artifact(figure.savefig, artifact_file)
+    else:
         logger.experiment.log_figure(logger.run_id, figure, artifact_file)
 
 
-def metric_history(logger: MLFlowLogger, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of a metric over the whole run, earlier sessions of a resumed run included."""
+def metric_history(logger: MLFlowLogger, key: str, timeout: float = 30.0) -> list[tuple[int, float]]:
+    """(step, value) pairs of a metric over the whole run, earlier sessions of a resumed run included.
+    Raises TimeoutError when the store cannot be reached within `timeout` seconds."""
+    if isinstance(logger, ParallaxMLFlowLogger) and not logger.flush(timeout):
+        raise TimeoutError(f"MLflow store {logger.tracking_uri} did not take the run's metrics within {timeout} s")
     history = logger.experiment.get_metric_history(logger.run_id, key)
     return sorted((m.step, m.value) for m in history)
+
+
+def _default_spool_dir(tracking_uri: str) -> Path:
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and tracking_uri[len(prefix) :] != ":memory:":
+        return Path(tracking_uri[len(prefix) :]).resolve().parent / "mlflow_spool"
+    return Path.cwd() / "mlflow_spool"
+
+
+# -- the MLflow UI ------------------------------------------------------------------------------------------
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui_command(
+    backend_store_uri: str | None = None, host: str = LOOPBACK, port: int = 5000, workers: int = 1
+) -> list[str]:
+    """The `mlflow server` command line for a store (default: this folder's mlflow.db), bound to `host`."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    uri = _absolute_sqlite(backend_store_uri or default_tracking_uri())
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
+
+
+def exposure_warning(host: str) -> str | None:
+    """What binding the UI to a non-loopback address means, or None for 127.0.0.1 / ::1 / localhost."""
+    if is_loopback(host):
+        return None
+    return (
+        f"the MLflow UI will listen on {host}: anyone who can reach this machine's port can read every run, "
+        "parameter and artifact (checkpoints included) and change or delete them; MLflow's server has no "
+        "login by default. Prefer the default 127.0.0.1 with an SSH tunnel (ssh -L PORT:127.0.0.1:PORT host). "
+        "See SECURITY.md."
+    )
+
+
+def start_ui(
+    backend_store_uri: str | None = None, host: str = LOOPBACK, port: int = 5000, workers: int = 1, **popen_kwargs
+) -> subprocess.Popen:
+    """Start the MLflow UI (and REST API) in a new process group; stop it with os.killpg(proc.pid, SIGTERM).
+    Binds to 127.0.0.1 unless `host` says otherwise, and warns when that exposes it to other machines."""
+    warning = exposure_warning(host)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    cmd = ui_command(backend_store_uri, host=host, port=port, workers=workers)
+    return subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)

@@ -8,11 +8,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from parallax_lightning.tracking import (
     git_state,
     log_params,
     run_info_from_checkpoint,
+    start_ui,
 )
 
 from .platform_utils import mlflow_client, working_dir
@@ -158,11 +157,9 @@ def test_mlflow_server_serves_the_run_over_rest(store, tmp_path):
     logger.finalize("success")
 
     port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=os.environ
+    # The platform's helper (python -m parallax_lightning ui): 127.0.0.1 unless told otherwise.
+    server = start_ui(
+        f"sqlite:///{store / 'mlflow.db'}", port=port, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
@@ -183,6 +180,10 @@ def test_mlflow_server_serves_the_run_over_rest(store, tmp_path):
         assert {"key": "model.attention", "value": "parallax"} in run["data"]["params"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["train/loss"] == 2.0
+        psutil = pytest.importorskip("psutil")
+        group = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        listening = {c.laddr.ip for p in group for c in p.net_connections("tcp") if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, listening  # reachable from this machine only
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server forks workers: stop its whole process group
         try:
