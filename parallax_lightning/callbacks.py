@@ -6,11 +6,19 @@
   the stable ranks of W_R, W_Q, W_K (the paper's evidence for the Muon codesign), plus a figure at the end.
 - `LossCurves`: a figure of the train / validation loss of the whole run (resumed sessions included).
 - `ParallaxCheckpoint`: ModelCheckpoint whose `last` checkpoint is also written when training ends between
-  two periodic saves, so a run stopped by max_steps continues from exactly where it stopped.
+  two periodic saves, so a run stopped by max_steps continues from exactly where it stopped; on SIGTERM or
+  SIGINT it finishes the current step, saves `last`, ends the MLflow run as KILLED and exits with status
+  128 + the signal number (`TrainingInterrupted`). The files themselves are written atomically by
+  `checkpoint_io.AtomicCheckpointIO`, and a `save_last="link"` link is replaced atomically too.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -244,7 +252,11 @@ class LossCurves(Callback):
         ax = fig.subplots()
         plotted = False
         for key in self.keys:
-            points = metric_history(logger, key)
+            try:
+                points = metric_history(logger, key)
+            except Exception as err:  # the store is unavailable: the figure is not worth waiting for
+                warnings.warn(f"no loss-curve figure: the run's metrics cannot be read back ({err})", stacklevel=2)
+                return
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
@@ -271,12 +283,139 @@ def save_figure(trainer: pl.Trainer, fig, artifact_file: str) -> None:
         fig.savefig(path)
 
 
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal after saving a resumable checkpoint. A SystemExit whose code is 128 + the
+    signal number (130 for SIGINT, 143 for SIGTERM), as shells and schedulers expect."""
+
+    def __init__(self, signum: int, step: int, path: str):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        self.message = (
+            f"received {name}: training stopped after step {step}; the state is saved at {path}. "
+            f"Resume with --ckpt_path {path} (the MLflow run continues; it is marked KILLED until then)."
+        )
+        super().__init__(128 + signum)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ParallaxCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes `last` at the end of training when the final step was not saved yet
     (Lightning's writes it only if no `last` exists at all), so `--ckpt_path .../last.ckpt` with a larger
-    max_steps continues from the final step instead of replaying the steps since the previous save."""
+    max_steps continues from the final step instead of replaying the steps since the previous save.
 
+    With `handle_signals` (default), SIGTERM and SIGINT during training do not kill the process mid-step: the
+    current step (and a validation already running) completes and its metrics are logged, the checkpoint is
+    saved as at a periodic save (`last`, or `interrupted-step<N>.ckpt` without save_last), the MLflow run ends
+    as KILLED and `TrainingInterrupted` exits with 128 + the signal number. A second signal stops at once.
+    """
+
+    def __init__(self, *args, handle_signals: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handle_signals = handle_signals
+        self._signal: int | None = None
+        self._interruption: TrainingInterrupted | None = None
+        self._previous_handlers: dict[int, object] = {}
+        self._trainer = None
+
+    # -- signals ---------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._signal, self._interruption, self._trainer = None, None, trainer
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        trainer = self._trainer
+        if trainer is not None:
+            for logger in mlflow_loggers(trainer):
+                if hasattr(logger, "mark_interrupted"):
+                    logger.mark_interrupted(f"{signal.Signals(signum).name} at step {trainer.global_step}")
+        if self._signal is not None:  # the second one: stop now, as an unhandled Ctrl+C would
+            self._restore_signals()
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self._signal = signum
+        print(
+            f"parallax_lightning: received {signal.Signals(signum).name}: finishing the current step, saving a "
+            "checkpoint and stopping (send it again to stop at once, without a checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _stop_requested(self, trainer) -> bool:
+        requested = self._signal is not None
+        if trainer.world_size > 1:  # every rank must stop at the same step, whichever got the signal
+            requested = bool(trainer.strategy.reduce_boolean_decision(requested, all=False))
+        return requested
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._interruption is not None or not self.handle_signals or not self._stop_requested(trainer):
+            return
+        step = trainer.global_step
+        signum = self._signal if self._signal is not None else signal.SIGTERM  # another rank got it
+        if self._last_global_step_saved != step:
+            # Saved here, like a periodic save, so resuming replays nothing and skips nothing.
+            if self.save_last:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                path = self.last_model_path
+            else:
+                path = os.path.join(self.dirpath, f"interrupted-step{step}.ckpt")
+                self._save_checkpoint(trainer, path)
+            self._last_global_step_saved = step
+        else:
+            path = self.last_model_path if self.save_last else self._last_checkpoint_saved
+        for logger in mlflow_loggers(trainer):
+            if hasattr(logger, "mark_interrupted"):
+                logger.mark_interrupted(f"{signal.Signals(signum).name} at step {step}")
+        # Raised at the start of the next batch: this step's metrics are logged first.
+        self._interruption = TrainingInterrupted(signum, step, str(path))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._interruption is not None:
+            self._restore_signals()
+            raise self._interruption
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore_signals()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer, pl_module, stage):
+        self._restore_signals()
+        self._trainer = None
+        super().teardown(trainer, pl_module, stage)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        """save_last="link": the new link (or copy) replaces the old one in one rename, so `last` never dangles."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = os.path.join(os.path.dirname(linkpath), f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
+            try:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+                try:
+                    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+                except OSError:  # no symbolic links on this filesystem: a copy
+                    shutil.copy(filepath, tmp)
+                os.replace(tmp, linkpath)
+            finally:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+        trainer.strategy.barrier()
+
+    # -- end of training -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
+        self._restore_signals()
         if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
             # Lightning expects saves inside on_train_batch_end, before its logging-step counter moves, and
             # adds one on restart; by now the counter has moved, so undo that here (as its fit loop does for

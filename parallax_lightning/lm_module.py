@@ -3,8 +3,10 @@
 Batches are {"input_ids": (B, T), "labels": (B, T)}; a label of -100 carries no loss (tasks such as
 associative recall mark every position but the answers that way and reuse this module as is). Logs
 train/loss and train/ppl every step, val/loss and val/ppl (torchmetrics, token-weighted, synced across
-devices), the learning rates and the annealed weight decay. A non-finite loss stops training with the
-step named and a checkpoint of the state before it.
+devices), the learning rates and the annealed weight decay. A non-finite loss or gradient either stops
+training (`nonfinite="stop"`, the default) with the step, the first parameter whose gradient is non-finite and
+the checkpoints named, or skips that optimizer step (`nonfinite="skip"`: the update is dropped, the weights
+and optimizer state stay as they were, `train/nonfinite_skips` counts them).
 
 Subclasses (long-context tasks, reliability tests) override `compute_loss`, `eval_step_metrics`, or the
 usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkeeping come along.
@@ -13,6 +15,7 @@ usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkee
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,18 @@ IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and the saved checkpoint."""
+    """The training loss or a gradient became NaN or infinite; the message names the step, the parameter
+    (for a gradient) and the saved checkpoints."""
+
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one fused reduction
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
 def _as_config(cls, value):
@@ -51,6 +65,10 @@ class LanguageModelModule(pl.LightningModule):
         schedule: cosine / WSD / constant learning rate with optional weight-decay annealing, see ScheduleConfig.
         compile: torch.compile the decoder (in place; checkpoints keep the plain parameter names).
         max_new_tokens, temperature, top_k: how `predict` continues prompts.
+        nonfinite: what a NaN/inf training loss or gradient does: "stop" (save the state before the step and
+            exit with status 3) or "skip" (drop that optimizer step and go on).
+        max_nonfinite_skips: with "skip", stop anyway after this many consecutive skipped steps (the run is
+            then diverging, not hitting a rare bad batch).
     """
 
     def __init__(
@@ -62,8 +80,14 @@ class LanguageModelModule(pl.LightningModule):
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_k: int | None = 50,
+        nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ):
         super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if max_nonfinite_skips < 1:
+            raise ValueError(f"max_nonfinite_skips must be >= 1, got {max_nonfinite_skips}")
         self.model_config = _as_config(DecoderConfig, model)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
         self.schedule_config = _as_config(ScheduleConfig, schedule)
@@ -79,6 +103,11 @@ class LanguageModelModule(pl.LightningModule):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_loss = MeanMetric()
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.nonfinite = nonfinite
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self._nonfinite_loss: str | None = None  # this optimizer step's loss was not finite (message)
+        self._skips_in_a_row = 0
+        self._skips_total = 0
 
     # -- description ---------------------------------------------------------------------------------
     def run_name(self) -> str:
@@ -122,7 +151,12 @@ class LanguageModelModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self.compute_loss(batch)
         if not self._all_finite(loss):
-            self._stop_on_nonfinite(loss, batch_idx)
+            what = f"training loss is {loss.item()}"
+            if self.nonfinite == "stop":
+                self._stop_on_nonfinite(what, batch_idx)
+            # skip: backward still runs (every rank alike), the optimizer step is dropped before it happens
+            self._nonfinite_loss = what
+            return loss
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
         self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False, batch_size=bs)
@@ -134,23 +168,75 @@ class LanguageModelModule(pl.LightningModule):
             finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
         return finite
 
-    def _stop_on_nonfinite(self, loss: torch.Tensor, batch_idx: int) -> None:
+    def _stop_on_nonfinite(self, what: str, batch_idx: int | None = None) -> None:
         trainer = self.trainer
         step = trainer.global_step
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / f"nonfinite-step{step}.ckpt"
+        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        if last and getattr(callback, "_last_global_step_saved", -1) >= 0:
+            last = f"{last} (step {callback._last_global_step_saved})"
         # This step's update has not happened yet: the weights are the last good state.
         trainer.save_checkpoint(path)
-        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        where = f"step {step}" + (f" (batch {batch_idx})" if batch_idx is not None else "")
         raise NonFiniteLossError(
-            f"training loss is {loss.item()} at step {step} (batch {batch_idx}); training stopped. "
-            f"The state before this step is saved at {path}"
-            + (f" (last periodic checkpoint: {last})" if last else "")
-            + ". Resume with --ckpt_path after lowering the learning rate or raising warmup."
+            f"{what} at {where}; training stopped. The state before this step is saved at {path}"
+            + (f"; the last good periodic checkpoint is {last}" if last else "")
+            + ". Resume with --ckpt_path after lowering the learning rate or raising warmup, "
+            "or set model.nonfinite=skip to drop such steps."
         )
 
+    def _nonfinite_gradients(self) -> list[str]:
+        """Names of the parameters whose gradient holds NaN/inf, in model order (empty when all are finite).
+        One fused norm per step; the per-parameter scan only runs when that norm is not finite."""
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return []
+        finite = bool(torch.isfinite(_total_norm([g for _, g in named])).item())
+        bad = [] if finite else [n for n, g in named if not bool(torch.isfinite(g).all())]
+        if self.trainer.world_size > 1:  # sharded gradients (FSDP) differ between ranks: agree on skipping
+            if self.trainer.strategy.reduce_boolean_decision(not bad, all=True):
+                return []
+            return bad or ["<a parameter shard on another rank>"]
+        return bad
+
+    def _handle_nonfinite(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True when this optimizer step must not happen (its gradients are then dropped)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        # Under fp16 loss scaling an inf gradient is routine: GradScaler skips that step and lowers the scale.
+        bad = [] if scaler is not None else self._nonfinite_gradients()
+        what = self._nonfinite_loss
+        self._nonfinite_loss = None
+        if bad:
+            layer = re.search(r"blocks\.(\d+)\.", bad[0])
+            what = (
+                f"gradient of {bad[0]}"
+                + (f" (layer {layer.group(1)})" if layer else "")
+                + " is not finite"
+                + (f" ({len(bad) - 1} more parameters too)" if len(bad) > 1 else "")
+                + (f"; {what}" if what else "")
+            )
+        if what is None:
+            self._skips_in_a_row = 0
+            return False
+        if self.nonfinite == "stop":
+            self._stop_on_nonfinite(what)
+        self._skips_in_a_row += 1
+        self._skips_total += 1
+        if self._skips_in_a_row > self.max_nonfinite_skips:
+            self._stop_on_nonfinite(f"{what}, the {self._skips_in_a_row}th step in a row (max_nonfinite_skips)")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # optimizers leave parameters without a gradient untouched: the step is skipped
+        if self.trainer.is_global_zero:
+            warnings.warn(f"skipping step {self.trainer.global_step}: {what}", stacklevel=2)
+        self.log("train/nonfinite_skips", float(self._skips_total), on_step=True, on_epoch=False)
+        return True
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._handle_nonfinite(optimizer):
+            return
         muon = [g for g in optimizer.param_groups if g.get("use_muon")]
         adamw = [g for g in optimizer.param_groups if not g.get("use_muon")]
         metrics = {"train/lr": (muon or adamw)[0]["lr"]}
@@ -239,3 +325,7 @@ class LanguageModelModule(pl.LightningModule):
         info = checkpoint_run_info(self.trainer)
         if info:
             checkpoint["mlflow"] = info
+        checkpoint["nonfinite_skips"] = self._skips_total
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._skips_total = int(checkpoint.get("nonfinite_skips", 0))
