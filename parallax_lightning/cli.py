@@ -13,31 +13,46 @@ Config layout (see experiments/quickstart.yaml):
 Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
 as the run's parameters.
+
+Safety and faults (SECURITY.md): `class_path` values are limited to this project's, torch's and Lightning's
+namespaces unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS) widens them; checkpoints are
+written atomically and read weights-only (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit
+with 128 + the signal number; a NaN/inf stop exits with 3. `python -m parallax_lightning ui` starts the MLflow
+UI on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
+from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor
+from . import class_paths
+from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor, TrainingInterrupted
+from .checkpoint_io import AtomicCheckpointIO
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .tracking import (
+    LOOPBACK,
     TAG_PREFIX,
     ParallaxMLFlowLogger,
+    exposure_warning,
     flatten_config,
     log_params,
     log_text,
     mlflow_loggers,
     run_info_from_checkpoint,
+    start_ui,
 )
 
 TRAINER_DEFAULTS = {
@@ -63,10 +78,19 @@ class ParallaxCLI(LightningCLI):
     """LightningCLI with this platform's defaults; subclass it (or pass keyword arguments) to change them.
 
     Models may be any LanguageModelModule subclass and data any TokenDataModule subclass (`class_path`);
-    extra callbacks go in `trainer.callbacks` as class_path/init_args entries.
+    extra callbacks go in `trainer.callbacks` as class_path/init_args entries. Class paths outside this
+    project's, torch's and Lightning's namespaces need `--allow_class_path PREFIX` (see class_paths.py).
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
+        raw = sys.argv[1:] if args is None else args
+        if isinstance(raw, (list, tuple)):
+            self._args, extra = class_paths.split_allow_flags(list(raw))
+            self._allowed = class_paths.allowed_prefixes(extra)
+            class_paths.check_args(self._args, self._allowed)
+        else:  # a dict or Namespace, from Python
+            self._args, self._allowed = raw, class_paths.allowed_prefixes()
+            class_paths.check_tree(dict(raw) if not hasattr(raw, "as_dict") else raw.as_dict(), self._allowed, "args")
         kwargs.setdefault("model_class", LanguageModelModule)
         kwargs.setdefault("datamodule_class", TokenDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -79,12 +103,23 @@ class ParallaxCLI(LightningCLI):
             {
                 "parser_mode": "omegaconf",
                 "prog": "python -m parallax_lightning",
-                "description": "Parallax Lab: train and evaluate decoders (Parallax, softmax, ...) with MLflow tracking.",
+                "description": "Parallax Lab: train and evaluate decoders (Parallax, softmax, ...) with MLflow "
+                "tracking. Configs may name classes of parallax_*, torch and lightning only; "
+                f"'{class_paths.FLAG} PREFIX' (or ${class_paths.ENV_VAR}) trusts more. "
+                "'python -m parallax_lightning ui' starts the MLflow UI on 127.0.0.1.",
             },
         )
         for pattern in _QUIET:
             warnings.filterwarnings("ignore", message=pattern)
-        super().__init__(args=args, run=run, **kwargs)
+        with class_paths.import_policy(self._allowed):
+            super().__init__(args=args, run=run, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # The arguments without --allow_class_path (already applied), whether they came from sys.argv or args.
+        if isinstance(self._args, list):
+            self.config = parser.parse_args(self._args)
+        else:
+            super().parse_arguments(parser, self._args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -109,6 +144,8 @@ class ParallaxCLI(LightningCLI):
         parser.add_lightning_class_args(LossCurves, "loss_curves")
 
     def before_instantiate_classes(self) -> None:
+        # What the parser resolved (shorthands expanded): nothing outside the trusted namespaces is built.
+        class_paths.check_tree(self.config.as_dict(), self._allowed, "the parsed config")
         threads = self._get(self.config, "torch_threads")
         if threads is not None:
             if threads < 1:
@@ -124,6 +161,17 @@ class ParallaxCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # generating text is not an experiment worth a run
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())  # atomic writes, weights-only reads
+        elif not any(isinstance(p, AtomicCheckpointIO) for p in plugins):
+            warnings.warn(
+                "trainer.plugins sets its own CheckpointIO: checkpoints are then written and loaded its way, "
+                "not atomically and weights-only (see SECURITY.md)",
+                stacklevel=2,
+            )
+        kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
 
     # -- tracking ------------------------------------------------------------------------------------
@@ -212,9 +260,45 @@ class ParallaxCLI(LightningCLI):
         return results
 
 
+def ui_main(args: list[str]) -> int:
+    """`python -m parallax_lightning ui`: the MLflow UI for a store, on 127.0.0.1 unless --host says otherwise."""
+    parser = argparse.ArgumentParser(
+        prog="python -m parallax_lightning ui",
+        description="Serve the MLflow UI (and REST API) for a tracking store. It binds to 127.0.0.1: other "
+        "machines cannot reach it (use an SSH tunnel). --host 0.0.0.0 exposes every run and artifact, "
+        "without a login, to anyone who can reach the port; see SECURITY.md.",
+    )
+    parser.add_argument("--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    parser.add_argument("--host", default=LOOPBACK, help=f"address to bind (default {LOOPBACK}: this machine only)")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1)
+    opts = parser.parse_args(args)
+    warning = exposure_warning(opts.host)
+    if warning:
+        print(f"parallax_lightning ui: WARNING: {warning}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed above
+        proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
+    print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server forks workers: stop its whole process group
+        return proc.wait()
+
+
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["ui"]:
+        sys.exit(ui_main(argv[1:]))
     try:
         ParallaxCLI(args=args)
     except NonFiniteLossError as err:
         print(f"parallax_lightning: {err}", file=sys.stderr)
         sys.exit(3)
+    except TrainingInterrupted as err:
+        print(f"parallax_lightning: {err.message}", file=sys.stderr)
+        sys.exit(err.code)
+    except class_paths.ClassPathNotAllowed as err:
+        print(f"parallax_lightning: {err}", file=sys.stderr)
+        sys.exit(2)

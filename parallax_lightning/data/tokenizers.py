@@ -58,7 +58,10 @@ class HFTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+            raise FileNotFoundError(
+                f"tokenizer file {str(path)!r} does not exist (a tokenizer is 'byte', or the path of a Hugging Face "
+                "tokenizer.json or of a folder holding one)"
+            )
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises a bare Exception on malformed JSON

@@ -1,0 +1,213 @@
+"""Nothing runs that the user did not ask for: configs may only name trusted classes unless the user widens
+the list on the command line, checkpoints are loaded as data only, every torch.load in the code base says
+weights_only=True, and the MLflow UI helper binds to 127.0.0.1 unless told otherwise."""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from parallax_lightning import class_paths
+from parallax_lightning.checkpoint_io import AtomicCheckpointIO
+from parallax_lightning.class_paths import ClassPathNotAllowed
+from parallax_lightning.tracking import exposure_warning, run_info_from_checkpoint, ui_command
+
+from .platform_utils import run_cli, single_thread, tiny_config, write_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=4)
+
+
+@pytest.fixture
+def evil(tmp_path, monkeypatch):
+    """An importable module that leaves a marker file when imported; returns (module name, marker)."""
+    name = f"evil_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / f"{name}.ran"
+    (tmp_path / f"{name}.py").write_text(
+        "import pathlib\n"
+        "from lightning.pytorch.callbacks import Callback\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "class Payload(Callback):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def _callback(module: str) -> dict:
+    return {"callbacks": [{"class_path": f"{module}.Payload"}]}
+
+
+# -- class_path ---------------------------------------------------------------------------------------------
+def test_untrusted_class_path_in_a_config_is_refused_before_it_is_imported(tmp_path, corpus, evil):
+    module, marker = evil
+    config = tiny_config(tmp_path, corpus, trainer=_callback(module))
+    with pytest.raises(
+        ClassPathNotAllowed, match=rf"'{module}\.Payload' \(key trainer\.callbacks\[0\]\.class_path"
+    ) as info:
+        run_cli(["fit", "--config", str(config)], tmp_path)
+    assert str(config) in str(info.value) and f"--allow_class_path {module}" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--trainer.logger={m}.Payload",
+        "--trainer.callbacks+={m}.Payload",
+        '--trainer.callbacks=[{{"class_path": "{m}.Payload"}}]',
+    ],
+)
+def test_untrusted_class_path_on_the_command_line_is_refused(tmp_path, corpus, evil, arg):
+    module, marker = evil
+    config = tiny_config(tmp_path, corpus)
+    with pytest.raises(ClassPathNotAllowed, match=rf"'{module}\.Payload'"):
+        run_cli(["fit", "--config", str(config), arg.format(m=module)], tmp_path)
+    assert not marker.exists()
+
+
+def test_the_allow_flag_and_the_environment_trust_a_prefix(tmp_path, corpus, evil, monkeypatch, capsys):
+    module, marker = evil
+    config = tiny_config(tmp_path, corpus, trainer=_callback(module))
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(config), f"--allow_class_path={module}", "--print_config"], tmp_path)
+    assert info.value.code in (0, None) and marker.read_text() == "imported"
+    assert f"{module}.Payload" in capsys.readouterr().out
+    monkeypatch.setenv(class_paths.ENV_VAR, f"other,{module}")
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(config), "--print_config"], tmp_path)
+    assert info.value.code in (0, None)
+
+
+def test_a_config_cannot_widen_the_trusted_namespaces(tmp_path, corpus, evil):
+    module, _ = evil
+    config = tiny_config(tmp_path, corpus, allow_class_path=module)
+    with pytest.raises(ClassPathNotAllowed, match="only accepted on the command line"):
+        run_cli(["fit", "--config", str(config)], tmp_path)
+
+
+@pytest.mark.parametrize("prefix", ["*", "jsonargparse", "not a module", ""])
+def test_the_allow_flag_takes_module_prefixes_only(prefix):
+    with pytest.raises(ValueError, match=re.escape(repr(prefix)) if prefix else "needs a value"):
+        class_paths.split_allow_flags(["fit", "--allow_class_path", prefix] if prefix else ["--allow_class_path"])
+
+
+def test_the_parser_itself_denies_untrusted_imports_while_the_cli_runs(evil):
+    """The second line of defence: jsonargparse's import-path policy, set for the CLI's lifetime only."""
+    from jsonargparse import _common
+    from jsonargparse._util import import_object
+
+    module, marker = evil
+    before = dict(_common.parsing_settings["import_path_verdicts"])
+    with class_paths.import_policy(class_paths.allowed_prefixes()):
+        with pytest.raises(Exception, match=rf"Importing '{module}\.Payload' is not allowed"):
+            import_object(f"{module}.Payload")
+        # a trusted prefix does not open the door to what it imports (os.system is defined in posix)
+        with pytest.raises(Exception, match="is not allowed"):
+            import_object("parallax_lightning.cli.os.system")
+        assert import_object("parallax_lightning.LanguageModelModule").__name__ == "LanguageModelModule"
+    assert not marker.exists()
+    assert _common.parsing_settings["import_path_verdicts"] == before
+
+
+def test_every_shipped_config_names_trusted_classes_only():
+    configs = [p for p in (REPO / "experiments").rglob("*.yaml")]
+    assert configs
+    for path in configs:
+        class_paths._check_yaml(path.read_text(), class_paths.TRUSTED_PREFIXES, str(path))
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+class _RunsCode:
+    """Pickles to a call of Path.write_text: loading it with weights_only=False would run that call."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path, corpus):
+    marker = tmp_path / "pwned"
+    evil_ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "mlflow": {"run_id": "x"}, "payload": _RunsCode(marker)}, evil_ckpt)
+    named = rf"checkpoint '{re.escape(str(evil_ckpt))}' holds Python objects other than tensors"
+    with pytest.raises(ValueError, match=named):
+        run_info_from_checkpoint(evil_ckpt)
+    with pytest.raises(ValueError, match=named):
+        AtomicCheckpointIO().load_checkpoint(evil_ckpt)  # what Lightning's restore calls under the CLI
+    with pytest.raises(ValueError, match="refusing to load"):
+        AtomicCheckpointIO().load_checkpoint(evil_ckpt, weights_only=False)
+    config = tiny_config(tmp_path, corpus, trainer={"max_steps": 1})
+    with pytest.raises(ValueError, match=named):
+        run_cli(["validate", "--config", str(config), "--ckpt_path", str(evil_ckpt)], tmp_path)
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_code_base_is_weights_only():
+    """An audit, kept true by this test: each torch.load call passes weights_only=True."""
+    offenders = []
+    for folder in ("parallax_lightning", "kernels", "parallax_muon", "experiments", "benchmarks", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            text = path.read_text()
+            for match in re.finditer(r"torch\.load\(", text):
+                depth, end = 1, match.end()
+                while depth and end < len(text):
+                    depth += {"(": 1, ")": -1}.get(text[end], 0)
+                    end += 1
+                if "weights_only=True" not in text[match.start() : end]:
+                    offenders.append(f"{path.relative_to(REPO)}:{text[: match.start()].count(chr(10)) + 1}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+# -- the MLflow UI ------------------------------------------------------------------------------------------
+def test_ui_binds_to_loopback_unless_told_and_warns_when_exposed(tmp_path, monkeypatch, capsys):
+    cmd = ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert exposure_warning(host) is None
+    for host in ("0.0.0.0", "::", "10.1.2.3"):
+        assert "anyone who can reach" in exposure_warning(host)
+    with pytest.raises(ValueError, match=r"port must be in 1\.\.65535, got 70000"):
+        ui_command(port=70000)
+
+    launched = []
+
+    class FakePopen:
+        pid = 0
+
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr("parallax_lightning.tracking.subprocess.Popen", FakePopen)
+    from parallax_lightning.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["ui", "--host", "0.0.0.0", "--port", "5123"])
+    assert info.value.code == 0
+    assert launched[-1][launched[-1].index("--host") + 1] == "0.0.0.0"
+    assert "WARNING: the MLflow UI will listen on 0.0.0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ui"])
+    assert launched[-1][launched[-1].index("--host") + 1] == "127.0.0.1"
+    assert "WARNING" not in capsys.readouterr().err
