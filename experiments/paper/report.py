@@ -508,6 +508,7 @@ def settings_line(runs: list[Run]) -> str:
         f"Per run: {r.max_steps} steps x {r.batch_size} x {r.seq_len} tokens = {fmt_tokens((r.max_steps or 0) * r.tokens_per_step)} "
         f"planned; device {', '.join(gpus)}; torch {r.tags.get('parallax.torch_version', '?')}, "
         f"triton {r.tags.get('parallax.triton_version', '?')}; code commit {', '.join(commits)}."
+        + (f" max_steps: {r.tags['paper.steps_rule']}." if "paper.steps_rule" in r.tags else "")
     )
 
 

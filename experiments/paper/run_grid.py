@@ -82,6 +82,7 @@ def run_overrides(args, cell: str, grid_id: str, max_time_s: float, control_file
             "paper.cell": cell,
             "paper.max_time_s": str(int(max_time_s)),
             "paper.tiny": str(args.tiny).lower(),
+            "paper.steps_rule": args.steps_rule,
         },
     }
     if args.experiment:
@@ -160,6 +161,19 @@ def tag_run(tracking_uri: str, experiment: str, grid_id: str, cell: str, tags: d
     return bool(runs)
 
 
+STATUS_HEADER = "grid_id\tcell\tstate\twall_s\tstopped_by_max_time\tmax_time_s\tnote\n"
+
+
+def write_status(out: Path, grid_id: str, rows) -> None:
+    """Append to grid_status.tsv after every run, so a grid killed from outside still says what it did."""
+    path = out / "grid_status.tsv"
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write(STATUS_HEADER)
+        for row in rows:
+            f.write("\t".join([grid_id, *row]) + "\n")
+
+
 def _tidy_spool(out: Path) -> Path | None:
     """The platform's logger may keep a write-ahead spool (`mlflow_spool/` beside the SQLite store) of records
     the store has not confirmed. Empty, it goes; with records left it moves into the artifact archive (only a
@@ -219,6 +233,10 @@ def steps_from_bench(args) -> int | None:
     interval = args.steps_multiple
     steps = int(args.target_train_s * tokens_per_s / (seq_len * batch) // interval * interval)
     clamped = max(args.min_steps, min(args.max_auto_steps, steps))
+    args.steps_from_bench_note = (
+        f"sized from bench_e2e's {rows[0]['tokens_per_s']:,.0f} Parallax tokens/s x {args.lightning_efficiency} "
+        f"for {args.target_train_s:.0f} s of training"
+    )
     print(
         f"run_grid: max_steps {clamped} (from {rows[0]['tokens_per_s']:,.0f} Parallax tokens/s in bench_e2e x "
         f"{args.lightning_efficiency} for {args.target_train_s:.0f} s of training at {batch}x{seq_len} tokens/step"
@@ -297,8 +315,11 @@ def main(argv=None) -> int:
             p.error(f"--runs: unknown cell(s) {unknown}; known: {', '.join([*CELLS, *CONTROLS])}")
         plan = {r: {**CELLS, **CONTROLS}[r] for r in args.runs}
 
+    args.steps_rule = f"--max-steps {args.max_steps}" if args.max_steps else "the config's max_steps"
     if args.steps_from_bench and not args.max_steps:
         args.max_steps = steps_from_bench(args)
+        if args.max_steps:
+            args.steps_rule = args.steps_from_bench_note
     grid_id = time.strftime("%Y%m%d-%H%M%S") + ("-tiny" if args.tiny else "")
     tracking_uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
     experiment = experiment_name(args)
@@ -317,6 +338,7 @@ def main(argv=None) -> int:
                 print(f"=== {cell}: {msg}", flush=True)
                 log.write(f"=== {cell}: {msg}\n")
                 status_rows.append((cell, "skipped", "", "", f"{max_time_s:.0f}", msg))
+                write_status(out, grid_id, status_rows[-1:])
                 continue
             attention, _ = plan[cell]
             control = attention if attention in CONTROL_PRESETS else None
@@ -334,28 +356,23 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - start
             state = "ok" if rc == 0 else f"exit {rc}"
             note = "stopped by max_time" if time_limited else ""
-            found = tag_run(
-                tracking_uri,
-                experiment,
-                grid_id,
-                cell,
-                {
-                    "paper.exit_code": str(rc),
-                    "paper.wall_s": f"{wall:.1f}",
-                    "paper.stopped_by_max_time": str(time_limited).lower(),
-                },
-            )
+            outcome = {
+                "paper.exit_code": str(rc),
+                "paper.wall_s": f"{wall:.1f}",
+                "paper.stopped_by_max_time": str(time_limited).lower(),
+            }
+            try:
+                found = tag_run(tracking_uri, experiment, grid_id, cell, outcome)
+            except Exception as err:  # the store's trouble must not cost the runs still to come
+                found, note = True, (note + "; " if note else "") + f"tagging failed: {type(err).__name__}: {err}"
             if not found:
                 note = (note + "; " if note else "") + "no MLflow run found"
             line = f"=== {cell}: {state} in {wall:.1f} s" + (f" ({note})" if note else "")
             print(line, flush=True)
             log.write(line + "\n")
             status_rows.append((cell, state, f"{wall:.1f}", str(time_limited).lower(), f"{max_time_s:.0f}", note))
+            write_status(out, grid_id, status_rows[-1:])
 
-    with open(out / "grid_status.tsv", "a") as f:
-        f.write("grid_id\tcell\tstate\twall_s\tstopped_by_max_time\tmax_time_s\tnote\n")
-        for row in status_rows:
-            f.write("\t".join([grid_id, *row]) + "\n")
     spool = _tidy_spool(out)
     artifacts = Path(args.scratch) / "mlruns"
     if artifacts.is_dir() or spool is not None:
