@@ -12,7 +12,7 @@
 # OUT (default: $OUT, else ./paper_out) receives mlflow.db, grid.log, grid_status.tsv, artifacts.tar.gz.
 # Data, first found: $PAPER_DATA (a shard folder), .gpu-data/paper_shards.tar.xz (unpacked into
 # $PAPER_SCRATCH, default /tmp/paper_grid, and checked against its SHA256SUMS when it has one), /tmp/paper_shards.
-# The grid's wall-clock budget is run_grid.py's --budget-s (450 s by default; 4 runs).
+# The grid's wall-clock budget is run_grid.py's --budget-s (420 s by default, shared by the 4 runs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
