@@ -149,10 +149,8 @@ def _base(BASE, b, s_b, h, s_h, row, s_t):
 
 @triton.jit
 def _ptrs(BASE, b, s_b, h, s_h, row, s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pointers (or offsets, with BASE = 0) of a (ROWS, BLOCK_D) tile starting at `row`; the scalar part is
-    int64 so long packed batches cannot overflow, the in-tile part stays int32."""
-    base = BASE + b * s_b + h.to(tl.int64) * s_h + row * s_t
-    return base + tl.arange(0, ROWS)[:, None] * s_t + tl.arange(0, BLOCK_D)[None, :] * s_d
+    """Pointers (or offsets, with BASE = 0) of a (ROWS, BLOCK_D) tile starting at `row`, for tiles loaded once."""
+    return _base(BASE, b, s_b, h, s_h, row, s_t) + _tile_offsets(s_t, s_d, ROWS, BLOCK_D)
 
 
 @triton.jit

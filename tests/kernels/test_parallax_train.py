@@ -73,7 +73,7 @@ def _check(got, grads, leaves, do, causal, window, tol, offsets=None, scale=None
 
 # (B, T_q, T_k, H_q, H_kv, D, causal, window)
 SHAPES = {
-    "odd T, GQA 4:1, D=24": (2, 77, 77, 4, 1, 24, True, None),
+    "odd T, GQA 4:1, D=24": (1, 77, 77, 4, 1, 24, True, None),
     "T < block": (1, 5, 5, 2, 2, 32, True, None),
     "window 16, D=40": (1, 70, 70, 2, 1, 40, True, 16),
     "window wider than T": (1, 33, 33, 2, 2, 32, True, 50),
