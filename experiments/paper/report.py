@@ -298,6 +298,10 @@ def layer_table(runs: list[Run], stat: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- claims
 
 
+def _times(a: float, b: float) -> str:
+    return f"×{a / b:.2f}" if b > 0 else "AdamW's is zero"
+
+
 def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[str]:
     """Each of the paper's claims, checked against this grid's numbers (nothing here is a constant result)."""
     cells = {r.cell: r for r in runs}
@@ -387,7 +391,7 @@ def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[s
         verdict = "holds" if dm > da else "does not hold"
         lines.append(
             f"3. *Muon keeps the correction branch large* — **{verdict}**: correction-to-output ratio ‖Cov·r‖/‖v̄‖ "
-            f"in the deep half of the layers {dm:.2f} under Muon vs {da:.2f} under AdamW (×{dm / da:.2f}); "
+            f"in the deep half of the layers {dm:.2f} under Muon vs {da:.2f} under AdamW ({_times(dm, da)}); "
             f"by layer, Muon {', '.join(f'{x:.2f}' for x in rm)}; AdamW {', '.join(f'{x:.2f}' for x in ra)}. "
             f"The paper (0.6B): {PAPER['correction_ratio']}."
         )
@@ -398,7 +402,7 @@ def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[s
         verdict = "holds" if sm > sa else "does not hold"
         lines.append(
             f"4. *Muon keeps W_R high-rank* — **{verdict}**: mean stable rank of W_R {sm:.1f} under Muon vs "
-            f"{sa:.1f} under AdamW (×{sm / sa:.2f}; at most {pm.wr_rank_bound} for its {pm.wr_shape} shape). "
+            f"{sa:.1f} under AdamW ({_times(sm, sa)}; at most {pm.wr_rank_bound} for its {pm.wr_shape} shape). "
             f"The paper (0.6B): {PAPER['wr_stable_rank']}."
         )
 
