@@ -402,10 +402,11 @@ class MQARModule(LanguageModelModule):
         labels = batch["labels"]
         mask = labels != IGNORE_INDEX
         preds, target = logits.argmax(dim=-1)[mask], labels[mask]
-        which = int(batch["slice"])
         metrics = self.val_acc if stage == "val" else self.test_acc
-        for group in self._slices[which].groups:
-            metric = metrics[self._group_keys[group]]
-            metric.update(preds, target)
+        for group in self._slices[int(batch["slice"])].groups:
+            metrics[self._group_keys[group]].update(preds, target)
+        # Every group is logged at every step, updated or not: with several devices each rank then computes
+        # (and syncs) the same metrics in the same order, even when a slice's batches all went to other ranks.
+        for group, key in self._group_keys.items():
             name = f"{stage}/acc" + (f"/{group}" if group else "")
-            self.log(name, metric, on_step=False, on_epoch=True, batch_size=int(mask.sum()), prog_bar=not group)
+            self.log(name, metrics[key], on_step=False, on_epoch=True, prog_bar=not group)

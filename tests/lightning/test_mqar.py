@@ -155,3 +155,60 @@ def test_datamodule_stream_mixture_slices_and_resume():
     assert state["next_batch"] == 0 and state["seq_len"] == 256
     dm.load_state_dict({**state, "next_batch": 7})
     assert torch.equal(next(iter(dm.train_stream()))["input_ids"], batches[7]["input_ids"])
+
+
+class _Oracle(torch.nn.Module):
+    """Reads the pairs from the context (blanks mode: it ends where an odd position stops holding a value) and
+    answers every query — except in sequences with more than `wrong_above` pairs, where it answers the blank."""
+
+    def __init__(self, vocab_size: int, wrong_above: int):
+        super().__init__()
+        self.vocab_size, self.wrong_above = vocab_size, wrong_above
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab_size, device=input_ids.device)
+        for b, row in enumerate(input_ids.tolist()):
+            context = next(i for i in range(0, T, 2) if row[i + 1] < self.vocab_size // 2)
+            pairs = dict(zip(row[0:context:2], row[1:context:2]))
+            for t in range(context, T):
+                answer = pairs.get(row[t], 0) if len(pairs) <= self.wrong_above else 0
+                logits[b, t, answer] = 1.0
+        return logits
+
+
+def test_per_slice_accuracy_is_pooled_by_group():
+    import lightning.pytorch as pl
+
+    from parallax_lightning.long_context.mqar import MQARModule
+    from parallax_lightning.model import DecoderConfig
+
+    dm = MQARDataModule(
+        train=[[64, 4], [64, 8]],
+        length_test=[[128, 4]],
+        kv_test=[[128, 16]],
+        vocab_size=64,
+        random_non_queries=False,
+        num_val_examples=6,
+        val_batch_size=4,
+    )
+    module = MQARModule(model=DecoderConfig(vocab_size=64, max_seq_len=128, d_model=16, n_layers=1, n_heads=2))
+    module.model = _Oracle(64, wrong_above=4)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    metrics = trainer.validate(module, datamodule=dm)[0]
+    # answers: len64_kv4 6×4 right, len64_kv8 6×8 wrong, len128_kv4 6×4 right, len128_kv16 6×16 wrong
+    expected = {
+        "val/acc": 24 / (24 + 48),  # the in-distribution sets (the training settings) pooled by answer
+        "val/acc/len64_kv4": 1.0,
+        "val/acc/len64_kv8": 0.0,
+        "val/acc/len64": 24 / 72,
+        "val/acc/len128": 24 / (24 + 96),
+        "val/acc/kv4": 1.0,
+        "val/acc/kv8": 0.0,
+        "val/acc/kv16": 0.0,
+        "val/acc/length_test": 1.0,
+        "val/acc/kv_test": 0.0,
+    }
+    got = {key: metrics[key] for key in expected}
+    assert got == pytest.approx(expected)
