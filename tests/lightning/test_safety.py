@@ -144,7 +144,7 @@ class _RunsCode:
         return (Path.write_text, (self.marker, "code ran"))
 
 
-def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path, corpus):
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil_ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "mlflow": {"run_id": "x"}, "payload": _RunsCode(marker)}, evil_ckpt)
@@ -155,9 +155,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path,
         AtomicCheckpointIO().load_checkpoint(evil_ckpt)  # what Lightning's restore calls under the CLI
     with pytest.raises(ValueError, match="refusing to load"):
         AtomicCheckpointIO().load_checkpoint(evil_ckpt, weights_only=False)
-    config = tiny_config(tmp_path, corpus, trainer={"max_steps": 1})
-    with pytest.raises(ValueError, match=named):
-        run_cli(["validate", "--config", str(config), "--ckpt_path", str(evil_ckpt)], tmp_path)
+    # (The CLI reads --ckpt_path through these two: test_faults checks it restores through the IO.)
     assert not marker.exists()
 
 
