@@ -5,11 +5,13 @@
     python benchmarks/sm90_spills.py --sweep            # also every candidate bench_train.py --sweep times
     python benchmarks/sm90_spills.py --dims 256 --json  # machine-readable, one head dim
 
-Triton compiles for a target GPU without one being present, and its wheel ships ptxas and nvdisasm. A spill
-inside a tile loop costs local-memory traffic on every tile; one outside (prologue, epilogue, the loop over the
-query heads of a GQA group) costs it once per program. This tool tells them apart, so configs that spill in
-their loops can be ruled out before any GPU time is spent. It reads Triton's compiler API, which is not
-stable across releases (written against Triton 3.7), and must run without TRITON_INTERPRET.
+Triton compiles for a target GPU without one being present, and its wheel ships ptxas and nvdisasm. The report
+gives registers, spilled bytes, spill instructions inside each tile loop (a spill there costs local-memory
+traffic on every tile; outside, once per program) and shared memory (a config over the limit fails at launch).
+Use it to rule out configs before spending GPU time, not to rank them: on the H200, tiles that spill ~50
+registers were faster than narrower spill-free ones (benchmarks/RESULTS.md); only timing ranks configs.
+It reads Triton's compiler API, which is not stable across releases (written against Triton 3.7), and must
+run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     # Forward only: rescale the accumulators only when a row's running max grows by more than 2^8 (weights
-    # then stay below 256), instead of on every tile. Saves the multiply of both accumulators most tiles.
+    # then stay below 256), instead of on every tile. It saves the multiply of both accumulators on most tiles
+    # but needs a block-wide branch; on an H200 with Triton 3.6 it was slower at every config timed.
     lazy_rescale: bool = False
 
     def __post_init__(self):
@@ -65,23 +66,21 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim. Registers bound the tiles: two fp32 accumulators
-# (O1 and O2; dq and dr; dk and dv) of rows x head dim take >= 128 registers a thread at head dim 128 however
-# the rows are split (a wgmma warp group owns >= 64 rows), so the score tiles beside them stay narrow.
-# Every entry compiles (sm90, Triton 3.7) with no spill inside its tile loops, and head dim 256 with none at
-# all: benchmarks/sm90_spills.py checks that without a GPU; bench_train.py --sweep times the alternatives.
-# The forward rescales its accumulators lazily: the eager rescale is a third of the instructions a tile loop
-# issues at 32-64 key tiles, and Triton does not overlap this softmax work with the tensor cores.
+# Hopper (sm90) table, keyed by the padded head dim, from `bench_train.py --sweep` on an H200 (Triton 3.6;
+# benchmarks/RESULTS.md, 2026-11-28 call 1). What the measurements taught: three pipeline stages and 64-key
+# tiles beat narrower spill-free tiles (D128 forward: 128x64 s3 1.17 ms with ~50 registers spilled, 128x32 s3
+# spill-free 1.28 ms); lazy rescaling lost everywhere (its block-wide branch costs more than the multiplies it
+# saves). Head dim 256 is sized offline by benchmarks/sm90_spills.py to spill nothing (not yet timed).
 _HOPPER = {
-    64: TrainConfigs(KernelConfig(128, 64, 8, 3, True), KernelConfig(128, 64, 8, 2), KernelConfig(32, 128, 8, 2)),
-    128: TrainConfigs(KernelConfig(128, 32, 8, 3, True), KernelConfig(128, 32, 8, 2), KernelConfig(32, 128, 8, 2)),
-    256: TrainConfigs(KernelConfig(32, 32, 4, 1, True), KernelConfig(32, 32, 4, 2), KernelConfig(16, 16, 4, 2)),
+    64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(64, 128, 8, 2)),
+    128: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(32, 64, 4, 3)),
+    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 2), KernelConfig(16, 16, 4, 2)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
 _OTHER = {
-    64: TrainConfigs(KernelConfig(64, 64, 4, 2, True), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
-    128: TrainConfigs(KernelConfig(64, 32, 4, 3, True), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
-    256: TrainConfigs(KernelConfig(32, 32, 4, 1, True), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 2)),
+    64: TrainConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
+    128: TrainConfigs(KernelConfig(64, 32, 4, 3), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 4, 2)),
+    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 2)),
 }
 # fp32 inputs run exact (ieee) dots on CUDA cores, so fp32 tests are tight. On a GPU that is a correctness
 # path, not a fast one (those dots spill at any tile that holds the two accumulators): train in bf16/fp16.
