@@ -211,7 +211,10 @@ def softmax(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def timing(grid, peers, authors_all):
+def timing(grid, peers, authors_all, on_progress=lambda results: None):
+    """Times every implementation at every shape. The authors' kernel goes last at each shape (its first call
+    autotunes for minutes), and on_progress gets the results after every measurement, so a run cut short by a
+    timeout still leaves a table."""
     from parallax_kernels import parallax_attn
 
     results = []
@@ -224,15 +227,16 @@ def timing(grid, peers, authors_all):
             "flash": (softmax, (bhtd(q), bhtd(k), bhtd(v)), bhtd(do)),
             "cudnn": (softmax, (bhtd(q), bhtd(k), bhtd(v)), bhtd(do)),
         }
+        if "fla" in peers:
+            impls["fla"] = (peers["fla"], (q, r, k, v), do)
         if "authors" in peers:
             if si == 0 or authors_all:
                 impls["authors"] = (peers["authors"], (bhtd(q), bhtd(r), bhtd(k), bhtd(v)), bhtd(do))
             else:
                 impls["authors"] = ("skipped off the main shape (autotuning ~2 min per shape; --authors-all)",)
-        if "fla" in peers:
-            impls["fla"] = (peers["fla"], (q, r, k, v), do)
         f_fwd, f_fb = flops(B, H, T, D)
-        row = {"shape": shape_name}
+        row = {"shape": shape_name, "ours_peak_mb": "-", "flash_peak_mb": "-"}
+        results.append(row)
         for name, spec in impls.items():
             fn = spec[0]
             if isinstance(fn, str):
@@ -255,15 +259,15 @@ def timing(grid, peers, authors_all):
                 LOG.append(traceback.format_exc())
                 log(f"timing       {shape_name:22s} {name:8s} {row[name]}")
             torch.cuda.empty_cache()
-        for name in ("ours", "flash"):
-            try:
-                spec = impls[name]
-                row[f"{name}_peak_mb"] = peak_memory_mb(spec[0], spec[1], spec[2])
-            except Exception as e:
-                row[f"{name}_peak_mb"] = f"FAILED {type(e).__name__}"
-        log(f"memory       {shape_name:22s} fwd+bwd peak above inputs: ours {row['ours_peak_mb']} MB, "
-            f"flash {row['flash_peak_mb']} MB")  # fmt: skip
-        results.append(row)
+            if name == "cudnn":  # peak memory after the fast ones, before the slow peers
+                for which in ("ours", "flash"):
+                    try:
+                        row[f"{which}_peak_mb"] = peak_memory_mb(*impls[which])
+                    except Exception as e:
+                        row[f"{which}_peak_mb"] = f"FAILED {type(e).__name__}"
+                log(f"memory       {shape_name:22s} fwd+bwd peak above inputs: ours {row['ours_peak_mb']} MB, "
+                    f"flash {row['flash_peak_mb']} MB")  # fmt: skip
+            on_progress(results)
         del q, r, k, v, do, impls
         torch.cuda.empty_cache()
     return results
@@ -387,12 +391,51 @@ def ratio(a, b, key):
     return f"{a[key] / b[key]:.2f}" if isinstance(a, dict) and isinstance(b, dict) else "-"
 
 
+def timing_table(ok, rows, results):
+    table = []
+    if rows:
+        table.append(f"correctness (bf16, rel err <= 1e-2, o/dq/dr/dk/dv): {'ALL PASS' if ok else 'FAILURES'} "
+                     f"({sum(r['passed'] for r in rows)}/{len(rows)})")  # fmt: skip
+    table.append("causal bf16, ms (fwd | fwd+bwd); ratios ours/peer; peak = ours fwd+bwd MB above inputs")
+    head = f"{'shape':20s} {'ours':>15s} {'flash':>15s} {'cudnn':>15s} {'authors':>15s} {'fla':>15s}"
+    table.append(head + "  ours/auth   ours/flash  ours/cudnn  peak")
+    for row in results:
+        cells = []
+        for name in ("ours", "flash", "cudnn", "authors", "fla"):
+            x = row.get(name)
+            cells.append(f"{fmt_ms(x, 'fwd_ms'):>7s}|{fmt_ms(x, 'fwd_bwd_ms'):<7s}" if x is not None else "n/a")
+        o = row.get("ours")
+        rat = [f"{ratio(o, row.get(p), 'fwd_ms')}|{ratio(o, row.get(p), 'fwd_bwd_ms')}"
+               for p in ("authors", "flash", "cudnn")]  # fmt: skip
+        peak = row["ours_peak_mb"]
+        peak = f"{peak:.0f}" if isinstance(peak, float) else str(peak)
+        table.append(f"{row['shape']:20s} " + " ".join(f"{c:>15s}" for c in cells) + "  "
+                     + "  ".join(f"{x:>10s}" for x in rat) + f"  {peak}")  # fmt: skip
+    if results and isinstance(results[0].get("ours"), dict):
+        o = results[0]["ours"]
+        table.append(f"ours at the main shape: fwd {o['fwd_tflops']:.0f} TF/s, fwd+bwd {o['fwd_bwd_tflops']:.0f} "
+                     "TF/s (Parallax FLOPs = 2x softmax)")  # fmt: skip
+    table.append("targets: fwd+bwd ours/authors <= 0.75; fwd ours/flash <= 1.1; stretch fwd+bwd ours/cudnn <= 1.5")
+    return table
+
+
+def save(out_dir, record, table):
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_train.log"), "w") as f:
+        f.write("\n".join([*LOG, "", *table]) + "\n")
+    with open(os.path.join(out_dir, "bench_train.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="three correctness shapes and the main shape only")
     ap.add_argument("--sweep", action="store_true", help="time explicit kernel configs instead of the peers")
     ap.add_argument("--sweep-dims", default="128,64", help="head dims to sweep (comma separated)")
     ap.add_argument("--authors-all", action="store_true", help="time the authors' kernel at every grid shape")
+    ap.add_argument("--skip-correctness", action="store_true", help="timing only (e.g. a call for the authors' peer)")
     ap.add_argument("--peers", default="authors,fla", help="peers to load besides SDPA (comma separated)")
     ap.add_argument("--peers-path", default=os.environ.get("PEERS_PATH"), help="a pip --target folder of peers")
     args = ap.parse_args()
@@ -418,50 +461,28 @@ def main():
         table.append("best config per kernel (B4 H16 T4096 causal bf16; D256 at B2):")
         table += [f"  D{D:<4d}{kind:11s}{c}" + (f"  {ms:.3f} ms" if ms else "") for D, kind, c, ms in summary]
     else:
-        shapes = [s for s in CORRECTNESS if not args.quick or s[0] in QUICK_CORRECTNESS]
-        ok, rows = correctness(shapes)
+        ok, rows = True, []
+        if not args.skip_correctness:
+            shapes = [s for s in CORRECTNESS if not args.quick or s[0] in QUICK_CORRECTNESS]
+            ok, rows = correctness(shapes)
         record["correctness"] = rows
         peers = load_peers([p for p in args.peers.split(",") if p])
         for name, fn in peers.items():
             log(f"peer {name}: {'loaded' if not isinstance(fn, str) else fn}")
-        peer_agreement(peers, AGREEMENT_SHAPE)
-        results = timing(GRID[:1] if args.quick else GRID, peers, args.authors_all)
+
+        def progress(results):
+            record["timing"] = results
+            partial = timing_table(ok, rows, results)
+            save(out_dir, record, partial)
+            print("\n".join(["(table so far)", *partial]), flush=True)
+
+        results = timing(GRID[:1] if args.quick else GRID, peers, args.authors_all, progress)
         record["timing"] = results
-        table.append(f"correctness (bf16, rel err <= 1e-2, o/dq/dr/dk/dv): {'ALL PASS' if ok else 'FAILURES'} "
-                     f"({sum(r['passed'] for r in rows)}/{len(rows)})")  # fmt: skip
-        table.append("causal bf16, ms (fwd | fwd+bwd); ratios ours/peer; peak = ours fwd+bwd MB above inputs")
-        head = f"{'shape':20s} {'ours':>15s} {'flash':>15s} {'cudnn':>15s} {'authors':>15s} {'fla':>15s}"
-        table.append(head + "  ours/auth   ours/flash  ours/cudnn  peak")
-        for row in results:
-            cells = []
-            for name in ("ours", "flash", "cudnn", "authors", "fla"):
-                x = row.get(name)
-                cells.append(f"{fmt_ms(x, 'fwd_ms'):>7s}|{fmt_ms(x, 'fwd_bwd_ms'):<7s}" if x is not None else "n/a")
-            o = row["ours"]
-            rat = [f"{ratio(o, row.get(p), 'fwd_ms')}|{ratio(o, row.get(p), 'fwd_bwd_ms')}"
-                   for p in ("authors", "flash", "cudnn")]  # fmt: skip
-            peak = row["ours_peak_mb"]
-            peak = f"{peak:.0f}" if isinstance(peak, float) else str(peak)
-            table.append(f"{row['shape']:20s} " + " ".join(f"{c:>15s}" for c in cells) + "  "
-                         + "  ".join(f"{x:>10s}" for x in rat) + f"  {peak}")  # fmt: skip
-        if results:
-            o = results[0]["ours"]
-            if isinstance(o, dict):
-                table.append(f"ours at the main shape: fwd {o['fwd_tflops']:.0f} TF/s, fwd+bwd {o['fwd_bwd_tflops']:.0f} "
-                             "TF/s (Parallax FLOPs = 2x softmax)")  # fmt: skip
-            table.append(
-                "targets: fwd+bwd ours/authors <= 0.75; fwd ours/flash <= 1.1; stretch fwd+bwd ours/cudnn <= 1.5"
-            )
+        peer_agreement(peers, AGREEMENT_SHAPE)
+        table = timing_table(ok, rows, results)
 
     log("")
-    for line in table:
-        LOG.append(line)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "bench_train.log"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
-        with open(os.path.join(out_dir, "bench_train.json"), "w") as f:
-            json.dump(record, f, indent=1, default=str)
+    save(out_dir, record, table)
     print("\n".join(table), flush=True)
 
 
