@@ -31,6 +31,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.fabric.plugins.io import CheckpointIO
@@ -173,6 +174,13 @@ class ParallaxCLI(LightningCLI):
             )
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        if config.get("enable_checkpointing") is False:
+            # trainer.enable_checkpointing=false means no checkpoints: drop the `checkpoint` key's callback
+            # (Lightning refuses a ModelCheckpoint next to that flag).
+            callbacks = [c for c in callbacks if not isinstance(c, ParallaxCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
 
     # -- tracking ------------------------------------------------------------------------------------
     def _ckpt_path(self) -> str | None:
