@@ -302,6 +302,18 @@ def _times(a: float, b: float) -> str:
     return f"×{a / b:.2f}" if b > 0 else "AdamW's is zero"
 
 
+def equal_token_step(runs: list[Run]) -> tuple[int, dict[str, float]] | None:
+    """The last validation step that every run logged, with each run's val loss there."""
+    steps = [set(step for step, _ in r.val) for r in runs if r.val]
+    if len(steps) != len(runs) or not steps:
+        return None
+    shared = set.intersection(*steps)
+    if not shared:
+        return None
+    step = max(shared)
+    return step, {r.cell: dict(r.val)[step] for r in runs}
+
+
 def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[str]:
     """Each of the paper's claims, checked against this grid's numbers (nothing here is a constant result)."""
     cells = {r.cell: r for r in runs}
@@ -360,6 +372,36 @@ def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[s
             f"{ga:+.4f} nats vs {gm:+.4f} under Muon (the rule: the AdamW advantage is under half the Muon "
             f"advantage, which must exceed {min_gap})."
         )
+
+    # 1 and 2 again at equal tokens: when max_time cut some runs, compare at the last validation step every grid
+    # cell reached (same tokens, same position in the schedule), which removes the bias named above.
+    common = equal_token_step([cells[c] for c in GRID_CELLS if c in cells]) if cut else None
+    if common is not None:
+        step, at = common
+        eq_gaps = {
+            opt: at[f"parallax-{opt}"] - at[f"softmax-{opt}"]
+            for opt in ("muon", "adamw")
+            if f"parallax-{opt}" in at and f"softmax-{opt}" in at
+        }
+        if "muon" in eq_gaps:
+            gm = eq_gaps["muon"]
+            v1 = "holds" if gm < -min_gap else ("does not hold" if gm > min_gap else "inconclusive")
+            text = (
+                f"1′. *At equal tokens* (validation after step {step}, {fmt_tokens(step * runs[0].tokens_per_step)} "
+                f"tokens each, the last one all cells reached): Parallax − softmax under Muon {gm:+.4f} nats "
+                f"({at['parallax-muon']:.4f} vs {at['softmax-muon']:.4f}) — claim 1 **{v1}** at equal tokens"
+            )
+            if "adamw" in eq_gaps:
+                ga = eq_gaps["adamw"]
+                if -gm <= min_gap:
+                    v2 = "not testable (no Muon advantage to lose)"
+                else:
+                    v2 = "holds" if -ga < 0.5 * -gm else "does not hold"
+                text += (
+                    f"; under AdamW {ga:+.4f} nats ({at['parallax-adamw']:.4f} vs {at['softmax-adamw']:.4f}) — "
+                    f"claim 2 **{v2}** at equal tokens"
+                )
+            lines.append(text + ".")
 
     # 1b: the matched controls, when they ran (param-matched softmax, compute-matched Parallax; both Muon)
     for control, other, what in (

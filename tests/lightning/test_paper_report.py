@@ -284,3 +284,36 @@ def test_steps_from_bench_fill_the_target_time_in_whole_validation_intervals(tmp
     assert run_grid.steps_from_bench(args) == 300  # clamped to --min-steps
     bench.write_text(json.dumps({"results": rows[:1]}))
     assert run_grid.steps_from_bench(args) is None  # no Parallax number: keep the config's max_steps
+
+
+def _run(cell, val, max_steps=600):
+    attention, optimizer = cell.split("-")
+    return report.Run(
+        run_id=cell, cell=cell, name=cell, status="FINISHED", attention=attention, optimizer=optimizer,
+        params_non_embedding=1, batch_size=2, seq_len=4, devices=1, max_steps=max_steps,
+        final_step=val[-1][0] + 1, val=val, val_ppl=[], train=[], tokens_per_s=[], mfu=[], diag={},
+    )  # fmt: skip
+
+
+def test_cut_runs_are_also_compared_at_equal_tokens():
+    """When max_time cuts runs short, claims 1 and 2 are restated at the last validation all cells reached."""
+    runs = [
+        _run("softmax-muon", [(99, 4.0), (199, 3.0), (299, 2.5)]),
+        _run("parallax-muon", [(99, 3.9), (199, 2.8)]),  # cut after step 199
+        _run("softmax-adamw", [(99, 4.5), (199, 3.6), (299, 3.2)]),
+        _run("parallax-adamw", [(99, 4.5), (199, 3.59), (299, 3.1)]),
+    ]
+    step, at = report.equal_token_step(runs)
+    assert step == 199 and at == {
+        "softmax-muon": 3.0,
+        "parallax-muon": 2.8,
+        "softmax-adamw": 3.6,
+        "parallax-adamw": 3.59,
+    }
+    text = "\n".join(report.claims(runs, min_gap=0.01))
+    equal = [line for line in text.splitlines() if line.startswith("1′.")]
+    assert len(equal) == 1
+    assert "-0.2000 nats" in equal[0] and "claim 1 **holds**" in equal[0]
+    assert "-0.0100 nats" in equal[0] and "claim 2 **holds**" in equal[0]
+    # The end-of-run comparison still uses the final losses and says the runs were cut.
+    assert "Unequal token counts" in text and "val loss 2.8000 vs 2.5000" in text
