@@ -18,31 +18,15 @@ from .platform_utils import (
     mlflow_client,
     only_run,
     run_cli,
-    single_thread,
     tiny_config,
     working_dir,
-    write_corpus,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 LM = REPO / "experiments" / "lm"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One MLflow store for the module (each test its own experiment): creating the tables costs seconds."""
-    return tmp_path_factory.mktemp("store")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subprocess_env() -> dict:

@@ -27,26 +27,13 @@ import yaml
 from parallax_lightning.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from parallax_lightning.tracking_outbox import StoreUnavailableWarning
 
-from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config, write_corpus
+from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config
 
 STEPS = 10
 CURVES = ("train/loss", "val/loss", "train/lr")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return tmp_path_factory.mktemp("store")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fault_config(folder: Path, corpus: Path, experiment: str, store: Path, **sections) -> Path:

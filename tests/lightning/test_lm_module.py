@@ -18,18 +18,7 @@ from parallax_lightning.lm_module import LanguageModelModule, NonFiniteLossError
 from parallax_lightning.model import DecoderConfig, flops_per_token
 from parallax_lightning.optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
 
-from .platform_utils import single_thread, write_corpus
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(attention="parallax", **overrides) -> DecoderConfig:

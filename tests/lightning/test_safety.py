@@ -17,15 +17,12 @@ from parallax_lightning.checkpoint_io import AtomicCheckpointIO
 from parallax_lightning.class_paths import ClassPathNotAllowed
 from parallax_lightning.tracking import exposure_warning, run_info_from_checkpoint, ui_command
 
-from .platform_utils import run_cli, single_thread, tiny_config, write_corpus
+from .platform_utils import run_cli, tiny_config, write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
