@@ -318,6 +318,8 @@ class ParallaxCheckpoint(ModelCheckpoint):
         self._interruption: TrainingInterrupted | None = None
         self._previous_handlers: dict[int, object] = {}
         self._trainer = None
+        self._in_batch_end = False
+        self._presubmitted_step: int | None = None
 
     # -- signals ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -359,7 +361,39 @@ class ParallaxCheckpoint(ModelCheckpoint):
         return requested
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._in_batch_end = True
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._stop_on_signal(trainer)
+        finally:
+            self._in_batch_end = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        """Lightning logs a step's metrics after on_train_batch_end, i.e. after a save made there is on disk:
+        a process killed in between would resume after a step whose loss never reached MLflow. So the step's
+        metrics go to the MLflow logger now, before the file is written (its outbox's write-ahead spool keeps
+        them through a kill); Lightning's own logging of them a moment later writes exact duplicates (same
+        key, value, step and timestamp), which the store ignores."""
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        loggers = [logger for logger in mlflow_loggers(trainer) if hasattr(logger, "outbox")]
+        if not self._in_batch_end or not loggers or self._presubmitted_step == step or trainer.global_rank != 0:
+            return
+        connector = trainer._logger_connector
+        accumulating = trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization
+        if accumulating or not (connector.should_update_logs or trainer.fast_dev_run):
+            return  # Lightning will not log this step either
+        metrics = dict(connector.metrics["log"])
+        if metrics:  # the step and keys as Lightning's LoggerConnector.log_metrics chooses them
+            if "step" in metrics:
+                step = int(metrics.pop("step"))
+            else:
+                metrics.setdefault("epoch", trainer.current_epoch)
+            for logger in loggers:
+                logger.log_metrics(metrics, step=step)
+        self._presubmitted_step = step
+
+    def _stop_on_signal(self, trainer) -> None:
         if self._interruption is not None or not self.handle_signals or not self._stop_requested(trainer):
             return
         step = trainer.global_step

@@ -207,6 +207,57 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(tmp_path, corpu
         ckpt_step(path)  # every checkpoint left behind is complete
 
 
+class KillAfterSave(pl.Callback):
+    """SIGKILLs this process the moment the checkpoint of `step` is on disk: inside the step's
+    on_train_batch_end, before Lightning logs that step's metrics."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def setup(self, trainer, pl_module, stage):
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+
+        def save_then_die(checkpoint, path, storage_options=None):
+            save(checkpoint, path, storage_options)
+            if checkpoint["global_step"] == self.step and Path(path).name == "last.ckpt":  # the step's final save
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        io.save_checkpoint = save_then_die
+
+
+TRUST_TESTS = ("--allow_class_path", "tests")
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_a_checkpoint_write_loses_no_metric(tmp_path, corpus, store, reference):
+    """The narrowest window: the checkpoint of step 4 is written, the process dies before Lightning logs
+    train/loss of that step. Resuming from that checkpoint starts after the step, so its metrics must already
+    be in the store or in the tracking spool."""
+    callback = {"class_path": f"{__name__}.KillAfterSave", "init_args": {"step": 4}}
+    config = fault_config(tmp_path, corpus, "killed_after_save", store, trainer={"callbacks": [callback]})
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "parallax_lightning", "fit", "--config", str(config), "--torch_threads=1", *TRUST_TESTS],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    [last] = checkpoints(tmp_path / "runs", "last.ckpt")
+    assert ckpt_step(last) == 4
+    run_cli(["fit", "--config", str(without_callbacks(config)), "--ckpt_path", str(last)], tmp_path)
+    client = mlflow_client(store)
+    resumed = only_run(client, "killed_after_save")
+    assert resumed.info.status == "FINISHED"
+    assert_same_curves(client, resumed.info.run_id, reference)
+    # A checkpoint step's metrics are written twice (before the save, then by Lightning): stored once.
+    assert [s for s, _ in history(client, resumed.info.run_id, "train/loss")] == list(range(STEPS))
+
+
 # -- atomic checkpoint writes ---------------------------------------------------------------------------------
 def test_a_write_that_crashes_halfway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
