@@ -206,7 +206,11 @@ def report(runs, metrics: list[str], out: Path, sweep_id: str, experiment: str, 
 
 
 def _plot(latest, rows, widths, metrics, path: Path, sweep_id: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the table is the result; the plot is a convenience
+        print(f"sweep: matplotlib is not installed, so {path} is not drawn", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
             return 0
     text = report(collect(uri, args.experiment, args.sweep_id), args.metric, out, args.sweep_id, args.experiment, uri)
     print(text)
-    print(f"wrote {out / 'sweep.md'} and {out / 'sweep.png'}")
+    print(f"wrote {out / 'sweep.md'}" + (f" and {out / 'sweep.png'}" if (out / "sweep.png").exists() else ""))
     if failed:
         print(f"sweep: {failed} run(s) failed; see {out / 'logs'}", file=sys.stderr)
     return 1 if failed else 0
