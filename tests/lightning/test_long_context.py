@@ -218,3 +218,19 @@ def test_mqar_cpu_config_learns_through_the_cli(tmp_path, monkeypatch):
     for key in ("val/acc/len64_kv4", "val/acc/len64_kv8", "val/acc/length_test", "val/acc/kv_test", "val/acc/kv16"):
         assert key in metrics, key
     assert float(metrics["val/acc"]) > 0.5, float(metrics["val/acc"])
+
+
+@pytest.mark.parametrize("name", ["mqar", "mqar_quick", "mqar_cpu", "passkey", "length_generalization"])
+def test_shipped_long_context_configs_parse(name, tmp_path, monkeypatch, capsys):
+    """Every config the long-context README names is accepted by the CLI as written (keys, types, classes)."""
+    import yaml
+
+    from parallax_lightning.cli import ParallaxCLI
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        ParallaxCLI(args=["fit", "--config", str(REPO / f"experiments/long_context/{name}.yaml"), "--print_config"])
+    assert info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["model"]["attention"] == "parallax"
+    assert printed["data"]["class_path"].startswith("parallax_lightning.")
