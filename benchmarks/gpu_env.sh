@@ -3,6 +3,9 @@
 # travel as wheels in .gpu-wheels/ (copied from shared/gpu-wheels), the peers' kernels in .whl/.
 set -o pipefail
 export PYTHONUNBUFFERED=1
+# A snapshot made with `git archive` has no .git: `git rev-parse HEAD > .snap/COMMIT` beside it lets the MLflow
+# runs record which commit they ran (the parallax.git_commit tag).
+[[ -f COMMIT ]] && export PARALLAX_GIT_COMMIT=$(<COMMIT)
 site=/tmp/site
 if [[ ! -d $site ]]; then
     wheels=()

@@ -67,7 +67,8 @@ def _version(dist: str) -> str:
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the repository holding `path` (default: this package), or 'unknown'."""
+    """Commit and dirty flag of the repository holding `path` (default: this package). A copy without `.git`
+    (a `git archive` snapshot sent to another machine) names its commit in $PARALLAX_GIT_COMMIT; else 'unknown'."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -79,7 +80,7 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD")
     if commit is None:
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
+        return {"git_commit": os.environ.get("PARALLAX_GIT_COMMIT", "").strip() or "unknown", "git_dirty": "unknown"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit, "git_dirty": "unknown" if status is None else str(bool(status)).lower()}
 

@@ -55,10 +55,14 @@ def test_flatten_config_drops_init_args():
     }
 
 
-def test_git_state_and_environment_tags(tmp_path):
+def test_git_state_and_environment_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("PARALLAX_GIT_COMMIT", raising=False)
     state = git_state()
     assert len(state["git_commit"]) == 40 and state["git_dirty"] in ("true", "false")
     assert git_state(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
+    monkeypatch.setenv("PARALLAX_GIT_COMMIT", "f5e06a1")  # a snapshot without .git names its commit
+    assert git_state(tmp_path) == {"git_commit": "f5e06a1", "git_dirty": "unknown"}
+    assert git_state()["git_commit"] == state["git_commit"]  # a real repository wins over the variable
     tags = environment_tags()
     assert tags["parallax.torch_version"] == torch.__version__
     assert tags["parallax.gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
