@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from .tracking import log_figure, metric_history, mlflow_loggers
+from .tracking import ParallaxMLFlowLogger, log_figure, metric_history, mlflow_loggers
 
 # Dense (no sparsity) 16-bit tensor-core peaks, FLOP/s, from the vendors' datasheets. Most specific first.
 PEAK_FLOPS_16BIT = (
@@ -376,7 +376,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
         key, value, step and timestamp), which the store ignores."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        loggers = [logger for logger in mlflow_loggers(trainer) if hasattr(logger, "outbox")]
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, ParallaxMLFlowLogger)]
         if not self._in_batch_end or not loggers or self._presubmitted_step == step or trainer.global_rank != 0:
             return
         connector = trainer._logger_connector
