@@ -64,13 +64,42 @@ def to_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
     return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
 
 
-class RandomBatchStream(IterableDataset):
-    """An endless stream of training batches; batch i depends on (seed, i) only.
+class IndexedBatchStream(IterableDataset):
+    """An endless stream of training batches where batch i is a function of i alone (`batch(index)`, defined by
+    subclasses), which is what makes a stream resumable and independent of the DataLoader's workers.
 
     `start` is the first batch index to yield (the resume point); `stop` (exclusive) bounds the stream
     for tests and tools. Workers of a DataLoader take indices round-robin, which the DataLoader returns
-    in order, so the stream is the same with 0 or many workers.
+    in order, so the stream is the same with 0 or many workers. In data-parallel runs a batch is drawn for
+    the whole world and each rank keeps `rank_slice` of it.
     """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, start: int = 0, stop: int | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.stop = stop
+
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def rank_slice(self, per_rank: int) -> slice:
+        """This rank's rows of a batch drawn for the whole world (`per_rank` rows each)."""
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = self.start + worker
+        while self.stop is None or index < self.stop:
+            yield self.batch(index)
+            index += num_workers
+
+
+class RandomBatchStream(IndexedBatchStream):
+    """Batches of random windows; batch i depends on (seed, i) only."""
 
     def __init__(
         self,
@@ -84,32 +113,19 @@ class RandomBatchStream(IterableDataset):
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        super().__init__(rank=rank, world_size=world_size, start=start, stop=stop)
         self.windows = windows
         self.batch_size = batch_size
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.start = start
-        self.stop = stop
 
     def starts_for(self, index: int) -> np.ndarray:
         """Window start indices of this rank's part of batch `index`."""
         rng = np.random.default_rng([self.seed, index])
         starts = rng.integers(0, self.windows.num_windows, size=self.batch_size * self.world_size)
-        return starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return starts[self.rank_slice(self.batch_size)]
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         return to_batch(self.windows.gather(self.starts_for(index)))
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = self.start + worker
-        while self.stop is None or index < self.stop:
-            yield self.batch(index)
-            index += num_workers
 
 
 class EvalBatches(Dataset):

@@ -133,14 +133,18 @@ class TokenDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_stream(self, start: int | None = None) -> RandomBatchStream:
+    def _stream_start(self, start: int | None) -> int:
+        """The first training batch index of a new stream: `start` if given; else the position restored from
+        a checkpoint, once; later reloads follow the trainer."""
         if start is None:
-            # The position restored from a checkpoint wins once; later reloads follow the trainer.
             start = self._resume_batch if self._resume_batch is not None else self._micro_batches_done()
             self._resume_batch = None
+        return start
+
+    def train_stream(self, start: int | None = None) -> RandomBatchStream:
         rank, world = self._rank_world()
         return RandomBatchStream(
-            self.train_windows, self.batch_size, self.seed, rank=rank, world_size=world, start=start
+            self.train_windows, self.batch_size, self.seed, rank=rank, world_size=world, start=self._stream_start(start)
         )
 
     def _loader(self, dataset) -> DataLoader:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..data.sampling import IndexedBatchStream
 from ..data.token_datamodule import TokenDataModule
 from ..lm_module import IGNORE_INDEX, LanguageModelModule
 
@@ -164,14 +165,13 @@ class EvalSlice:
 
 
 # ------------------------------------------------------------------------------------------------ datasets
-class MQARTrainStream(IterableDataset):
+class MQARTrainStream(IndexedBatchStream):
     """Endless training batches; batch i is drawn from (seed, i) alone: its setting from the mixture, then
     `batch_size × world_size` examples of which this rank takes its slice."""
 
     def __init__(self, module: MQARDataModule, rank: int = 0, world_size: int = 1, start: int = 0, stop=None):
+        super().__init__(rank=rank, world_size=world_size, start=start, stop=stop)
         self.m = module
-        self.rank, self.world_size = rank, world_size
-        self.start, self.stop = start, stop
         weights = np.array([s.weight for s in module.train_settings], dtype=np.float64)
         self.probs = weights / weights.sum()
 
@@ -188,16 +188,8 @@ class MQARTrainStream(IterableDataset):
             m.power_a,
             m.random_non_queries,
         )
-        part = slice(self.rank * m.batch_size, (self.rank + 1) * m.batch_size)
+        part = self.rank_slice(m.batch_size)
         return {"input_ids": torch.from_numpy(inputs[part]), "labels": torch.from_numpy(labels[part])}
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = self.start + worker
-        while self.stop is None or index < self.stop:
-            yield self.batch(index)
-            index += workers
 
 
 class MQAREvalBatches(Dataset):
@@ -346,12 +338,8 @@ class MQARDataModule(TokenDataModule):
 
     # -- loaders ------------------------------------------------------------------------------------
     def train_stream(self, start: int | None = None, stop: int | None = None) -> MQARTrainStream:
-        if start is None:
-            # The position restored from a checkpoint wins once; later reloads follow the trainer.
-            start = self._resume_batch if self._resume_batch is not None else self._micro_batches_done()
-            self._resume_batch = None
         rank, world = self._rank_world()
-        return MQARTrainStream(self, rank=rank, world_size=world, start=start, stop=stop)
+        return MQARTrainStream(self, rank=rank, world_size=world, start=self._stream_start(start), stop=stop)
 
     def eval_batches(self) -> MQAREvalBatches:
         if self._val is None:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
+from ..data.sampling import IndexedBatchStream
 from ..data.token_datamodule import TokenDataModule
 from ..data.tokenizers import load_tokenizer
 from ..lm_module import IGNORE_INDEX
@@ -138,21 +139,16 @@ def _tokenizer_from(spec: str | None, datamodule):
 
 
 # ------------------------------------------------------------------------------------------------- training
-class _PasskeyStream(IterableDataset):
+class _PasskeyStream(IndexedBatchStream):
     def __init__(self, module: PasskeyDataModule, rank: int, world_size: int, start: int, stop=None):
-        self.m, self.rank, self.world_size, self.start, self.stop = module, rank, world_size, start, stop
+        super().__init__(rank=rank, world_size=world_size, start=start, stop=stop)
+        self.m = module
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = self.start + worker
-        while self.stop is None or index < self.stop:
-            rng = np.random.default_rng([self.m.seed, 0, index])
-            n = self.m.batch_size * self.world_size
-            batch = self.m.examples(rng, n)
-            part = slice(self.rank * self.m.batch_size, (self.rank + 1) * self.m.batch_size)
-            yield {k: v[part] for k, v in batch.items()}
-            index += workers
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.m.seed, 0, index])
+        batch = self.m.examples(rng, self.m.batch_size * self.world_size)
+        part = self.rank_slice(self.m.batch_size)
+        return {k: v[part] for k, v in batch.items()}
 
 
 class _PasskeyEvalSet(Dataset):
@@ -238,11 +234,8 @@ class PasskeyDataModule(TokenDataModule):
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels)}
 
     def train_stream(self, start: int | None = None, stop: int | None = None) -> _PasskeyStream:
-        if start is None:
-            start = self._resume_batch if self._resume_batch is not None else self._micro_batches_done()
-            self._resume_batch = None
         rank, world = self._rank_world()
-        return _PasskeyStream(self, rank, world, start, stop)
+        return _PasskeyStream(self, rank, world, self._stream_start(start), stop)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(_PasskeyEvalSet(self, self.num_val_examples, self.batch_size))
