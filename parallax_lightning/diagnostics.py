@@ -23,29 +23,14 @@ from __future__ import annotations
 import torch
 
 from parallax_kernels import parallax_weights
+from parallax_muon import stable_rank
 
 from .attention import PROBE_KINDS
 
-try:  # the optimizer package owns the definition once it has one
-    from parallax_muon import stable_rank
-except ImportError:
-
-    def stable_rank(weight: torch.Tensor) -> float:
-        """‖W‖_F² / ‖W‖_2² (between 1 and min(W.shape)); 0 for an all-zero matrix."""
-        w = weight.detach().float()
-        if w.dim() != 2:
-            w = w.reshape(w.shape[0], -1)
-        top = torch.linalg.matrix_norm(w, ord=2)
-        if top == 0:
-            return 0.0
-        return (w.pow(2).sum() / top**2).item()
-
 
 def _stable_rank(weight: torch.Tensor) -> float:
-    # W_R = 0 (r_init="zero") has no spectrum; report 0 rather than 0/0 from whichever definition
-    if not weight.detach().any():
-        return 0.0
-    return float(stable_rank(weight.detach()))
+    # parallax_muon's stable_rank clamps the spectral norm, so W_R = 0 (r_init="zero") gives 0, not 0/0
+    return float(stable_rank(weight))
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
