@@ -183,7 +183,9 @@ class Muon(torch.optim.Optimizer):
             if use_muon:
                 self._layout(group, p, i)  # raises on 1-D parameters, bad num_heads / split_sizes
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _validate_group(self, group: dict[str, Any]) -> tuple[tuple, float] | None:
+        """Raise on a bad hyper-parameter; for a Muon group, return its resolved Newton–Schulz coefficients
+        (``resolve_coefficients``'s (per_step, default scale)), which ``step`` hands to ``_muon_prologue``."""
         name = group["name"]
         lr = _scalar(group["lr"])
         if not (lr >= 0.0):
@@ -203,13 +205,14 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(f"group {name!r}: ns_eps={group['ns_eps']} must be > 0")
             if group["ns_norm_scale"] is not None and not (group["ns_norm_scale"] > 0.0):
                 raise ValueError(f"group {name!r}: ns_norm_scale={group['ns_norm_scale']} must be > 0")
-            resolve_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises on unknown presets
+            return resolve_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises on unknown presets
         else:
             betas = group["betas"]
             if len(betas) != 2 or not all(0.0 <= _scalar(b) < 1.0 for b in betas):
                 raise ValueError(f"group {name!r}: betas={betas} must be two values in [0, 1)")
             if not (group["eps"] >= 0.0):
                 raise ValueError(f"group {name!r}: eps={group['eps']} must be >= 0")
+        return None
 
     @staticmethod
     def _where(group, i, p) -> str:
@@ -262,9 +265,9 @@ class Muon(torch.optim.Optimizer):
             self._update_rms = {}
         jobs: list[_Job] = []
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group)  # hyper-parameters may have been edited since construction
+            coefficients = self._validate_group(group)  # hyper-parameters may have been edited since construction
             if group["use_muon"]:
-                self._muon_prologue(gi, group, jobs)
+                self._muon_prologue(gi, group, jobs, coefficients)
             else:
                 self._adamw_step(group)
         if jobs:
@@ -285,7 +288,7 @@ class Muon(torch.optim.Optimizer):
             grads.append(g)
         return params, grads
 
-    def _muon_prologue(self, gi: int, group, jobs: list[_Job]) -> None:
+    def _muon_prologue(self, gi: int, group, jobs: list[_Job], coefficients: tuple[tuple, float]) -> None:
         params, grads = self._grads(group)
         if not params:
             return
@@ -304,7 +307,7 @@ class Muon(torch.optim.Optimizer):
         lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
         if group["weight_decay"] != 0:
             torch._foreach_mul_(lp, 1 - lr * group["weight_decay"])
-        per_step, default_scale = resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+        per_step, default_scale = coefficients  # resolved (and checked) by _validate_group this step
         scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
         ns_key = (per_step, scale, float(group["ns_eps"]))
         index_of = {id(p): i for i, p in enumerate(group["params"])}
