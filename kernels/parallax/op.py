@@ -137,7 +137,6 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     float64 inputs.
     """
     shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
-    offsets = None
     if cu_seqlens is not None:
         if k.shape[1] != q.shape[1]:
             raise ValueError(
@@ -152,7 +151,7 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
         raise ValueError(f"{_OP}: max_seqlen is only meaningful with cu_seqlens")
 
     if backend_for(q) != "triton" or q.dtype == torch.float64:
-        return _reference(q, r, k, v, causal, scale, window_size, cu_seqlens, offsets)
+        return _reference(q, r, k, v, causal, scale, window_size, cu_seqlens)
 
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k, v))
@@ -160,17 +159,7 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     return o
 
 
-def _reference(q, r, k, v, causal, scale, window_size, cu_seqlens, offsets):
-    if cu_seqlens is None:
-        return parallax_attn_reference(q, r, k, v, causal=causal, scale=scale, window_size=window_size)
-    if offsets is None:
-        offsets = cu_seqlens.tolist()
-    return torch.cat(
-        [
-            parallax_attn_reference(
-                q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale, window_size=window_size
-            )
-            for a, b in itertools.pairwise(offsets)
-        ],
-        dim=1,
+def _reference(q, r, k, v, causal, scale, window_size, cu_seqlens):
+    return parallax_attn_reference(
+        q, r, k, v, causal=causal, scale=scale, window_size=window_size, cu_seqlens=cu_seqlens
     )

@@ -7,10 +7,14 @@ which is v̄_i - Cov_p(v, k) r_i. With r = 0 it is softmax attention.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .._checks import check_attn_inputs
+from .._checks import check_attn_inputs, check_cu_seqlens
 from .._reference_utils import band_mask, compute_dtype, from_bhtd, masked_softmax, to_bhtd
+
+_OP = "parallax_attn_reference"
 
 
 def parallax_weights(q, r, k, causal=True, scale=None, window_size=None):
@@ -26,15 +30,31 @@ def parallax_weights(q, r, k, causal=True, scale=None, window_size=None):
     return p, t
 
 
-def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=None):
+def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=None, *, cu_seqlens=None):
     """Parallax attention, layout (B, T, H, D), fp32 math (fp64 for fp64 inputs), input dtype out.
 
     q, r: (B, T_q, H_q, D); k, v: (B, T_k, H_kv, D) with H_q % H_kv == 0.
+    cu_seqlens (int32 offsets [0, ..., T], batch 1, as for parallax_attn) packs several sequences that do not
+    attend to each other: q, r, k, v are cut at each pair of offsets (q and k must have the same packed
+    length), each sequence is attended on its own and the outputs are concatenated along T.
     Differentiable through autograd, so the gradients are the reference gradients too.
     """
-    shape = check_attn_inputs(
-        "parallax_attn_reference", q, k, v, r, causal=causal, scale=scale, window_size=window_size
-    )
+    shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
+    if cu_seqlens is not None:
+        if k.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
+            )
+        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0])
+        return torch.cat(
+            [
+                parallax_attn_reference(
+                    q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], causal=causal, scale=scale, window_size=window_size
+                )
+                for a, b in itertools.pairwise(offsets)
+            ],
+            dim=1,
+        )
     cd = compute_dtype(q.dtype)
     p, t = parallax_weights(q, r, k, causal=causal, scale=scale, window_size=window_size)
     vf = to_bhtd(v, cd, shape.heads_q)

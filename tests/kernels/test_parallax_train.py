@@ -51,15 +51,8 @@ def _inputs(B, Tq, Tk, Hq, Hkv, D, dtype, r_scale=0.3):
 
 
 def _reference(q, r, k, v, causal, window, offsets=None, scale=None):
-    if offsets is None:
-        return parallax_attn_reference(q, r, k, v, causal=causal, window_size=window, scale=scale)
-    return torch.cat(
-        [
-            parallax_attn_reference(q[:, a:b], r[:, a:b], k[:, a:b], v[:, a:b], causal=causal, window_size=window)
-            for a, b in itertools.pairwise(offsets)
-        ],
-        dim=1,
-    )
+    cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32, device=q.device)
+    return parallax_attn_reference(q, r, k, v, causal=causal, window_size=window, scale=scale, cu_seqlens=cu)
 
 
 def _check(got, grads, leaves, do, causal, window, tol, offsets=None, scale=None):
