@@ -14,6 +14,17 @@ from collections.abc import Iterator
 from torch import nn
 
 
+def is_length(value) -> bool:
+    """A sequence length: a positive int (True is an int to Python, not a length)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_lengths(lengths, owner: str) -> None:
+    """A configured list of evaluation lengths (None = the owner's default) is non-empty and all lengths."""
+    if lengths is not None and (not lengths or not all(is_length(L) for L in lengths)):
+        raise ValueError(f"{owner}.lengths must be positive integers, got {lengths!r}")
+
+
 def _decoder(model: nn.Module) -> nn.Module:
     """The Decoder inside a LightningModule (`.model`) or the Decoder itself."""
     inner = getattr(model, "model", model)
@@ -27,7 +38,7 @@ def beyond_max_seq_len(model: nn.Module, length: int) -> Iterator[nn.Module]:
     """Within the block, the decoder accepts sequences (and KV caches) of up to `length` tokens; its config
     is restored afterwards, even on error. Yields the decoder."""
     decoder = _decoder(model)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+    if not is_length(length):
         raise ValueError(f"beyond_max_seq_len: length must be a positive integer, got {length!r}")
     original = decoder.config
     if length > original.max_seq_len:

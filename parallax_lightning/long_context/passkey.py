@@ -27,7 +27,7 @@ from ..data.sampling import IndexedBatchStream
 from ..data.token_datamodule import TokenDataModule
 from ..data.tokenizers import load_tokenizer
 from ..lm_module import IGNORE_INDEX
-from .length_guard import beyond_max_seq_len
+from .length_guard import beyond_max_seq_len, check_lengths
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = "A pass key is hidden in the text below. Remember it.\n"
@@ -323,8 +323,7 @@ class PasskeyEval(Callback):
     ):
         super().__init__()
         self.depths = [check_depth(d) for d in depths]
-        if lengths is not None and (not lengths or any(not isinstance(L, int) or L < 1 for L in lengths)):
-            raise ValueError(f"PasskeyEval.lengths must be positive integers, got {lengths!r}")
+        check_lengths(lengths, "PasskeyEval")
         if samples < 1 or every_n_validations < 0:
             raise ValueError("PasskeyEval: samples must be >= 1 and every_n_validations >= 0")
         self.lengths = list(lengths) if lengths is not None else None

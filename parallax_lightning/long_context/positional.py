@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .length_guard import beyond_max_seq_len
+from .length_guard import beyond_max_seq_len, check_lengths, is_length
 
 ALIGNS = ("auto", "document", "stream")
 
@@ -47,7 +47,7 @@ def document_windows(
     `eos_id`) with no separator inside it; documents shorter than length + 1 are skipped. align="stream":
     non-overlapping windows of consecutive tokens. align="auto": documents when `eos_id` is known, else stream.
     """
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+    if not is_length(length):
         raise ValueError(f"per-position loss: length must be a positive integer, got {length!r}")
     if align not in ALIGNS:
         raise ValueError(f"per-position loss: align must be one of {ALIGNS}, got {align!r}")
@@ -144,8 +144,7 @@ class PerPositionLoss(Callback):
             raise ValueError(f"PerPositionLoss.align must be one of {ALIGNS}, got {align!r}")
         if lengths is None and (not factors or any(f <= 0 for f in factors)):
             raise ValueError(f"PerPositionLoss.factors must be positive numbers, got {factors!r}")
-        if lengths is not None and (not lengths or any(not isinstance(L, int) or L < 1 for L in lengths)):
-            raise ValueError(f"PerPositionLoss.lengths must be positive integers, got {lengths!r}")
+        check_lengths(lengths, "PerPositionLoss")
         if bucket_size is not None and bucket_size < 1:
             raise ValueError(f"PerPositionLoss.bucket_size must be >= 1, got {bucket_size}")
         self.factors = list(factors)
