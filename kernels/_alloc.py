@@ -15,10 +15,6 @@ import torch
 _poison = os.environ.get("PARALLAX_POISON_OUTPUTS", "0") == "1"
 
 
-def poisoning() -> bool:
-    return _poison
-
-
 @contextlib.contextmanager
 def poison_outputs(enabled: bool = True):
     """Within the block, kernel outputs are NaN-filled before the kernels write them."""
@@ -34,7 +30,3 @@ def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
     if _poison and dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return empty(t.shape, dtype=dtype or t.dtype, device=t.device)

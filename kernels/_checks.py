@@ -36,12 +36,12 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t, op: str, rank: int = 4) -> None:
+def check_tensor(name: str, t, op: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != rank:
+    if t.dim() != 4:
         raise ValueError(
-            f"{op}: {name} must have {rank} dims (batch, seq, heads, head_dim), got {t.dim()} dims ({_describe(t)})"
+            f"{op}: {name} must have 4 dims (batch, seq, heads, head_dim), got {t.dim()} dims ({_describe(t)})"
         )
     if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: {name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")

@@ -363,7 +363,7 @@ def choose_num_splits(programs: int, n_tiles: int, sms: int, waves: float = 1.0,
     return math.ceil(n_tiles / per_split)
 
 
-def default_config(head_dim: int, group: int) -> DecodeConfig:
+def default_config(head_dim: int) -> DecodeConfig:
     """Heuristic launch parameters (`benchmarks/bench_decode.py --sweep` measures the alternatives).
 
     Tensor-core dots even for one query head a group: the 16-row padding is free in a memory-bound
@@ -382,7 +382,7 @@ def default_config(head_dim: int, group: int) -> DecodeConfig:
 @functools.lru_cache(maxsize=256)
 def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -> _Plan:
     group = heads_q // heads_kv
-    base = default_config(head_dim, group)
+    base = default_config(head_dim)
     cfg = config or base
     block_n = cfg.block_n or base.block_n
     use_dot = group > 1 or (base.use_dot if cfg.use_dot is None else cfg.use_dot)
