@@ -59,14 +59,6 @@ class Layout:
     per_slice: bool
     segments: tuple[Segment, ...]
 
-    @property
-    def blocks(self) -> int:
-        """How many matrices this parameter contributes."""
-        return self.slices * sum(s.heads for s in self.segments)
-
-    def block_shapes(self) -> list[tuple[int, int]]:
-        return [(s.head_rows, self.cols) for s in self.segments]
-
     def views(self, T: Tensor, allow_copy: bool = False) -> list[Tensor]:
         """Per segment, a (S, heads, head_rows, C) view of ``T`` (a tensor shaped like the parameter).
 
