@@ -401,8 +401,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != step:
             # Saved here, like a periodic save, so resuming replays nothing and skips nothing.
             if self.save_last:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-                path = self.last_model_path
+                path = self._save_last_now(trainer)
             else:
                 path = os.path.join(self.dirpath, f"interrupted-step{step}.ckpt")
                 self._save_checkpoint(trainer, path)
@@ -428,6 +427,19 @@ class ParallaxCheckpoint(ModelCheckpoint):
         self._restore_signals()
         self._trainer = None
         super().teardown(trainer, pl_module, stage)
+
+    def _save_last_now(self, trainer) -> str:
+        """Write `last` with the state after the current step (a save between two periodic ones: on a signal,
+        at the end of training) and return its path. Lightning's `_save_last_checkpoint` would, with
+        save_last="link", only point `last` at the newest periodic file, an older step; here `last` becomes a
+        file, which the next periodic save turns back into a link (in one rename)."""
+        monitor = self._monitor_candidates(trainer)
+        if self.save_last == "link":
+            self.last_model_path = self.format_checkpoint_name(monitor, self.CHECKPOINT_NAME_LAST)  # in the state
+            self._save_checkpoint(trainer, self.last_model_path)
+        else:
+            self._save_last_checkpoint(trainer, monitor)
+        return self.last_model_path
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
@@ -457,7 +469,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
             loop = trainer.fit_loop.epoch_loop
             loop._batches_that_stepped -= 1
             try:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                self._save_last_now(trainer)
             finally:
                 loop._batches_that_stepped += 1
             self._last_global_step_saved = trainer.global_step

@@ -293,6 +293,21 @@ def test_save_last_link_is_replaced_in_one_rename(tmp_path, corpus, store):
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_save_last_link_ends_on_the_final_step(tmp_path, corpus, store):
+    """Training that stops between two periodic saves leaves `last` at the final step, not a link to the
+    previous periodic file (resuming from it would replay the steps after that)."""
+    config = fault_config(
+        tmp_path, corpus, "link_end", store, checkpoint={"save_last": "link", "every_n_train_steps": 3}
+    )
+    config_data = yaml.safe_load(config.read_text())
+    config_data["trainer"]["max_steps"] = 4
+    config.write_text(yaml.safe_dump(config_data))
+    run_cli(["fit", "--config", str(config)], tmp_path)
+    [last] = checkpoints(tmp_path / "runs", "last.ckpt")
+    assert ckpt_step(last) == 4
+    assert [ckpt_step(p) for p in checkpoints(tmp_path / "runs", "epoch=*.ckpt")] == [3]  # the periodic one stays
+
+
 # -- the tracking store goes away -----------------------------------------------------------------------------
 class LockStore(pl.Callback):
     """At `step`, another connection takes an exclusive lock on the SQLite store and keeps it `seconds`
