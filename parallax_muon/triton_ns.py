@@ -134,8 +134,6 @@ def sym_mmt(
     out: Tensor | None = None,
     block: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
 ) -> Tensor:
     """``out = alpha · M Mᵀ + beta · C`` for a batch ``M`` (N, n, k); C, out: (N, n, n), C symmetric.
 
@@ -166,7 +164,7 @@ def sym_mmt(
         _sym_mmt_tuned[grid](*args, **flags)
     else:
         meta = {"BLOCK": block or 128, "BLOCK_K": block_k or 64}
-        _sym_mmt_kernel[grid(meta)](*args, **flags, **meta, num_warps=num_warps, num_stages=num_stages)
+        _sym_mmt_kernel[grid(meta)](*args, **flags, **meta, num_warps=4, num_stages=3)
     return out
 
 
