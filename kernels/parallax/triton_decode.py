@@ -23,9 +23,9 @@ from triton import knobs
 from triton.runtime import driver
 
 from .._alloc import empty
+from ._launch_utils import LOG2E, _block_d, _device_index, _dot_precision
 from .decode import call_key
 
-_LOG2E = 1.4426950408889634
 # The combine kernel loads every slice of a row at once, so the split count is bounded.
 _MAX_SPLITS = 256
 
@@ -334,7 +334,7 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device`; the interpreter counts as a handful so tests stay small."""
     if device.type != "cuda":
         return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_device_index(device))
 
 
 # The defaults below come from call 1 (2026-11-28, H200, `bench_decode.py --sweep`, bf16, D=128;
@@ -393,7 +393,7 @@ def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -
         use_dot=use_dot,
         use_tma=use_dot and bool(base.use_tma if cfg.use_tma is None else cfg.use_tma),
         block_g=max(16, triton.next_power_of_2(group)),
-        block_d=max(16, triton.next_power_of_2(head_dim)),  # tl.dot needs K >= 16
+        block_d=_block_d(head_dim),  # tl.dot needs K >= 16
         block_n=block_n,
         num_warps=cfg.num_warps or base.num_warps,
         num_stages=cfg.num_stages or base.num_stages,
@@ -503,7 +503,7 @@ class DecodePlan:
         scale = D**-0.5 if scale is None else scale
         out_st = (H_q * D, D)  # the output is allocated contiguous
         values = dict(
-            scale_log2=scale * _LOG2E, L_max=L_max, window=window, num_splits=S, n_rows=n_rows,
+            scale_log2=scale * LOG2E, L_max=L_max, window=window, num_splits=S, n_rows=n_rows,
             stride_qb=q_st[0], stride_qh=q_st[1], stride_rb=r_st[0], stride_rh=r_st[1],
             stride_kb=k_cache.stride(0), stride_kl=k_cache.stride(1), stride_kh=k_cache.stride(2),
             stride_vb=v_cache.stride(0), stride_vl=v_cache.stride(1), stride_vh=v_cache.stride(2),
@@ -513,8 +513,9 @@ class DecodePlan:
         )  # fmt: skip
         if plan.use_dot:
             fn = _decode_split_dot_kernel
-            precision = "ieee" if q.dtype == torch.float32 else "tf32"
-            values.update(G=H_q // H_kv, BLOCK_G=plan.block_g, DOT_PRECISION=precision, USE_TMA=self.use_tma)
+            values.update(
+                G=H_q // H_kv, BLOCK_G=plan.block_g, DOT_PRECISION=_dot_precision(q.dtype), USE_TMA=self.use_tma
+            )
         else:
             fn = _decode_split_vec_kernel
         options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}

@@ -25,8 +25,7 @@ import triton.language as tl
 
 from .._alloc import empty
 from .._dispatch import interpreting
-
-LOG2E = 1.4426950408889634
+from ._launch_utils import LOG2E, _block_d, _device_index, _dot_precision
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     cls = _dim_class(head_dim)
     if dtype == torch.float32:
         return _FP32[cls]
-    major, _ = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    major, _ = _capability(_device_index(device))
     return (_HOPPER if major >= 9 else _OTHER)[cls]
 
 
@@ -602,11 +601,6 @@ def _bwd_dkv_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (no tf32 rounding); 16-bit inputs ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _layout(q, k, cu_seqlens, max_seqlen):
     """(programs over sequences, query length, key length, longest query length, stats length)."""
     if cu_seqlens is not None:
@@ -623,11 +617,6 @@ def _record(name: str, compiled) -> None:
     regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
     if regs is not None:
         LAUNCH_STATS[name] = (regs, spills)
-
-
-def _block_d(head_dim: int) -> int:
-    # Head dims that are not powers of two are padded up to one and masked; 16 is tl.dot's minimum.
-    return max(triton.next_power_of_2(head_dim), 16)
 
 
 def _dummy(cu_seqlens, device):
