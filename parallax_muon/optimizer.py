@@ -573,9 +573,7 @@ def _scalar(v) -> float:
     return float(v) if isinstance(v, Tensor) else v
 
 
-def _viewable(t: Tensor | None, layout: Layout) -> bool:
-    if t is None:
-        return False
+def _viewable(t: Tensor, layout: Layout) -> bool:
     try:
         t.view(layout.slices, layout.rows, layout.cols)
     except RuntimeError:
