@@ -372,8 +372,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
         """Lightning logs a step's metrics after on_train_batch_end, i.e. after a save made there is on disk:
         a process killed in between would resume after a step whose loss never reached MLflow. So the step's
         metrics go to the MLflow logger now, before the file is written (its outbox's write-ahead spool keeps
-        them through a kill); Lightning's own logging of them a moment later writes exact duplicates (same
-        key, value, step and timestamp), which the store ignores."""
+        them through a kill); the logger skips Lightning's own logging of the same values a moment later."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         loggers = [logger for logger in trainer.loggers if isinstance(logger, ParallaxMLFlowLogger)]

@@ -179,7 +179,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         self.flush_timeout_s = flush_timeout_s
         self.retry_s = retry_s
         self._outbox: TrackingOutbox | None = None
-        self._step_stamp: tuple[int | None, int] = (None, 0)  # (step, ms) of the latest log_metrics
+        self._step_values: tuple[int | None, dict[str, float]] = (None, {})  # the latest step's logged values
         self.interrupted: str | None = None
 
     @property
@@ -260,12 +260,13 @@ class ParallaxMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue metrics for the background writer (Lightning's MLFlowLogger writes them synchronously, which
-        stalls training for as long as the store does). Everything logged at one step shares one timestamp, so
-        the same metric logged twice at a step (see `ParallaxCheckpoint`) is an exact duplicate the store drops."""
+        stalls training for as long as the store does). A metric logged again at the same step with the same
+        value is skipped: `ParallaxCheckpoint` logs a checkpoint step's metrics before Lightning does."""
         step = int(step or 0)
-        if self._step_stamp[0] != step:
-            self._step_stamp = (step, int(time.time() * 1000))
-        now = self._step_stamp[1]
+        if self._step_values[0] != step:
+            self._step_values = (step, {})
+        seen = self._step_values[1]
+        now = int(time.time() * 1000)
         records = []
         for key, value in metrics.items():
             if isinstance(value, str):
@@ -274,6 +275,9 @@ class ParallaxMLFlowLogger(MLFlowLogger):
                 key = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}"
             key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # the characters MLflow accepts in a metric name
             value = value.item() if isinstance(value, torch.Tensor) else float(value)
+            if seen.get(key) == value:
+                continue
+            seen[key] = value
             records.append((key, value, now, step))
         self.outbox.submit_metrics(records)
 
