@@ -619,11 +619,6 @@ def _record(name: str, compiled) -> None:
         LAUNCH_STATS[name] = (regs, spills)
 
 
-def _dummy(cu_seqlens, device):
-    # Kernels without varlen never read the pointer; any int32 tensor on the device will do.
-    return cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
-
-
 def parallax_fwd_triton(
     q, r, k, v, causal: bool, scale: float, window_size: int | None, cu_seqlens=None, max_seqlen: int = 0,
     save_stats: bool = True, config: KernelConfig | None = None,
@@ -644,10 +639,13 @@ def parallax_fwd_triton(
         vbar = q.new_empty(0)
         lse = q.new_empty(0, dtype=torch.float32)
         tbar = q.new_empty(0, dtype=torch.float32)
+    # Without varlen the kernel never reads CU_SEQLENS (only `if VARLEN` code does): pass o rather than allocate a
+    # placeholder on every call. Its pointer has q's dtype, which the kernel already specializes on.
+    cu = cu_seqlens if cu_seqlens is not None else o
     grid = (triton.cdiv(max_q, cfg.block_m), Hq, n_seq)
     # fmt: off
     compiled = _fwd_kernel[grid](
-        q, r, k, v, o, vbar if save_stats else o, lse, tbar, _dummy(cu_seqlens, q.device),
+        q, r, k, v, o, vbar if save_stats else o, lse, tbar, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -679,7 +677,7 @@ def parallax_bwd_triton(
     dr = empty((B, Tq, Hq, D), dtype=q.dtype, device=q.device)
     dk = empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
     dv = empty((B, Tk, Hkv, D), dtype=k.dtype, device=k.device)
-    cu = _dummy(cu_seqlens, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else dq  # never read without VARLEN (see parallax_fwd_triton)
     common = dict(
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, WINDOW=window_size is not None,
         VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype),
