@@ -98,7 +98,6 @@ class TrackingOutbox:
         self._wal_error: str | None = None
         self._failing_since: float | None = None
         self._last_error: str | None = None
-        self._failures = 0
         self._warned = False
         self._recovered: list[tuple[float, int]] = []  # (seconds unavailable, backlog written) per outage
         _quiet_library_loggers()
@@ -126,8 +125,8 @@ class TrackingOutbox:
         write(local)
         self._submit({"kind": "artifact", "file": str(local), "path": artifact_file})
 
-    def submit_status(self, status: str, end_time_ms: int | None = None) -> None:
-        self._submit({"kind": "status", "status": status, "end_time": end_time_ms or int(time.time() * 1000)})
+    def submit_status(self, status: str) -> None:
+        self._submit({"kind": "status", "status": status, "end_time": int(time.time() * 1000)})
 
     def submit_tag(self, key: str, value: str) -> None:
         self._submit({"kind": "tag", "key": key, "value": value})
@@ -260,7 +259,6 @@ class TrackingOutbox:
                     first = self._failing_since is None
                     if first:
                         self._failing_since = time.monotonic()
-                    self._failures += 1
                     self._last_error = _describe(err)
                 if first:
                     self._warn_unavailable()
