@@ -33,8 +33,7 @@ from .tracking import ParallaxMLFlowLogger, log_figure, metric_history, mlflow_l
 
 # Dense (no sparsity) 16-bit tensor-core peaks, FLOP/s, from the vendors' datasheets. Most specific first.
 PEAK_FLOPS_16BIT = (
-    ("h200", 989e12),
-    ("gh200", 989e12),
+    ("h200", 989e12),  # also GH200
     ("h100 pcie", 756e12),
     ("h100", 989e12),
     ("a100", 312e12),
@@ -338,12 +337,13 @@ class ParallaxCheckpoint(ModelCheckpoint):
         self._previous_handlers = {}
 
     def _on_signal(self, signum, frame) -> None:
-        trainer = self._trainer
-        if trainer is not None:
-            for logger in mlflow_loggers(trainer):
-                if hasattr(logger, "mark_interrupted"):
-                    logger.mark_interrupted(f"{signal.Signals(signum).name} at step {trainer.global_step}")
+        # The run is marked KILLED where training actually stops (`_stop_on_signal`, or here on a second signal):
+        # a first signal that comes after the last step lets training finish, and the run is FINISHED.
         if self._signal is not None:  # the second one: stop now, as an unhandled Ctrl+C would
+            if self._trainer is not None:
+                for logger in mlflow_loggers(self._trainer):
+                    if hasattr(logger, "mark_interrupted"):
+                        logger.mark_interrupted(f"{signal.Signals(signum).name} at step {self._trainer.global_step}")
             self._restore_signals()
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self._signal = signum
