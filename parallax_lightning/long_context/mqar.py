@@ -304,7 +304,7 @@ class MQARDataModule(TokenDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_val_examples = num_val_examples
         self.eval_slices = self._eval_slices()
-        self._val: MQAREvalBatches | None = None
+        self._eval_set: MQAREvalBatches | None = None  # not the base class's _val (token windows)
 
     # -- what the platform's TokenDataModule asks of a token source -------------------------------------
     def _tokenizer_vocab_size(self) -> int:
@@ -342,9 +342,9 @@ class MQARDataModule(TokenDataModule):
         return MQARTrainStream(self, rank=rank, world_size=world, start=self._stream_start(start), stop=stop)
 
     def eval_batches(self) -> MQAREvalBatches:
-        if self._val is None:
-            self._val = MQAREvalBatches(self, self.val_batch_size)
-        return self._val
+        if self._eval_set is None:
+            self._eval_set = MQAREvalBatches(self, self.val_batch_size)
+        return self._eval_set
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_batches())

@@ -234,3 +234,14 @@ def test_shipped_long_context_configs_parse(name, tmp_path, monkeypatch, capsys)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["init_args"]["model"]["attention"] == "parallax"
     assert printed["data"]["class_path"].startswith("parallax_lightning.")
+
+
+def test_per_position_loss_names_a_data_module_without_token_windows():
+    """MQAR generates its sets: there are no validation documents to read, and the error says so."""
+    from types import SimpleNamespace
+
+    from parallax_lightning.long_context.mqar import MQARDataModule
+
+    dm = MQARDataModule(train=[[64, 4]], val=[[64, 4]], vocab_size=256)
+    with pytest.raises(ValueError, match=r"PerPositionLoss reads the validation split.*MQARDataModule"):
+        PerPositionLoss()._source(SimpleNamespace(datamodule=dm))
