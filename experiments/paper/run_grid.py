@@ -118,12 +118,35 @@ def _set_dotted(config: dict, item: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
+def base_files(args) -> list[Path]:
+    """The config files every cell starts from."""
+    return [HERE / "grid.yaml"] + ([HERE / "tiny.yaml"] if args.tiny else [])
+
+
 def config_files(args, cell: str, plan: dict) -> list[Path]:
     attention, optimizer = plan[cell]
-    files = [HERE / "grid.yaml"]
-    if args.tiny:
-        files.append(HERE / "tiny.yaml")
-    return [*files, HERE / attention, HERE / optimizer]
+    return [*base_files(args), HERE / attention, HERE / optimizer]
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def shared_config(args) -> dict:
+    """What every cell's run sees of the base files, --experiment and --set, merged in the order the CLI
+    applies them (the files, then run_overrides, in which --set comes last)."""
+    merged: dict = {}
+    for path in base_files(args):
+        _merge(merged, yaml.safe_load(path.read_text()) or {})
+    if args.experiment:
+        _merge(merged, {"trainer": {"logger": {"init_args": {"experiment_name": args.experiment}}}})
+    for item in args.set:
+        _set_dotted(merged, item)
+    return merged
 
 
 def stream(cmd: list[str], log, env: dict) -> tuple[int, bool]:
@@ -198,15 +221,8 @@ def _tidy_spool(out: Path) -> Path | None:
 
 
 def _data_settings(args) -> dict:
-    """data.init_args of grid.yaml (+ tiny.yaml), with --set overrides: batch size and sequence length."""
-    merged: dict = {}
-    for path in [HERE / "grid.yaml"] + ([HERE / "tiny.yaml"] if args.tiny else []):
-        merged.update(yaml.safe_load(path.read_text()).get("data", {}).get("init_args", {}))
-    extra: dict = {}
-    for item in args.set:
-        _set_dotted(extra, item)
-    merged.update(extra.get("data", {}).get("init_args", {}))
-    return merged
+    """The runs' data.init_args (batch size and sequence length)."""
+    return shared_config(args).get("data", {}).get("init_args", {})
 
 
 def steps_from_bench(args) -> int | None:
@@ -248,14 +264,8 @@ def steps_from_bench(args) -> int | None:
 
 
 def experiment_name(args) -> str:
-    if args.experiment:
-        return args.experiment
-    names = [HERE / "grid.yaml"] + ([HERE / "tiny.yaml"] if args.tiny else [])
-    name = None
-    for path in names:
-        cfg = yaml.safe_load(path.read_text())
-        name = cfg.get("trainer", {}).get("logger", {}).get("init_args", {}).get("experiment_name", name)
-    return name
+    """The MLflow experiment the runs go to (where tag_run looks for them)."""
+    return shared_config(args).get("trainer", {}).get("logger", {}).get("init_args", {}).get("experiment_name")
 
 
 def build_parser() -> argparse.ArgumentParser:

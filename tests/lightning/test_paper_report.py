@@ -99,6 +99,18 @@ def test_controls_are_the_presets_matched_variants(control):
     assert run_grid.tiny_control_model(control)["attention"] == expected.attention
 
 
+def test_run_grid_reads_the_experiment_and_data_settings_as_the_runs_see_them():
+    args = run_grid.build_parser().parse_args(["--data", "d", "--out", "o"])
+    assert run_grid.experiment_name(args) == "paper-grid"
+    args = run_grid.build_parser().parse_args(["--data", "d", "--out", "o", "--tiny", "--experiment", "mine"])
+    assert run_grid.experiment_name(args) == "mine"
+    argv = ["--data", "d", "--out", "o", "--experiment", "mine", "--set", "trainer.logger.init_args.experiment_name=x"]
+    argv += ["--set", "data.init_args.seq_len=64"]
+    args = run_grid.build_parser().parse_args(argv)
+    assert run_grid.experiment_name(args) == "x"  # --set is applied last in run_overrides, so the runs go to x
+    assert run_grid._data_settings(args)["seq_len"] == 64 and "batch_size" in run_grid._data_settings(args)
+
+
 def test_max_time_string_is_lightnings_format():
     assert run_grid.max_time_string(95) == "00:00:01:35"
     assert run_grid.max_time_string(3725.7) == "00:01:02:05"
