@@ -81,7 +81,7 @@ def read_text(path: Path) -> str:
     return Path(path).read_bytes().decode("utf-8", errors="replace")
 
 
-def load_hf_dataset(name: str, config: str | None = None, split: str = "train", **kwargs):
+def load_hf_dataset(name: str, config: str | None = None, split: str = "train"):
     """`datasets.load_dataset`, imported only when a Hugging Face dataset is asked for."""
     try:
         import datasets
@@ -90,7 +90,7 @@ def load_hf_dataset(name: str, config: str | None = None, split: str = "train", 
             f"hf_dataset={name!r} needs the Hugging Face `datasets` package (pip install datasets); "
             "or point the data source at local files"
         ) from err
-    return datasets.load_dataset(name, config, split=split, **kwargs)
+    return datasets.load_dataset(name, config, split=split)
 
 
 @dataclass

@@ -35,9 +35,6 @@ class ByteTokenizer:
         ids = [int(i) for i in ids]
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def to_spec(self) -> str:
-        return "byte"
-
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` (a trained BPE or any tokenizer.json)."""
@@ -77,9 +74,6 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def to_spec(self) -> str:
-        return str(self.path) if self.path else self.name
 
 
 def train_byte_bpe(texts: Iterable[str], vocab_size: int, save_to: str | os.PathLike) -> HFTokenizer:

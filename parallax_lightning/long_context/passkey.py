@@ -96,9 +96,9 @@ class PasskeyTask:
         rest = rng.integers(0, 10, size=self.digits - 1)
         return str(first) + "".join(str(int(d)) for d in rest)
 
-    def min_context(self, passkey: str | None = None) -> int:
+    def min_context(self) -> int:
         """Tokens the fixed parts take (the shortest possible prompt)."""
-        needle = self._encode(self.needle.format(key=passkey or "9" * self.digits), "needle")
+        needle = self._encode(self.needle.format(key="9" * self.digits), "needle")
         return len(self._intro) + len(needle) + len(self._question)
 
     def prompt(self, context_len: int, depth: float, passkey: str) -> PasskeyPrompt:
