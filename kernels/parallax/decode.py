@@ -106,24 +106,28 @@ def _reference(q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
     return parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size)
 
 
-# call_key -> (run(q, r, k_cache, v_cache, cache_seqlens), lengths live on the host)
+# The one plan cache: call_key -> (run(q, r, k_cache, v_cache, cache_seqlens), lengths live on the
+# host); the Triton plans of an explicit DecodeConfig (triton_decode.launch_plan's callers:
+# benchmarks, tests) are filed under (call_key, config).
 _PLANS: dict = {}
 _MAX_PLANS = 256
 
 
-def _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
+def _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):
+    """Run the full checks and build the entry of a new signature; filed in _PLANS unless key is None.
+    With a config the run is always the Triton plan."""
     check_decode_inputs("parallax_decode", q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    if backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES:
+    if config is not None or (backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES):
         from .triton_decode import launch_plan
 
-        run = launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, key=key)
+        run = launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, key=key)
     else:
         run = functools.partial(_reference, scale=scale, window_size=window_size)
     entry = (run, cache_seqlens is not None and cache_seqlens.device.type == "cpu")
     if key is not None:
         if len(_PLANS) >= _MAX_PLANS:  # shapes that keep changing must not grow it without bound
             del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = entry
+        _PLANS[key if config is None else (key, config)] = entry
     return entry
 
 

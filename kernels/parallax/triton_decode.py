@@ -23,6 +23,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from .._alloc import empty
+from . import decode
 from ._launch_utils import LOG2E, _block_d, _device_index, _dot_precision
 from .decode import call_key
 
@@ -379,7 +380,6 @@ def default_config(head_dim: int) -> DecodeConfig:
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=stages, use_dot=True, use_tma=False)
 
 
-@functools.lru_cache(maxsize=256)
 def _plan(batch, heads_q, heads_kv, head_dim, L_max, window_size, sms, config) -> _Plan:
     group = heads_q // heads_kv
     base = default_config(head_dim)
@@ -556,25 +556,27 @@ class DecodePlan:
         return out
 
 
-_LAUNCH_PLANS: dict = {}
-_MAX_PLANS = 256
+_LOOK_UP = object()
 
 
-def launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None, key=None) -> DecodePlan:
-    """The cached plan for this call signature (`key` from `call_key`, computed when not given);
-    built on first use. Inputs that `call_key` does not cover get a fresh plan every call."""
-    if key is None:
-        key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    if key is None:
-        return DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
-    full_key = (key, config)
-    plan = _LAUNCH_PLANS.get(full_key)
-    if plan is None:
-        plan = DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, aligned=key[-1])
-        if len(_LAUNCH_PLANS) >= _MAX_PLANS:  # shapes that keep changing must not grow it without bound
-            del _LAUNCH_PLANS[next(iter(_LAUNCH_PLANS))]
-        _LAUNCH_PLANS[full_key] = plan
-    return plan
+def launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None, *, key=_LOOK_UP) -> DecodePlan:
+    """The plan of this call signature (and config), from decode's plan cache: for config None the
+    very plan `parallax_decode` launches. On first use the signature goes through the full checks
+    and its plan is built and filed there; inputs that `call_key` does not cover get a fresh plan
+    every call.
+
+    `key` (the signature's `call_key`, possibly None) is passed only by decode, which has checked the
+    inputs and files what this returns: then a new plan is built, nothing looked up."""
+    if key is not _LOOK_UP:
+        aligned = key is not None and key[-1]
+        return DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, aligned=aligned)
+    key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    entry = None
+    if key is not None:
+        entry = decode._PLANS.get(key if config is None else (key, config))
+    if entry is None:
+        entry = decode._new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
+    return entry[0]
 
 
 def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):

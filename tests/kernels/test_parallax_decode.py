@@ -283,6 +283,20 @@ def test_launch_plan_is_cached_per_signature():
     assert td.launch_plan(q, r, k_off, v, lens, None, None) is not plan
 
 
+def test_launch_plan_is_the_plan_parallax_decode_launches(monkeypatch):
+    """One plan cache: launch_plan hands back the plan the public op filed and launches (the
+    benchmark checks that plan's direct launch), and files nothing beside it."""
+    from parallax_kernels.parallax import decode
+    from parallax_kernels.parallax import triton_decode as td
+
+    monkeypatch.setattr(decode, "_PLANS", {})
+    q, r, k, v, lens = _inputs(2, 40, 4, 2, 64, torch.float32)
+    parallax_decode(q, r, k, v, cache_seqlens=lens)
+    plan = td.launch_plan(q, r, k, v, lens, None, None)
+    assert list(decode._PLANS) == [decode.call_key(q, r, k, v, lens, None, None)]
+    assert decode._PLANS[decode.call_key(q, r, k, v, lens, None, None)][0] is plan
+
+
 def test_call_key_leaves_unusual_inputs_to_the_full_checks():
     from parallax_kernels.parallax.decode import call_key
 
