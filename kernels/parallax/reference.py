@@ -17,17 +17,35 @@ from .._reference_utils import band_mask, compute_dtype, from_bhtd, masked_softm
 _OP = "parallax_attn_reference"
 
 
-def parallax_weights(q, r, k, causal=True, scale=None, window_size=None):
-    """(p, t) as (B, H_q, T_q, T_k) tensors in the compute dtype (for diagnostics and tests)."""
-    shape = check_attn_inputs("parallax_weights", q, k, k, r, causal=causal, scale=scale, window_size=window_size)
+def _weights(qf, rf, kf, mask, scale):
+    """(p, t) from compute-dtype (..., T_q, D) queries and probes and (..., T_k, D) keys; no checks."""
+    p = masked_softmax(scale * qf @ kf.transpose(-1, -2), mask)
+    t = rf @ kf.transpose(-1, -2)
+    return p, t
+
+
+def _output(p, t, vf):
+    """o = v̄ (1 + t̄) - Σ_j p_ij t_ij v_j for (..., T_k, D) values."""
+    pt = p * t
+    v_bar = p @ vf
+    t_bar = pt.sum(-1, keepdim=True)
+    return v_bar * (1 + t_bar) - pt @ vf
+
+
+def _checked_weights(shape, q, r, k, causal, scale, window_size):
+    """parallax_weights for inputs already checked (`shape` from check_attn_inputs)."""
     cd = compute_dtype(q.dtype)
     scale = shape.head_dim**-0.5 if scale is None else scale
     qf, rf = to_bhtd(q, cd), to_bhtd(r, cd)
     kf = to_bhtd(k, cd, shape.heads_q)
     mask = band_mask(shape.seq_q, shape.seq_k, causal, window_size, q.device)
-    p = masked_softmax(scale * qf @ kf.transpose(-1, -2), mask)
-    t = rf @ kf.transpose(-1, -2)
-    return p, t
+    return _weights(qf, rf, kf, mask, scale)
+
+
+def parallax_weights(q, r, k, causal=True, scale=None, window_size=None):
+    """(p, t) as (B, H_q, T_q, T_k) tensors in the compute dtype (for diagnostics and tests)."""
+    shape = check_attn_inputs("parallax_weights", q, k, k, r, causal=causal, scale=scale, window_size=window_size)
+    return _checked_weights(shape, q, r, k, causal, scale, window_size)
 
 
 def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=None, *, cu_seqlens=None):
@@ -55,14 +73,9 @@ def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=Non
             ],
             dim=1,
         )
-    cd = compute_dtype(q.dtype)
-    p, t = parallax_weights(q, r, k, causal=causal, scale=scale, window_size=window_size)
-    vf = to_bhtd(v, cd, shape.heads_q)
-    pt = p * t
-    v_bar = p @ vf
-    t_bar = pt.sum(-1, keepdim=True)
-    o = v_bar * (1 + t_bar) - pt @ vf
-    return from_bhtd(o, q.dtype)
+    p, t = _checked_weights(shape, q, r, k, causal, scale, window_size)
+    vf = to_bhtd(v, compute_dtype(q.dtype), shape.heads_q)
+    return from_bhtd(_output(p, t, vf), q.dtype)
 
 
 def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None):
@@ -70,15 +83,43 @@ def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens=None, scale=
 
     q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D); cache_seqlens: int (B,) or None (full).
     The query sits at the last valid position (the new token's k/v are already in the cache).
+
+    The batch is computed at once, with a (B, L_max) mask of each sequence's keys: the result is
+    parallax_attn_reference on each sequence's valid prefix (cache rows past it are never used,
+    whatever they hold). A length is taken as slicing k_cache[b, :n] takes it (above L_max: the
+    whole cache; negative: counted from the end), and one that leaves fewer keys than queries
+    raises that prefix's error.
     """
     if cache_seqlens is None:
         return parallax_attn_reference(q, r, k_cache, v_cache, causal=True, scale=scale, window_size=window_size)
-    outs = []
-    for b, n in enumerate(cache_seqlens.tolist()):
-        sl = slice(b, b + 1)
-        outs.append(
-            parallax_attn_reference(
-                q[sl], r[sl], k_cache[sl, :n], v_cache[sl, :n], causal=True, scale=scale, window_size=window_size
-            )
-        )
-    return torch.cat(outs, dim=0)
+    check_attn_inputs(_OP, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
+    B, T, H_q, D = q.shape
+    L, H_kv = k_cache.shape[1], k_cache.shape[2]
+    n = cache_seqlens.to(device=q.device, dtype=torch.int64)
+    n = torch.where(n < 0, n + L, n).clamp(0, L)  # the rows k_cache[b, :n] holds
+    lo, hi = torch.stack(torch.aminmax(n)).tolist()
+    if lo < T:  # the first such sequence raises what its own prefix raises
+        b = int((n < T).nonzero()[0, 0])
+        m = int(n[b])
+        check_attn_inputs(_OP, q[b : b + 1], k_cache[b : b + 1, :m], v_cache[b : b + 1, :m], r[b : b + 1],
+                          causal=True, scale=scale, window_size=window_size)  # fmt: skip
+    L = hi  # rows past every sequence are left out
+    j = torch.arange(L, device=q.device)
+    pos = n[:, None, None] - T + torch.arange(T, device=q.device)[:, None]  # (B, T, 1): query i's position
+    keep = j <= pos
+    if window_size is not None:
+        keep = keep & (j > pos - window_size)
+    past = j >= n[:, None]  # (B, L): cache rows past the sequence, whatever they hold, must add nothing
+    cd = compute_dtype(q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    # the G = H_q / H_kv query heads of a kv head as G * T rows, (B, H_kv, G * T, D): no repeated caches
+    G = H_q // H_kv
+    qf, rf = (x.to(cd).view(B, T, H_kv, G, D).permute(0, 2, 3, 1, 4).reshape(B, H_kv, G * T, D) for x in (q, r))
+    kf = to_bhtd(k_cache[:, :L], cd).contiguous()
+    vf = to_bhtd(v_cache[:, :L], cd)
+    stale = past[:, None, :, None]
+    # one copy: the contiguous one the matmuls need, zeroed in place, unless that would be the caller's cache
+    vf = vf.contiguous().masked_fill_(stale, 0) if not vf.is_contiguous() else vf.masked_fill(stale, 0)
+    p, t = _weights(qf, rf, kf, keep.repeat(1, G, 1)[:, None], scale)  # p is 0 past the sequence
+    o = _output(p, t.masked_fill(past[:, None, None], 0), vf).view(B, H_kv, G, T, D)
+    return o.permute(0, 3, 1, 2, 4).reshape(B, T, H_q, D).to(q.dtype).contiguous()

@@ -15,6 +15,7 @@ from parallax_kernels import (
     parallax_attn,
     parallax_attn_reference,
     parallax_decode,
+    parallax_decode_reference,
     softmax_attn,
     softmax_attn_reference,
     softmax_decode,
@@ -159,6 +160,27 @@ def test_decode_equals_last_row_of_full_attention():
     assert_close_rel(
         parallax_decode(q, zeros, k, v, cache_seqlens=lens), softmax_decode(q, k, v, cache_seqlens=lens), 1e-5
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_batched_decode_reference_is_the_per_sequence_reference(dtype, window):
+    """The decode reference computes the batch at once under a length mask; it must equal
+    parallax_attn_reference on each sequence's valid prefix (T_q = 1), whatever the rows past it hold."""
+    torch.manual_seed(0)
+    B, L, Hq, Hkv, D = 6, 29, 6, 2, 12
+    q, r = torch.randn(B, 1, Hq, D, dtype=dtype), torch.randn(B, 1, Hq, D, dtype=dtype) * D**-0.5
+    k, v = torch.randn(B, L, Hkv, D, dtype=dtype), torch.randn(B, L, Hkv, D, dtype=dtype)
+    lens = torch.tensor([1, 29, 5, 17, 6, 28], dtype=torch.int32)
+    for b, n in enumerate(lens.tolist()):
+        k[b, n:], v[b, n:] = float("nan"), float("inf")
+    got = parallax_decode_reference(q, r, k, v, lens, scale=0.4, window_size=window)
+    assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for b, n in enumerate(lens.tolist()):
+        s = slice(b, b + 1)
+        want = parallax_attn_reference(q[s], r[s], k[s, :n], v[s, :n], scale=0.4, window_size=window)
+        assert_close_rel(got[s], want, tol, f"sequence {b} (length {n})")
 
 
 def test_parallax_attn_packed_sequences_do_not_mix():
