@@ -55,15 +55,20 @@ def magnitudes(q, r, k, v, do, scale=None, window_size=None):
     p, t = parallax_weights(q, r, k, causal=True, scale=scale, window_size=window_size)  # (B, H, Tq, Tk)
     n = lambda x, g=1: x.repeat_interleave(g, dim=2).transpose(1, 2).norm(dim=-1)  # noqa: E731 - (B, H, T)
     nq, nr, ndo, nk, nv = n(q), n(r), n(do), n(k, G), n(v, G)
+    # p = exp(s - lse) is recomputed from fp32 logits: an absolute rounding of eps·|s| in s and in lse is a
+    # relative error of about 2·eps·|s| in p, which grows with the logits (1e4 here). Bound |s| by
+    # scale·|q_i|·max_j |k_j| and count p at 1 + 2|s| times its size.
+    s_max = scale * nq * nk.amax(dim=-1, keepdim=True)
+    pe = p * (1 + 2 * s_max[..., None])
     at = t.abs()
     tbar = (p * t).sum(-1).abs()
     vbar = (p @ v.repeat_interleave(G, dim=2).transpose(1, 2)).norm(dim=-1)
-    w = p * (1 + tbar[..., None] + at)
+    w = pe * (1 + tbar[..., None] + at)
     m = {"o": (w * nv[..., None, :]).sum(-1), "dv": (w * ndo[..., :, None]).sum(-2)}
-    mdt = p * ndo[..., None] * (vbar[..., None] + nv[..., None, :])
+    mdt = pe * ndo[..., None] * (vbar[..., None] + nv[..., None, :])
     m["dr"] = (mdt * nk[..., None, :]).sum(-1)
     a = ndo[..., None] * (nv[..., None, :] * (1 + tbar[..., None] + at) + at * vbar[..., None])
-    mds = p * (a + (p * a).sum(-1, keepdim=True))
+    mds = pe * (a + (p * a).sum(-1, keepdim=True))
     m["dq"] = scale * (mds * nk[..., None, :]).sum(-1)
     m["dk"] = scale * (mds * nq[..., :, None]).sum(-2) + (mdt * nr[..., :, None]).sum(-2)
     for key in ("dk", "dv"):  # key/value heads gather from their whole query group
