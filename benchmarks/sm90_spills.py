@@ -104,10 +104,16 @@ def compile_report(
     )  # fmt: skip
     if kind == "fwd":
         constexprs.update(SAVE_STATS=True, LAZY_RESCALE=config.lazy_rescale)
+    constexprs["TMA"] = config.tma
     for p in params:  # the JIT specializes unit strides (contiguous head dim)
         if re.fullmatch(r"s[a-z]+_d", p):
             constexprs[p] = 1
     sig, aligned = _signature(kernel, dtype, constexprs)
+    if config.tma:  # the tensors the tile loop reads arrive as TMA descriptors of (1, rows, 1, BLOCK_D) blocks
+        names, rows = (("Q", "R", "DO"), config.block_m) if kind == "dkv" else (("K", "V"), config.block_n)
+        for p in names:
+            sig[p] = f"tensordesc<{dtype}[1,{rows},1,{constexprs['BLOCK_D']}]>"
+            aligned.pop((params.index(p),), None)
     compiled = triton.compile(
         ASTSource(kernel, sig, constexprs, aligned),
         target=target,

@@ -10,7 +10,9 @@ Layout is (batch, seq, heads, head_dim), read in place through strides. Per quer
               GQA group and their query blocks, so dk and dv are summed in registers, without atomics.
 
 Every loop over tiles is split into full tiles (no mask work at all) and the few boundary tiles (causal
-diagonal, window edge, sequence tail) that are masked. Scores live in the base-2 domain: the softmax
+diagonal, window edge, sequence tail) that are masked. On Hopper the loops read their tiles through TMA tensor
+descriptors (the copy engine, which zero-fills past the sequence), so the loop holds no address registers;
+packed batches and unaligned head dims use pointer loads. Scores live in the base-2 domain: the softmax
 scale is multiplied by log2(e) once, so every exponential is a bare exp2.
 """
 
@@ -43,6 +45,10 @@ class KernelConfig:
     # then stay below 256), instead of on every tile. It saves the multiply of both accumulators on most tiles
     # but needs a block-wide branch; on an H200 with Triton 3.6 it was slower at every config timed.
     lazy_rescale: bool = False
+    # Read the tiles of the loop over the other side (K/V in the forward and dQ/dR kernels; q, r, dO in dK/dV)
+    # with the copy engine (TMA tensor descriptors) where the inputs allow it (see _tma_ok), instead of
+    # per-thread pointer loads: no address registers or address arithmetic in the loop.
+    tma: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -73,7 +79,7 @@ _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 
 _HOPPER = {
     64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(64, 128, 8, 2)),
     128: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(32, 64, 4, 3)),
-    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 2), KernelConfig(16, 16, 4, 2)),
+    256: TrainConfigs(KernelConfig(32, 32, 8, 1), KernelConfig(32, 32, 8, 2), KernelConfig(16, 16, 8, 2)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
 _OTHER = {
@@ -133,6 +139,19 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def _load_rows(DESC, base, offs, b, row, h, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               ROWS: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """A (ROWS, BLOCK_D) tile of a (B, T, H, D) tensor inside a tile loop: with TMA from the tensor descriptor
+    DESC at (b, row, h) (the copy engine zero-fills rows past T and columns past D, so no mask is needed),
+    otherwise through base + offs like _load_tile."""
+    if TMA:
+        x = DESC.load([b, row, h, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        x = _load_tile(base + offs, rows, n_rows, offs_d, HEAD_DIM, BLOCK_D, MASK)
+    return x
+
+
+@triton.jit
 def _tile_offsets(s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """int32 offsets of a (ROWS, BLOCK_D) tile from its first element. Loops carry a scalar base pointer and
     add these, instead of carrying a tensor of 64-bit pointers (which costs registers per element)."""
@@ -149,6 +168,24 @@ def _base(BASE, b, s_b, h, s_h, row, s_t):
 def _ptrs(BASE, b, s_b, h, s_h, row, s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pointers (or offsets, with BASE = 0) of a (ROWS, BLOCK_D) tile starting at `row`, for tiles loaded once."""
     return _base(BASE, b, s_b, h, s_h, row, s_t) + _tile_offsets(s_t, s_d, ROWS, BLOCK_D)
+
+
+@triton.jit
+def _tma_coords(b, h, TMA: tl.constexpr):
+    """Batch and head as the int32 coordinates of a descriptor load (TMA is never used with VARLEN, where b is 0)."""
+    if TMA:
+        return b.to(tl.int32), h.to(tl.int32)
+    else:
+        return 0, 0
+
+
+@triton.jit
+def _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA: tl.constexpr):
+    """Scalar base pointers of a head's K and V for pointer loads; unused (0) when they are TMA descriptors."""
+    if TMA:
+        return 0, 0
+    else:
+        return _base(K, b, sk_b, hk, sk_h, row0, sk_t), _base(V, b, sv_b, hk, sv_h, row0, sv_t)
 
 
 @triton.jit
@@ -248,20 +285,19 @@ def _finite_or_zero(m, MASK: tl.constexpr):
 @triton.jit
 def _fwd_tiles(
     o1, o2, d1, d2, m_i,
-    q, r, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
+    q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
     pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr,
 ):
     k_base += lo.to(tl.int64) * stride_kt
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_tile(k_base + k_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_base + v_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         if MASK:
             qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
@@ -274,6 +310,7 @@ def _fwd_tiles(
                 o2 = o2 * alpha[:, None]
                 m_i = m_new
             w = tl.math.exp2(qk * qk_scale2 - _finite_or_zero(m_i, MASK)[:, None])
+            t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
             wt = w * t
             d1 += tl.sum(w, 1)
             d2 += tl.sum(wt, 1)
@@ -283,10 +320,11 @@ def _fwd_tiles(
             m_sub = _finite_or_zero(m_new, MASK)
             alpha = tl.math.exp2(m_i - m_sub)
             w = tl.math.exp2(qk * qk_scale2 - m_sub[:, None])
-            wt = w * t
             d1 = d1 * alpha + tl.sum(w, 1)
-            d2 = d2 * alpha + tl.sum(wt, 1)
             o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
+            t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+            wt = w * t
+            d2 = d2 * alpha + tl.sum(wt, 1)
             o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
         k_base += BLOCK_N * stride_kt
@@ -305,7 +343,7 @@ def _fwd_kernel(
     t_q, t_k, n_heads, group, stat_len, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATS: tl.constexpr,
-    DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -325,10 +363,10 @@ def _fwd_kernel(
                    HEAD_DIM, BLOCK_D, True)
     r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)
-    k_base = _base(K, b, sk_b, hk, sk_h, row0, sk_t)
-    v_base = _base(V, b, sv_b, hk, sv_h, row0, sv_t)
+    k_base, v_base = _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA)
     k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
     v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
+    b_tma, hk_tma = _tma_coords(b, hk, TMA)
 
     o1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     o2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -341,15 +379,15 @@ def _fwd_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                          pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
-                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+                                         HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
                                      pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE)
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
 
     # Only rows past the end of the queries can see no key at all (d1 = 0); they are never stored.
     inv = 1.0 / tl.where(d1 > 0.0, d1, 1.0)
@@ -371,29 +409,29 @@ def _fwd_kernel(
 @triton.jit
 def _dq_tiles(
     dq, dr,
-    q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
-    pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
+    q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs,
+    stride_kt, stride_vt, pos, offs_n, offs_d, lo, hi, t_k, window, qk_scale2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     k_base += lo.to(tl.int64) * stride_kt
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_tile(k_base + k_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        v = _load_tile(v_base + v_offs, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
-        a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
         if MASK:
             p = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), p, 0.0)
-        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e).
-        e = delta_b[:, None] - a
-        dt = p * e
-        ds = p * (b_minus_t[:, None] - (tbar1[:, None] - t) * e)
-        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PREC)
+        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p (b - T) - w dT. Each score-sized tile is made
+        # just before its first use (t last), so fewer of them are alive at once.
+        a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dt = p * (delta_b[:, None] - a)
         dr = tl.dot(dt.to(k.dtype), k, acc=dr, input_precision=DOT_PREC)
+        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        ds = p * b_minus_t[:, None] - (tbar1[:, None] - t) * dt
+        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PREC)
         k_base += BLOCK_N * stride_kt
         v_base += BLOCK_N * stride_vt
     return dq, dr
@@ -411,7 +449,7 @@ def _bwd_dq_kernel(
     sdq_b, sdq_t, sdq_h, sdq_d,
     t_q, t_k, n_heads, group, stat_len, window, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -448,10 +486,10 @@ def _bwd_dq_kernel(
     tbar1 = 1.0 + tl.load(TBAR + stat, mask=row_ok, other=0.0)
     b_minus_t = delta_b - delta_t
 
-    k_base = _base(K, b, sk_b, hk, sk_h, row0, sk_t)
-    v_base = _base(V, b, sv_b, hk, sv_h, row0, sv_t)
+    k_base, v_base = _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA)
     k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
     v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
+    b_tma, hk_tma = _tma_coords(b, hk, TMA)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if CAUSAL:
@@ -460,15 +498,18 @@ def _bwd_dq_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                           v_offs, sk_t, sv_t,
                            pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+                           HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, TMA)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                           v_offs, sk_t, sv_t,
                        pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC)
-    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, TMA)
+    dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                           v_offs, sk_t, sv_t,
                        pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, TMA)
 
     dq_off = _ptrs(0, b, sdq_b, h, sdq_h, row_m, sdq_t, sdq_d, BLOCK_M, BLOCK_D)
     _store_tile(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D)
@@ -481,11 +522,11 @@ def _bwd_dq_kernel(
 @triton.jit
 def _dkv_tiles(
     dk, dv,
-    k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base, LSE, TBAR, DELTA_T, DELTA_B,
-    stride_qt, stride_rt, stride_dot,
+    k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+    LSE, TBAR, DELTA_T, DELTA_B, stride_qt, stride_rt, stride_dot,
     cols, offs_m, offs_d, lo, hi, t_q, t_k, off, window, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     """Transposed tiles (keys × queries), so dk and dv accumulate as plain (P-like)ᵀ·(query-side) products."""
     q_base += lo.to(tl.int64) * stride_qt
@@ -493,9 +534,10 @@ def _dkv_tiles(
     do_base += lo.to(tl.int64) * stride_dot
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        q = _load_tile(q_base + q_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        r = _load_tile(r_base + r_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
-        do = _load_tile(do_base + do_offs, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        q = _load_rows(Q, q_base, q_offs, b_tma, m0, h_tma, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, MASK, TMA)
+        r = _load_rows(R, r_base, r_offs, b_tma, m0, h_tma, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, MASK, TMA)
+        do = _load_rows(DO, do_base, do_offs, b_tma, m0, h_tma, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, MASK,
+                        TMA)
         if MASK:
             row_ok = rows < t_q
             lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
@@ -509,7 +551,6 @@ def _dkv_tiles(
             delta_b = tl.load(DELTA_B + stat_base + rows)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         t_t = tl.dot(k, tl.trans(r), input_precision=DOT_PREC)
-        a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         p_t = tl.math.exp2(qk_t * qk_scale2 - lse[None, :])
         if MASK:
             keep = (cols[:, None] < t_k) & (rows[None, :] < t_q)
@@ -520,8 +561,9 @@ def _dkv_tiles(
             p_t = tl.where(keep, p_t, 0.0)
         # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e.
         pw_t = p_t * ((1.0 + tbar)[None, :] - t_t)
-        e_t = delta_b[None, :] - a_t
         dv = tl.dot(pw_t.to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
+        a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # made after dv: fewer tiles alive at once
+        e_t = delta_b[None, :] - a_t
         ds_t = p_t * ((delta_b - delta_t) * scale)[None, :] - pw_t * e_t * scale
         dk = tl.dot(ds_t.to(q.dtype), q, acc=dk, input_precision=DOT_PREC)
         dk = tl.dot((p_t * e_t).to(r.dtype), r, acc=dk, input_precision=DOT_PREC)
@@ -530,6 +572,16 @@ def _dkv_tiles(
         do_base += BLOCK_M * stride_dot
 
     return dk, dv
+
+
+@triton.jit
+def _qrdo_bases(Q, R, DO, b, h, row0, sq_b, sq_h, sq_t, sr_b, sr_h, sr_t, sdo_b, sdo_h, sdo_t, TMA: tl.constexpr):
+    """Scalar base pointers of a head's q, r and dO for pointer loads; unused (0) when they are TMA descriptors."""
+    if TMA:
+        return 0, 0, 0
+    else:
+        return (_base(Q, b, sq_b, h, sq_h, row0, sq_t), _base(R, b, sr_b, h, sr_h, row0, sr_t),
+                _base(DO, b, sdo_b, h, sdo_h, row0, sdo_t))
 
 
 @triton.jit(do_not_specialize=["t_q", "t_k", "stat_len", "window"])
@@ -543,7 +595,7 @@ def _bwd_dkv_kernel(
     sdk_b, sdk_t, sdk_h, sdk_d,
     t_q, t_k, n_heads, group, stat_len, window, qk_scale2, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -572,23 +624,26 @@ def _bwd_dkv_kernel(
     do_offs = _tile_offsets(sdo_t, sdo_d, BLOCK_M, BLOCK_D)
     for g in range(group):
         h = hk * group + g
-        q_base = _base(Q, b, sq_b, h, sq_h, row0, sq_t)
-        r_base = _base(R, b, sr_b, h, sr_h, row0, sr_t)
-        do_base = _base(DO, b, sdo_b, h, sdo_h, row0, sdo_t)
+        q_base, r_base, do_base = _qrdo_bases(Q, R, DO, b, h, row0, sq_b, sq_h, sq_t, sr_b, sr_h, sr_t,
+                                              sdo_b, sdo_h, sdo_t, TMA)
+        b_tma, h_tma = _tma_coords(b, h, TMA)
         stat_base = (b * n_heads + h) * stat_len + row0
         if CAUSAL:
-            dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+            dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
+                                do_offs, stat_base,
                                 LSE, TBAR, DELTA_T, DELTA_B,
                                 sq_t, sr_t, sdo_t, cols, offs_m, offs_d, lo, full_lo, t_q, t_k, off, window,
-                                qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
-        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+                                qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC, TMA)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
+                                do_offs, stat_base,
                             LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_lo, full_hi, t_q, t_k, off, window,
-                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PREC)
-        dk, dv = _dkv_tiles(dk, dv, k, v, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
+                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PREC, TMA)
+        dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
+                                do_offs, stat_base,
                             LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_hi, hi, t_q, t_k, off, window,
-                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC)
+                            qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC, TMA)
 
     dk_off = _ptrs(0, b, sdk_b, hk, sdk_h, row_n, sdk_t, sdk_d, BLOCK_N, BLOCK_D)
     _store_tile(DK + dk_off, dk.to(DK.dtype.element_ty), cols, t_k, offs_d, HEAD_DIM, BLOCK_D)
@@ -601,6 +656,31 @@ def _bwd_dkv_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
+def _tma_ok(tensors, cu_seqlens) -> bool:
+    """Whether tiles of these (B, T, H, D) tensors can be read through TMA descriptors: on Hopper or newer (or
+    the interpreter), unit stride along the head dim, other strides and the base 16-byte aligned. Packed
+    (varlen) batches keep pointer loads: a descriptor only zero-fills past the whole tensor, not past a
+    sequence, and a tile there must read zeros rather than the next sequence's rows."""
+    if cu_seqlens is not None:
+        return False
+    x = tensors[0]
+    if x.device.type == "cuda" and not interpreting() and _capability(_device_index(x.device))[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptors(tensors, rows: int, head_dim: int):
+    """TMA descriptors reading (rows, padded head dim) tiles of one head of each (B, T, H, D) tensor."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, rows, 1, _block_d(head_dim)]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in tensors]
+
+
 def _layout(q, k, cu_seqlens, max_seqlen):
     """(programs over sequences, query length, key length, longest query length, stats length)."""
     if cu_seqlens is not None:
@@ -642,15 +722,17 @@ def parallax_fwd_triton(
     # Without varlen the kernel never reads CU_SEQLENS (only `if VARLEN` code does): pass o rather than allocate a
     # placeholder on every call. Its pointer has q's dtype, which the kernel already specializes on.
     cu = cu_seqlens if cu_seqlens is not None else o
+    tma = cfg.tma and _tma_ok((k, v), cu_seqlens)
+    k_in, v_in = _descriptors((k, v), cfg.block_n, D) if tma else (k, v)
     grid = (triton.cdiv(max_q, cfg.block_m), Hq, n_seq)
     # fmt: off
     compiled = _fwd_kernel[grid](
-        q, r, k, v, o, vbar if save_stats else o, lse, tbar, cu,
+        q, r, k_in, v_in, o, vbar if save_stats else o, lse, tbar, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window_size is not None, VARLEN=cu_seqlens is not None, SAVE_STATS=save_stats,
-        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=cfg.lazy_rescale, num_warps=cfg.num_warps,
+        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=cfg.lazy_rescale, TMA=tma, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     # fmt: on
@@ -682,20 +764,24 @@ def parallax_bwd_triton(
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, WINDOW=window_size is not None,
         VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype),
     )  # fmt: skip
+    dq_tma = dq_cfg.tma and _tma_ok((k, v), cu_seqlens)
+    k_in, v_in = _descriptors((k, v), dq_cfg.block_n, D) if dq_tma else (k, v)
+    dkv_tma = dkv_cfg.tma and _tma_ok((q, r, do), cu_seqlens)
+    q_in, r_in, do_in = _descriptors((q, r, do), dkv_cfg.block_m, D) if dkv_tma else (q, r, do)
     # The dQ/dR kernel also writes T = dO·o and b = dO·v̄ (delta_t, delta_b), which the dK/dV kernel reads.
     # fmt: off
     compiled_dq = _bwd_dq_kernel[(triton.cdiv(max_q, dq_cfg.block_m), Hq, n_seq)](
-        q, r, k, v, o, vbar, do, lse, tbar, delta_t, delta_b, dq, dr, cu,
+        q, r, k_in, v_in, o, vbar, do, lse, tbar, delta_t, delta_b, dq, dr, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
-        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
-        **common,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, TMA=dq_tma, num_warps=dq_cfg.num_warps,
+        num_stages=dq_cfg.num_stages, **common,
     )
     compiled_dkv = _bwd_dkv_kernel[(triton.cdiv(max_k, dkv_cfg.block_n), Hkv, n_seq)](
-        q, r, k, v, do, lse, tbar, delta_t, delta_b, dk, dv, cu,
+        q_in, r_in, k, v, do_in, lse, tbar, delta_t, delta_b, dk, dv, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
-        BLOCK_M=dkv_cfg.block_m, BLOCK_N=dkv_cfg.block_n, num_warps=dkv_cfg.num_warps,
+        BLOCK_M=dkv_cfg.block_m, BLOCK_N=dkv_cfg.block_n, TMA=dkv_tma, num_warps=dkv_cfg.num_warps,
         num_stages=dkv_cfg.num_stages, **common,
     )
     # fmt: on

@@ -130,6 +130,13 @@ CONFIGS = {
         KernelConfig(16, 64),
     ),
     "fwd 32x64, dq 64x16, dkv 64x32": (KernelConfig(32, 64), KernelConfig(64, 16), KernelConfig(64, 32)),
+    # The loop tiles through per-thread pointers instead of TMA descriptors (the path of packed batches,
+    # unaligned or strided head dims, and pre-Hopper GPUs).
+    "pointer loads, fwd 32x16, dq 16x32, dkv 32x16": (
+        KernelConfig(32, 16, tma=False),
+        KernelConfig(16, 32, tma=False),
+        KernelConfig(32, 16, tma=False),
+    ),
 }
 CONFIG_SHAPES = {
     "GQA causal": (1, 77, 77, 4, 2, 32, True, None, None),
@@ -155,6 +162,21 @@ def test_tile_configs(poison, shape, configs):
         q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window, cu, max_seqlen, dq_config=dq, dkv_config=dkv
     )
     _check(o, grads, leaves, do, causal, window, 1e-5, offsets)
+
+
+def test_tma_is_used_only_where_descriptors_can_read_the_tiles():
+    """A descriptor zero-fills only past the whole tensor and needs a contiguous, 16-byte aligned head dim:
+    packed batches, unaligned head dims and strided head dims keep pointer loads."""
+    from parallax_kernels.parallax.triton_train import _tma_ok
+
+    x = torch.randn(1, 8, 2, 32, device=DEVICE)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    assert _tma_ok((x, x), None)
+    assert not _tma_ok((x, x), cu)
+    assert not _tma_ok((x, torch.randn(1, 8, 2, 20, device=DEVICE).half()), None)  # 40-byte rows
+    assert not _tma_ok((x, x.transpose(1, 3)), None)  # head dim not contiguous
+    assert not _tma_ok((x[..., 1:],), None)  # base not 16-byte aligned
+    assert not _tma_ok((torch.ones(1, device=DEVICE).expand(1, 8, 2, 32),), None)  # expanded dO
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
