@@ -71,15 +71,16 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim, from `bench_train.py --sweep` on an H200 (Triton 3.6;
-# benchmarks/RESULTS.md, 2026-11-28 call 1). What the measurements taught: three pipeline stages and 64-key
-# tiles beat narrower spill-free tiles (D128 forward: 128x64 s3 1.17 ms with ~50 registers spilled, 128x32 s3
-# spill-free 1.28 ms); lazy rescaling lost everywhere (its block-wide branch costs more than the multiplies it
-# saves). Head dim 256 is sized offline by benchmarks/sm90_spills.py to spill nothing (not yet timed).
+# Hopper (sm90) table, keyed by the padded head dim, from benchmarks/ab_train_kernels.py on an H200 (Triton 3.6;
+# benchmarks/RESULTS.md, 2026-12-03 calls 1-2), every kernel timed on its own. What the measurements taught: one
+# warpgroup a program (4 warps) with tiles small enough that two programs share an SM beat one 8-warp program
+# (D128 forward 64x64 w4 s2: 0.95 ms vs 128x64 w8 s3: 1.03; dQ/dR 64x32 w4 s3: 1.19 vs 1.21); TMA descriptor
+# loads pay most where the loop reads three tiles (dK/dV 1.93 vs 2.57 ms); a few spilled registers cost less
+# than narrower tiles; at head dim 256 the spill-free 8-warp tiles were 2x slower than these 4-warp ones.
 _HOPPER = {
-    64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3), KernelConfig(64, 128, 8, 2)),
-    128: TrainConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(32, 64, 4, 3)),
-    256: TrainConfigs(KernelConfig(32, 32, 8, 1), KernelConfig(32, 32, 8, 2), KernelConfig(16, 16, 8, 2)),
+    64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False), KernelConfig(64, 128, 8, 2)),
+    128: TrainConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 3)),
+    256: TrainConfigs(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 2), KernelConfig(16, 16, 4, 2)),
 }
 # Pre-Hopper GPUs (less shared memory, no wgmma): smaller tiles, fewer stages.
 _OTHER = {
@@ -297,7 +298,9 @@ def _fwd_tiles(
         cols = n0 + offs_n
         k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+        # t beside qk, not after the exp: on an H200 the later t spilled less but ran slower (benchmarks/RESULTS.md).
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         if MASK:
             qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
@@ -310,7 +313,6 @@ def _fwd_tiles(
                 o2 = o2 * alpha[:, None]
                 m_i = m_new
             w = tl.math.exp2(qk * qk_scale2 - _finite_or_zero(m_i, MASK)[:, None])
-            t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
             wt = w * t
             d1 += tl.sum(w, 1)
             d2 += tl.sum(wt, 1)
@@ -320,11 +322,10 @@ def _fwd_tiles(
             m_sub = _finite_or_zero(m_new, MASK)
             alpha = tl.math.exp2(m_i - m_sub)
             w = tl.math.exp2(qk * qk_scale2 - m_sub[:, None])
-            d1 = d1 * alpha + tl.sum(w, 1)
-            o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
-            t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
             wt = w * t
+            d1 = d1 * alpha + tl.sum(w, 1)
             d2 = d2 * alpha + tl.sum(wt, 1)
+            o1 = tl.dot(w.to(v.dtype), v, acc=o1 * alpha[:, None], input_precision=DOT_PREC)
             o2 = tl.dot(wt.to(v.dtype), v, acc=o2 * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
         k_base += BLOCK_N * stride_kt

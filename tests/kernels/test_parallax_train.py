@@ -364,8 +364,8 @@ def test_every_head_dim_has_configs(head_dim):
 @pytest.mark.skipif(not triton.__version__.startswith("3.7"), reason="sm90_spills.py reads Triton 3.7's compiler API")
 def test_hopper_table_compiles_and_fits():
     """Cross-compile the Hopper table for sm90 (no GPU needed; Triton's wheel ships ptxas): the entries with the
-    largest tiles fit the H100/H200 shared memory (one that does not fails at launch), and head dim 256 spills
-    nothing. (At 128 the fastest configs measured spill a little: that is allowed.)"""
+    largest tiles fit the H100/H200 shared memory (one that does not fails at launch) and spill at most a few
+    registers. (The fastest configs measured spill a little; tiles that spill hundreds of bytes were slow.)"""
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "sm90_spills.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
@@ -376,8 +376,7 @@ def test_hopper_table_compiles_and_fits():
     assert len(reports) == 6, run.stdout
     for rep in reports:
         assert rep["shared_bytes"] <= 232448, rep  # 227 KiB a block on sm90
-        if rep["head_dim"] == 256:
-            assert rep["spill_stores"] == rep["spill_loads"] == 0, rep
+        assert rep["spill_stores"] <= 128 and rep["spill_loads"] <= 128, rep  # bytes a thread
 
 
 # ---------------------------------------------------------------------------------------------- GPU only (bf16)
