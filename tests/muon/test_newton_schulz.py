@@ -179,8 +179,13 @@ def test_sym_mmt_matches_a_dense_product(N, n, k, dtype):
     ref2 = -0.75 * (C.double() @ C.double().mT) + 2.5 * C.double()
     assert torch.isfinite(out2).all()
     assert ((out2.double() - ref2).norm() / ref2.norm()).item() < tol
-    # Mirroring makes the result exactly symmetric.
-    assert torch.equal(out2, out2.mT)
+    # Tiles below the diagonal are written as mirrors of the ones above, so they match bit for bit; a tile on
+    # the diagonal is one product whose (i, j) and (j, i) entries need not round alike (the interpreter's
+    # matmul does not), so there symmetry holds to rounding.
+    tile = torch.arange(n, device=dev) // 16
+    off_diagonal = tile[:, None] != tile[None, :]
+    assert torch.equal(out2[:, off_diagonal], out2.mT[:, off_diagonal])
+    assert ((out2 - out2.mT).double().norm() / out2.double().norm()).item() < tol
 
 
 @needs_interpreter
