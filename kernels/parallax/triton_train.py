@@ -661,21 +661,33 @@ def _bwd_dkv_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
+def _tma_strides(t: torch.Tensor) -> list[int] | None:
+    """Strides for a TMA descriptor of t, or None where t is not laid out row-major: every stride 16-byte
+    aligned and at least the extent of the dims inside it (padding allowed, as in a view of a fused qrkv
+    projection; a transposed or expanded view is refused). A size-1 dim gets that extent as its stride."""
+    if t.stride(-1) != 1:
+        return None
+    strides, extent = [1], t.shape[-1]
+    for d in range(t.dim() - 2, -1, -1):
+        st = t.stride(d) if t.shape[d] > 1 else extent
+        if st < extent or st * t.element_size() % 16:
+            return None
+        strides.insert(0, st)
+        extent = st * t.shape[d]
+    return strides
+
+
 def _tma_ok(tensors, cu_seqlens) -> bool:
     """Whether tiles of these (B, T, H, D) tensors can be read through TMA descriptors: on Hopper or newer (or
-    the interpreter), unit stride along the head dim, other strides and the base 16-byte aligned. Packed
-    (varlen) batches keep pointer loads: a descriptor only zero-fills past the whole tensor, not past a
-    sequence, and a tile there must read zeros rather than the next sequence's rows."""
+    the interpreter), base 16-byte aligned, row-major strides (_tma_strides). Packed (varlen) batches keep
+    pointer loads: a descriptor only zero-fills past the whole tensor, not past a sequence, and a tile there
+    must read zeros rather than the next sequence's rows."""
     if cu_seqlens is not None:
         return False
     x = tensors[0]
     if x.device.type == "cuda" and not interpreting() and _capability(_device_index(x.device))[0] < 9:
         return False
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+    return all(t.data_ptr() % 16 == 0 and _tma_strides(t) is not None for t in tensors)
 
 
 def _descriptors(tensors, rows: int, head_dim: int):
@@ -683,7 +695,7 @@ def _descriptors(tensors, rows: int, head_dim: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block = [1, rows, 1, _block_d(head_dim)]
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), block) for t in tensors]
+    return [TensorDescriptor(t, list(t.shape), _tma_strides(t), block) for t in tensors]
 
 
 def _layout(q, k, cu_seqlens, max_seqlen):

@@ -177,6 +177,9 @@ def test_tma_is_used_only_where_descriptors_can_read_the_tiles():
     assert not _tma_ok((x, x.transpose(1, 3)), None)  # head dim not contiguous
     assert not _tma_ok((x[..., 1:],), None)  # base not 16-byte aligned
     assert not _tma_ok((torch.ones(1, device=DEVICE).expand(1, 8, 2, 32),), None)  # expanded dO
+    assert not _tma_ok((torch.randn(1, 2, 8, 32, device=DEVICE).transpose(1, 2),), None)  # a (B, H, T, D) tensor
+    fused = torch.randn(2, 8, 6, 32, device=DEVICE)  # q, r, k, v as views of one projection: padded rows
+    assert _tma_ok(fused.split([2, 2, 1, 1], dim=2), None)
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
