@@ -263,26 +263,25 @@ def timing(grid, peers, authors_all, on_progress=lambda results: None):
 
 # ------------------------------------------------------------------------------------------------- sweep
 # (block_m, block_n, num_warps, num_stages[, lazy_rescale]) candidates per padded head dim; the first of each
-# list is the op's table entry. block_m counts query rows and block_n key rows in every kernel (the dK/dV
-# kernel holds block_n keys and loops over block_m queries). Centred on the best of the H200 sweep of
-# 2026-11-28 (benchmarks/RESULTS.md): deeper pipelines and neighbouring tiles; configs that lost by > 1.5x
-# there are left out. Head dim 256 is sized offline (benchmarks/sm90_spills.py), not yet timed.
+# list is the tile of the op's table entry (the sweep reads through TMA descriptors wherever the inputs allow;
+# benchmarks/ab_train_kernels.py times each kernel with and without them). block_m counts query rows and block_n
+# key rows in every kernel (the dK/dV kernel holds block_n keys and loops over block_m queries). Centred on the
+# best of the H200 sweeps of 2026-12-03 (benchmarks/RESULTS.md): one-warpgroup tiles that fit two programs an SM,
+# and their neighbours.
 FWD_CANDIDATES = {
-    64: [(64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 4, 3), (64, 32, 4, 3),
-         (128, 128, 8, 3), (64, 64, 4, 3, True)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 32, 4, 3),
-          (64, 32, 4, 4), (128, 64, 8, 3, True)],
-    256: [(32, 32, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
+    64: [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (64, 32, 4, 3)],
+    128: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 32, 4, 3), (128, 32, 8, 3)],
+    256: [(32, 32, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2), (16, 32, 4, 1)],
 }  # fmt: skip
 DQ_CANDIDATES = {
-    64: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)],
-    128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3)],
-    256: [(32, 32, 4, 2), (32, 32, 4, 3), (32, 16, 4, 2), (64, 32, 8, 2)],
+    64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2)],
+    128: [(64, 32, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
+    256: [(32, 32, 4, 2), (32, 32, 4, 3), (32, 16, 4, 2), (16, 32, 4, 2)],
 }  # fmt: skip
 DKV_CANDIDATES = {
-    64: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 4)],
-    128: [(32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 3), (16, 128, 8, 3)],
-    256: [(16, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)],
+    64: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4)],
+    128: [(32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 8, 2), (16, 64, 4, 3), (16, 128, 8, 3)],
+    256: [(16, 16, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)],
 }  # fmt: skip
 
 
