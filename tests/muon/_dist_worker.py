@@ -161,5 +161,9 @@ def run(rank: int, world: int, port: int) -> None:
         check_dtensor(rank, world)
         check_fsdp2(rank, world)
         check_plan_mismatch_is_an_error(rank, world)
+        # Both ranks done with every collective before either tears gloo down: a rank that destroys its group
+        # while the other still talks to it can abort in gloo's threads ("terminate called without an active
+        # exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
