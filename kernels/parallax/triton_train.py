@@ -46,7 +46,7 @@ class KernelConfig:
     # but needs a block-wide branch; on an H200 with Triton 3.6 it was slower at every config timed.
     lazy_rescale: bool = False
     # Read the tiles of the loop over the other side (K/V in the forward and dQ/dR kernels; q, r, dO in dK/dV)
-    # with the copy engine (TMA tensor descriptors) where the inputs allow it (see _tma_ok), instead of
+    # with the copy engine (TMA tensor descriptors) where the inputs allow it (see _tma_layouts), instead of
     # per-thread pointer loads: no address registers or address arithmetic in the loop.
     tma: bool = True
 
@@ -183,12 +183,12 @@ def _tma_coords(b, h, TMA: tl.constexpr):
 
 
 @triton.jit
-def _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA: tl.constexpr):
-    """Scalar base pointers of a head's K and V for pointer loads; unused (0) when they are TMA descriptors."""
+def _loop_base(BASE, b, s_b, h, s_h, row, s_t, TMA: tl.constexpr):
+    """_base for a tensor a tile loop reads: unused (0) when it arrives as a TMA descriptor."""
     if TMA:
-        return 0, 0
+        return 0
     else:
-        return _base(K, b, sk_b, hk, sk_h, row0, sk_t), _base(V, b, sv_b, hk, sv_h, row0, sv_t)
+        return _base(BASE, b, s_b, h, s_h, row, s_t)
 
 
 @triton.jit
@@ -366,7 +366,8 @@ def _fwd_kernel(
                    HEAD_DIM, BLOCK_D, True)
     r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
                    HEAD_DIM, BLOCK_D, True)
-    k_base, v_base = _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA)
+    k_base = _loop_base(K, b, sk_b, hk, sk_h, row0, sk_t, TMA)
+    v_base = _loop_base(V, b, sv_b, hk, sv_h, row0, sv_t, TMA)
     k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
     v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
     b_tma, hk_tma = _tma_coords(b, hk, TMA)
@@ -382,14 +383,14 @@ def _fwd_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
-                                         pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
+        o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                                         v_offs, sk_t, sv_t, pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
                                          HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
-                                     pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                                     v_offs, sk_t, sv_t, pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
-    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, sk_t, sv_t,
-                                     pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
+    o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
+                                     v_offs, sk_t, sv_t, pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, LAZY_RESCALE, TMA)
 
     # Only rows past the end of the queries can see no key at all (d1 = 0); they are never stored.
@@ -491,7 +492,8 @@ def _bwd_dq_kernel(
     tbar1 = 1.0 + tl.load(TBAR + stat, mask=row_ok, other=0.0)
     b_minus_t = delta_b - delta_t
 
-    k_base, v_base = _kv_bases(K, V, b, hk, row0, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, TMA)
+    k_base = _loop_base(K, b, sk_b, hk, sk_h, row0, sk_t, TMA)
+    v_base = _loop_base(V, b, sv_b, hk, sv_h, row0, sv_t, TMA)
     k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
     v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
     b_tma, hk_tma = _tma_coords(b, hk, TMA)
@@ -503,17 +505,14 @@ def _bwd_dq_kernel(
         pos = offs_m
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
-        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
-                           v_offs, sk_t, sv_t,
-                           pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
+        dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base,
+                           k_offs, v_offs, sk_t, sv_t, pos, offs_n, offs_d, lo, full_lo, t_k, window, qk_scale2,
                            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, TMA)
     dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
-                           v_offs, sk_t, sv_t,
-                       pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
+                       v_offs, sk_t, sv_t, pos, offs_n, offs_d, full_lo, full_hi, t_k, window, qk_scale2,
                        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, WINDOW, DOT_PREC, TMA)
     dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
-                           v_offs, sk_t, sv_t,
-                       pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
+                       v_offs, sk_t, sv_t, pos, offs_n, offs_d, full_hi, hi, t_k, window, qk_scale2,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, WINDOW, DOT_PREC, TMA)
 
     dq_off = _ptrs(0, b, sdq_b, h, sdq_h, row_m, sdq_t, sdq_d, BLOCK_M, BLOCK_D)
@@ -579,16 +578,6 @@ def _dkv_tiles(
     return dk, dv
 
 
-@triton.jit
-def _qrdo_bases(Q, R, DO, b, h, row0, sq_b, sq_h, sq_t, sr_b, sr_h, sr_t, sdo_b, sdo_h, sdo_t, TMA: tl.constexpr):
-    """Scalar base pointers of a head's q, r and dO for pointer loads; unused (0) when they are TMA descriptors."""
-    if TMA:
-        return 0, 0, 0
-    else:
-        return (_base(Q, b, sq_b, h, sq_h, row0, sq_t), _base(R, b, sr_b, h, sr_h, row0, sr_t),
-                _base(DO, b, sdo_b, h, sdo_h, row0, sdo_t))
-
-
 @triton.jit(do_not_specialize=["t_q", "t_k", "stat_len", "window"])
 def _bwd_dkv_kernel(
     Q, R, K, V, DO, LSE, TBAR, DELTA_T, DELTA_B, DK, DV, CU_SEQLENS,
@@ -629,24 +618,22 @@ def _bwd_dkv_kernel(
     do_offs = _tile_offsets(sdo_t, sdo_d, BLOCK_M, BLOCK_D)
     for g in range(group):
         h = hk * group + g
-        q_base, r_base, do_base = _qrdo_bases(Q, R, DO, b, h, row0, sq_b, sq_h, sq_t, sr_b, sr_h, sr_t,
-                                              sdo_b, sdo_h, sdo_t, TMA)
+        q_base = _loop_base(Q, b, sq_b, h, sq_h, row0, sq_t, TMA)
+        r_base = _loop_base(R, b, sr_b, h, sr_h, row0, sr_t, TMA)
+        do_base = _loop_base(DO, b, sdo_b, h, sdo_h, row0, sdo_t, TMA)
         b_tma, h_tma = _tma_coords(b, h, TMA)
         stat_base = (b * n_heads + h) * stat_len + row0
         if CAUSAL:
             dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
-                                do_offs, stat_base,
-                                LSE, TBAR, DELTA_T, DELTA_B,
+                                do_offs, stat_base, LSE, TBAR, DELTA_T, DELTA_B,
                                 sq_t, sr_t, sdo_t, cols, offs_m, offs_d, lo, full_lo, t_q, t_k, off, window,
                                 qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC, TMA)
         dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
-                                do_offs, stat_base,
-                            LSE, TBAR, DELTA_T, DELTA_B,
+                            do_offs, stat_base, LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_lo, full_hi, t_q, t_k, off, window,
                             qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, WINDOW, DOT_PREC, TMA)
         dk, dv = _dkv_tiles(dk, dv, k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs,
-                                do_offs, stat_base,
-                            LSE, TBAR, DELTA_T, DELTA_B,
+                            do_offs, stat_base, LSE, TBAR, DELTA_T, DELTA_B,
                             sq_t, sr_t, sdo_t, cols, offs_m, offs_d, full_hi, hi, t_q, t_k, off, window,
                             qk_scale2, scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, WINDOW, DOT_PREC, TMA)
 
@@ -677,25 +664,30 @@ def _tma_strides(t: torch.Tensor) -> list[int] | None:
     return strides
 
 
-def _tma_ok(tensors, cu_seqlens) -> bool:
-    """Whether tiles of these (B, T, H, D) tensors can be read through TMA descriptors: on Hopper or newer (or
-    the interpreter), base 16-byte aligned, row-major strides (_tma_strides). Packed (varlen) batches keep
-    pointer loads: a descriptor only zero-fills past the whole tensor, not past a sequence, and a tile there
-    must read zeros rather than the next sequence's rows."""
+def _tma_layouts(tensors, cu_seqlens) -> list[list[int]] | None:
+    """The descriptor strides of each of these (B, T, H, D) tensors, or None where their tiles cannot be read
+    through TMA: before Hopper (the interpreter can), a base not 16-byte aligned, strides not row-major
+    (_tma_strides). Packed (varlen) batches keep pointer loads: a descriptor only zero-fills past the whole
+    tensor, not past a sequence, and a tile there must read zeros rather than the next sequence's rows."""
     if cu_seqlens is not None:
-        return False
+        return None
     x = tensors[0]
     if x.device.type == "cuda" and not interpreting() and _capability(_device_index(x.device))[0] < 9:
-        return False
-    return all(t.data_ptr() % 16 == 0 and _tma_strides(t) is not None for t in tensors)
+        return None
+    layouts = [_tma_strides(t) if t.data_ptr() % 16 == 0 else None for t in tensors]
+    return None if None in layouts else layouts
 
 
-def _descriptors(tensors, rows: int, head_dim: int):
-    """TMA descriptors reading (rows, padded head dim) tiles of one head of each (B, T, H, D) tensor."""
+def _descriptors(tensors, cu_seqlens, rows: int, head_dim: int):
+    """TMA descriptors reading (rows, padded head dim) tiles of one head of each (B, T, H, D) tensor, or None
+    where the tensors do not allow them (_tma_layouts)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    layouts = _tma_layouts(tensors, cu_seqlens)
+    if layouts is None:
+        return None
     block = [1, rows, 1, _block_d(head_dim)]
-    return [TensorDescriptor(t, list(t.shape), _tma_strides(t), block) for t in tensors]
+    return [TensorDescriptor(t, list(t.shape), st, block) for t, st in zip(tensors, layouts)]
 
 
 def _layout(q, k, cu_seqlens, max_seqlen):
@@ -739,8 +731,8 @@ def parallax_fwd_triton(
     # Without varlen the kernel never reads CU_SEQLENS (only `if VARLEN` code does): pass o rather than allocate a
     # placeholder on every call. Its pointer has q's dtype, which the kernel already specializes on.
     cu = cu_seqlens if cu_seqlens is not None else o
-    tma = cfg.tma and _tma_ok((k, v), cu_seqlens)
-    k_in, v_in = _descriptors((k, v), cfg.block_n, D) if tma else (k, v)
+    descs = _descriptors((k, v), cu_seqlens, cfg.block_n, D) if cfg.tma else None
+    k_in, v_in = descs or (k, v)
     grid = (triton.cdiv(max_q, cfg.block_m), Hq, n_seq)
     # fmt: off
     compiled = _fwd_kernel[grid](
@@ -749,7 +741,7 @@ def parallax_fwd_triton(
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         CAUSAL=causal, WINDOW=window_size is not None, VARLEN=cu_seqlens is not None, SAVE_STATS=save_stats,
-        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=cfg.lazy_rescale, TMA=tma, num_warps=cfg.num_warps,
+        DOT_PREC=_dot_precision(q.dtype), LAZY_RESCALE=cfg.lazy_rescale, TMA=descs is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     # fmt: on
@@ -781,24 +773,24 @@ def parallax_bwd_triton(
         HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=causal, WINDOW=window_size is not None,
         VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype),
     )  # fmt: skip
-    dq_tma = dq_cfg.tma and _tma_ok((k, v), cu_seqlens)
-    k_in, v_in = _descriptors((k, v), dq_cfg.block_n, D) if dq_tma else (k, v)
-    dkv_tma = dkv_cfg.tma and _tma_ok((q, r, do), cu_seqlens)
-    q_in, r_in, do_in = _descriptors((q, r, do), dkv_cfg.block_m, D) if dkv_tma else (q, r, do)
+    kv_descs = _descriptors((k, v), cu_seqlens, dq_cfg.block_n, D) if dq_cfg.tma else None
+    k_in, v_in = kv_descs or (k, v)
+    qrdo_descs = _descriptors((q, r, do), cu_seqlens, dkv_cfg.block_m, D) if dkv_cfg.tma else None
+    q_in, r_in, do_in = qrdo_descs or (q, r, do)
     # The dQ/dR kernel also writes T = dO·o and b = dO·v̄ (delta_t, delta_b), which the dK/dV kernel reads.
     # fmt: off
     compiled_dq = _bwd_dq_kernel[(triton.cdiv(max_q, dq_cfg.block_m), Hq, n_seq)](
         q, r, k_in, v_in, o, vbar, do, lse, tbar, delta_t, delta_b, dq, dr, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
-        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, TMA=dq_tma, num_warps=dq_cfg.num_warps,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, TMA=kv_descs is not None, num_warps=dq_cfg.num_warps,
         num_stages=dq_cfg.num_stages, **common,
     )
     compiled_dkv = _bwd_dkv_kernel[(triton.cdiv(max_k, dkv_cfg.block_n), Hkv, n_seq)](
         q_in, r_in, k, v, do_in, lse, tbar, delta_t, delta_b, dk, dv, cu,
         *q.stride(), *r.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         t_q, t_k, Hq, Hq // Hkv, stat_len, window_size or 0, scale * LOG2E, scale,
-        BLOCK_M=dkv_cfg.block_m, BLOCK_N=dkv_cfg.block_n, TMA=dkv_tma, num_warps=dkv_cfg.num_warps,
+        BLOCK_M=dkv_cfg.block_m, BLOCK_N=dkv_cfg.block_n, TMA=qrdo_descs is not None, num_warps=dkv_cfg.num_warps,
         num_stages=dkv_cfg.num_stages, **common,
     )
     # fmt: on
