@@ -58,7 +58,7 @@ def tripwire():
     from parallax_kernels.parallax import triton_decode
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(op_mod, "parallax_fwd", launched)
+        mp.setattr(op_mod, "_run_triton", launched)
         mp.setattr(op_mod, "_reference", launched)
         mp.setattr(decode_mod, "_reference", launched)
         mp.setattr(triton_decode, "launch_plan", lambda *args, **kwargs: launched)

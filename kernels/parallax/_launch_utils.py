@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -10,6 +12,7 @@ import triton
 LOG2E = 1.4426950408889634
 
 
+@functools.cache
 def _block_d(head_dim: int) -> int:
     # Head dims that are not powers of two are padded up to one and masked; 16 is tl.dot's minimum.
     return max(triton.next_power_of_2(head_dim), 16)

@@ -3,7 +3,10 @@ interpreter, the PyTorch reference elsewhere and for float64).
 
 The kernels are registered as torch.library custom ops (`parallax_kernels::parallax_fwd` and
 `parallax_kernels::parallax_bwd`) with fake implementations and autograd, so torch.compile traces a model
-that calls `parallax_attn` into one graph instead of breaking around the op.
+that calls `parallax_attn` into one graph instead of breaking around the op. Eager calls reach the same
+launchers through a plain `torch.autograd.Function` instead: the custom-op dispatcher (default filling, alias
+checks, redispatch through autograd) costs more host time per call than the launches themselves, and in eager
+mode nothing needs it. Both paths run the same kernels with the same arguments, so they give identical results.
 """
 
 from __future__ import annotations
@@ -115,6 +118,44 @@ def _backward(ctx, do, _dvbar, _dlse, _dtbar):
 parallax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerParallax(torch.autograd.Function):
+    """The eager path: the custom ops' launchers under a plain autograd.Function (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen):
+        from .triton_train import parallax_fwd_triton
+
+        o, vbar, lse, tbar = parallax_fwd_triton(
+            q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, save_stats=True
+        )
+        ctx.save_for_backward(q, r, k, v, o, vbar, lse, tbar, cu_seqlens)
+        ctx.args = (causal, scale, window_size, max_seqlen)
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        from .triton_train import parallax_bwd_triton
+
+        q, r, k, v, o, vbar, lse, tbar, cu_seqlens = ctx.saved_tensors
+        causal, scale, window_size, max_seqlen = ctx.args
+        dq, dr, dk, dv = parallax_bwd_triton(
+            q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window_size or None, cu_seqlens, max_seqlen
+        )
+        return dq, dr, dk, dv, None, None, None, None, None
+
+
+def _run_triton(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats):
+    """o from the Triton kernels: through the custom op while torch.compile traces, else the eager path."""
+    if torch.compiler.is_compiling():
+        return parallax_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats)[0]
+    if save_stats:
+        return _EagerParallax.apply(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen)
+    from .triton_train import parallax_fwd_triton
+
+    return parallax_fwd_triton(q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, False)[0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------------------
@@ -155,8 +196,7 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
 
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k, v))
-    o, _, _, _ = parallax_fwd(q, r, k, v, causal, scale, window_size or 0, cu_seqlens, max_seqlen or 0, save_stats)
-    return o
+    return _run_triton(q, r, k, v, causal, scale, window_size or 0, cu_seqlens, max_seqlen or 0, save_stats)
 
 
 def _reference(q, r, k, v, causal, scale, window_size, cu_seqlens):

@@ -112,11 +112,15 @@ def default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     """The launch configs used for a head dim, dtype and device (the table above)."""
     if device.type != "cuda" or interpreting():
         return _INTERPRETER
-    cls = _dim_class(head_dim)
+    return _gpu_configs(_dim_class(head_dim), dtype, _device_index(device))
+
+
+@functools.cache
+def _gpu_configs(dim_class: int, dtype: torch.dtype, index: int) -> TrainConfigs:
     if dtype == torch.float32:
-        return _FP32[cls]
-    major, _ = _capability(_device_index(device))
-    return (_HOPPER if major >= 9 else _OTHER)[cls]
+        return _FP32[dim_class]
+    major, _ = _capability(index)
+    return (_HOPPER if major >= 9 else _OTHER)[dim_class]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -648,23 +652,29 @@ def _bwd_dkv_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
-def _tma_strides(t: torch.Tensor) -> list[int] | None:
+def _tma_strides(t: torch.Tensor) -> tuple[int, ...] | None:
     """Strides for a TMA descriptor of t, or None where t is not laid out row-major: every stride 16-byte
     aligned and at least the extent of the dims inside it (padding allowed, as in a view of a fused qrkv
     projection; a transposed or expanded view is refused). A size-1 dim gets that extent as its stride."""
-    if t.stride(-1) != 1:
+    return _row_major_strides(tuple(t.shape), t.stride(), t.element_size())
+
+
+@functools.lru_cache(maxsize=256)
+def _row_major_strides(shape: tuple, stride: tuple, element_size: int) -> tuple[int, ...] | None:
+    # Cached on the layout alone: a training step calls this a few times per layer with the same layouts.
+    if stride[-1] != 1:
         return None
-    strides, extent = [1], t.shape[-1]
-    for d in range(t.dim() - 2, -1, -1):
-        st = t.stride(d) if t.shape[d] > 1 else extent
-        if st < extent or st * t.element_size() % 16:
+    strides, extent = [1], shape[-1]
+    for d in range(len(shape) - 2, -1, -1):
+        st = stride[d] if shape[d] > 1 else extent
+        if st < extent or st * element_size % 16:
             return None
         strides.insert(0, st)
-        extent = st * t.shape[d]
-    return strides
+        extent = st * shape[d]
+    return tuple(strides)
 
 
-def _tma_layouts(tensors, cu_seqlens) -> list[list[int]] | None:
+def _tma_layouts(tensors, cu_seqlens) -> list[tuple[int, ...]] | None:
     """The descriptor strides of each of these (B, T, H, D) tensors, or None where their tiles cannot be read
     through TMA: before Hopper (the interpreter can), a base not 16-byte aligned, strides not row-major
     (_tma_strides). Packed (varlen) batches keep pointer loads: a descriptor only zero-fills past the whole
@@ -687,7 +697,7 @@ def _descriptors(tensors, cu_seqlens, rows: int, head_dim: int):
     if layouts is None:
         return None
     block = [1, rows, 1, _block_d(head_dim)]
-    return [TensorDescriptor(t, list(t.shape), st, block) for t, st in zip(tensors, layouts)]
+    return [TensorDescriptor(t, list(t.shape), list(st), block) for t, st in zip(tensors, layouts)]
 
 
 def _layout(q, k, cu_seqlens, max_seqlen):

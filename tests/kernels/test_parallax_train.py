@@ -257,7 +257,7 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     def no_kernel(*args, **kwargs):
         raise AssertionError("the Triton op ran on CPU without the interpreter")
 
-    monkeypatch.setattr(parallax_op, "parallax_fwd", no_kernel)
+    monkeypatch.setattr(parallax_op, "_run_triton", no_kernel)
     q, r, k, v = (torch.randn(1, 9, 2, 16) for _ in range(4))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     assert_close_rel(parallax_attn(q, r, k, v), parallax_attn_reference(q, r, k, v), 1e-6)
@@ -280,6 +280,34 @@ def test_opcheck_fake_and_autograd_registration():
     q, r, k, v = (x.detach() for x in leaves)
     o, vbar, lse, tbar = parallax_op.parallax_fwd(q, r, k, v, True, 0.25, 0, None, 0, True)
     torch.library.opcheck(parallax_op.parallax_bwd, (do, q, r, k, v, o, vbar, lse, tbar, True, 0.25, 0, None, 0))
+
+
+def test_eager_path_equals_the_custom_op(poison):
+    """Eager calls bypass the custom-op dispatcher (host time) through an autograd.Function over the same
+    launchers: output and all four gradients must be bit-identical to the registered custom op's."""
+    leaves, do = _inputs(1, 37, 37, 4, 2, 32, torch.float32)
+    scale = 32**-0.5
+    o = parallax_attn(*leaves, window_size=20)
+    grads = torch.autograd.grad(o, leaves, do)
+    o_op = parallax_op.parallax_fwd(*leaves, True, scale, 20, None, 0, True)[0]
+    grads_op = torch.autograd.grad(o_op, leaves, do)
+    assert torch.equal(o, o_op)
+    for name, g, w in zip(("dq", "dr", "dk", "dv"), grads, grads_op):
+        assert torch.equal(g, w), name
+
+
+def test_eager_path_does_not_go_through_the_custom_op(monkeypatch):
+    """The eager path must really skip the dispatcher (else its host-time saving is gone)."""
+
+    def dispatched(*args, **kwargs):
+        raise AssertionError("eager parallax_attn went through the custom op")
+
+    monkeypatch.setattr(parallax_op, "parallax_fwd", dispatched)
+    monkeypatch.setattr(parallax_op, "parallax_bwd", dispatched)
+    leaves, do = _inputs(1, 9, 9, 2, 2, 16, torch.float32)
+    torch.autograd.grad(parallax_attn(*leaves), leaves, do)
+    with torch.no_grad():
+        parallax_attn(*leaves)
 
 
 def test_torch_compile_fullgraph(poison):
@@ -337,7 +365,7 @@ def test_invalid_inputs_raise_before_launch(kwargs, exc, match, monkeypatch):
     def no_launch(*args, **kw):
         raise AssertionError("a kernel was launched")
 
-    monkeypatch.setattr(parallax_op, "parallax_fwd", no_launch)
+    monkeypatch.setattr(parallax_op, "_run_triton", no_launch)
     with pytest.raises(exc, match=re.escape(match)):
         parallax_attn(*_small(), **kwargs)
 
