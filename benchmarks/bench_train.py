@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py              # correctness + the anchors grid (~5 min on an H200)
     python benchmarks/bench_train.py --quick      # fewer correctness shapes + the main shape only
     python benchmarks/bench_train.py --sweep      # time explicit kernel configs, print the best per kernel
+    python benchmarks/bench_train.py --host       # host time per call beside SDPA flash, and CUDA-graph replay
     python benchmarks/bench_train.py --authors-all  # also time the authors' kernel off the main shape
                                                     # (their autotuning costs ~2 min per new shape)
 
@@ -261,6 +262,107 @@ def timing(grid, peers, authors_all, on_progress=lambda results: None):
     return results
 
 
+# ------------------------------------------------------------------------------------------------- host time
+HOST_SHAPES = [(1, 128, 1, 64), (8, 1024, 16, 128), (4, 4096, 16, 128)]
+
+
+def host_us(fn, calls=20, repeats=7):
+    """Median host time of one call, in microseconds, with the GPU kept busy so it never waits for the host: a
+    long sleep kernel goes first, then `calls` calls are queued (well under the launch queue's depth) and timed
+    without synchronising. What is measured is what the CPU spends to issue the work."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda._sleep(400_000_000)  # ~0.2 s of GPU time at ~2 GHz: longer than the calls take to issue
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t) / calls * 1e6)
+        torch.cuda.synchronize()
+    times.sort()
+    return times[len(times) // 2]
+
+
+def host_timing(shapes, graphs=True):
+    """Host time per call (fwd, fwd+bwd) of ours (eager path), ours through the custom op (what torch.compile
+    calls), and SDPA flash; then device time of fwd+bwd eager vs replayed from a CUDA graph."""
+    rows = []
+    for shape in shapes:
+        rows.append(_host_row(*shape, graphs=graphs))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _host_row(B, H, T, D, graphs):
+    from parallax_kernels import parallax_attn
+    from parallax_kernels.parallax import op as parallax_op
+
+    name = f"B{B} H{H} T{T} D{D}"
+    q, r, k, v, do = make_inputs(B, T, T, H, H, D)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, r, k, v)]
+    bhtd = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+    do_bhtd = do.transpose(1, 2).contiguous()
+    scale = D**-0.5
+    impls = {
+        "ours": (lambda: parallax_attn(*leaves), leaves, do),
+        "ours_custom_op": (lambda: parallax_op.parallax_fwd(*leaves, True, scale, 0, None, 0, True)[0], leaves, do),
+        "flash": (lambda: softmax(*bhtd), bhtd, do_bhtd),
+    }
+    row = {"shape": name}
+    for impl, (fwd, grad_in, grad_out) in impls.items():
+
+        def fwd_bwd(fwd=fwd, grad_in=grad_in, grad_out=grad_out):
+            torch.autograd.grad(fwd(), grad_in, grad_out)
+
+        with sdpa_backend("flash") if impl == "flash" else contextlib.nullcontext():
+            row[impl] = {"fwd_host_us": host_us(fwd), "fwd_bwd_host_us": host_us(fwd_bwd), "fwd_bwd_ms": bench(fwd_bwd)}
+        log(f"host         {name:22s} {impl:15s} fwd {row[impl]['fwd_host_us']:7.1f} us   fwd+bwd "
+            f"{row[impl]['fwd_bwd_host_us']:7.1f} us host, {row[impl]['fwd_bwd_ms']:.3f} ms device")  # fmt: skip
+    if graphs:
+        try:
+            row["ours_graph_fwd_bwd_ms"] = graph_ms(lambda: torch.autograd.grad(parallax_attn(*leaves), leaves, do))
+            log(
+                f"graph        {name:22s} ours fwd+bwd replayed from a CUDA graph: {row['ours_graph_fwd_bwd_ms']:.3f} ms"
+            )
+        except Exception as e:
+            row["ours_graph_fwd_bwd_ms"] = f"FAILED {type(e).__name__}: {e}"
+            log(f"graph        {name:22s} {row['ours_graph_fwd_bwd_ms']}")
+    return row
+
+
+def graph_ms(fn):
+    """Median ms of fn replayed from a CUDA graph (captured after a warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
+
+
+def host_table(rows):
+    lines = ["host time per call, us (fwd | fwd+bwd), GPU kept busy; device fwd+bwd ms eager and graph-replayed"]
+    lines.append(f"{'shape':20s} {'ours':>15s} {'ours custom op':>15s} {'flash':>15s}  ours/flash  "
+                 f"{'ours ms':>8s} {'graph ms':>8s} {'flash ms':>8s}")  # fmt: skip
+    for row in rows:
+        cells = [
+            f"{row[n]['fwd_host_us']:6.0f}|{row[n]['fwd_bwd_host_us']:<6.0f}"
+            for n in ("ours", "ours_custom_op", "flash")
+        ]
+        rat = row["ours"]["fwd_bwd_host_us"] / row["flash"]["fwd_bwd_host_us"]
+        graph = row.get("ours_graph_fwd_bwd_ms")
+        graph = f"{graph:.3f}" if isinstance(graph, float) else "-"
+        lines.append(f"{row['shape']:20s} " + " ".join(f"{c:>15s}" for c in cells) + f"  {rat:10.2f}  "
+                     f"{row['ours']['fwd_bwd_ms']:8.3f} {graph:>8s} {row['flash']['fwd_bwd_ms']:8.3f}")  # fmt: skip
+    lines.append("target: ours fwd+bwd host time <= 1.5x flash's at B8 H16 T1024 D128")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------- sweep
 # (block_m, block_n, num_warps, num_stages[, lazy_rescale]) candidates per padded head dim; the first of each
 # list is the tile of the op's table entry (the sweep reads through TMA descriptors wherever the inputs allow;
@@ -425,6 +527,7 @@ def main():
     ap.add_argument("--skip-correctness", action="store_true", help="timing only (e.g. a call for the authors' peer)")
     ap.add_argument("--peers", default="authors,fla", help="peers to load besides SDPA (comma separated)")
     ap.add_argument("--peers-path", default=os.environ.get("PEERS_PATH"), help="a pip --target folder of peers")
+    ap.add_argument("--host", action="store_true", help="host time per call and CUDA-graph replay, not the peers")
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
@@ -442,7 +545,11 @@ def main():
     record = {"argv": sys.argv[1:]}
     table = []
 
-    if args.sweep:
+    if args.host:
+        rows = host_timing(HOST_SHAPES)
+        record["host"] = rows
+        table = host_table(rows)
+    elif args.sweep:
         summary = [row for d in args.sweep_dims.split(",") for row in sweep_dim(int(d))]
         record["sweep"] = summary
         table.append("best config per kernel (B4 H16 T4096 causal bf16; D256 at B2):")

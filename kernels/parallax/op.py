@@ -183,6 +183,11 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
             raise ValueError(
                 f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
             )
+        if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and _capturing(cu_seqlens):
+            raise RuntimeError(
+                f"{_OP}: with cu_seqlens under CUDA-graph capture, pass max_seqlen: finding it would read the "
+                "offsets on the host, which capture forbids"
+            )
         offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], check_values=max_seqlen is None)
         if max_seqlen is None:
             max_seqlen = max(b - a for a, b in itertools.pairwise(offsets))
@@ -197,6 +202,10 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k, v))
     return _run_triton(q, r, k, v, causal, scale, window_size or 0, cu_seqlens, max_seqlen or 0, save_stats)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _reference(q, r, k, v, causal, scale, window_size, cu_seqlens):
