@@ -263,7 +263,7 @@ def timing(grid, peers, authors_all, on_progress=lambda results: None):
 
 
 # ------------------------------------------------------------------------------------------------- host time
-HOST_SHAPES = [(1, 128, 1, 64), (8, 1024, 16, 128), (4, 4096, 16, 128)]
+HOST_SHAPES = [(1, 1, 128, 64), (8, 16, 1024, 128), (4, 16, 4096, 128)]  # (B, H, T, D)
 
 
 def host_us(fn, calls=20, repeats=7):
