@@ -186,3 +186,34 @@ def device_assert(ok: torch.Tensor, message: str, got=None) -> None:
             raise ValueError(message if got is None else f"{message}; got {got()}")
         return
     torch._assert_async(ok, message)
+
+
+def check_cache_seqlens(op: str, cache_seqlens, batch: int, device: torch.device) -> None:
+    """The form of decode lengths (None, or an int32/int64 tensor of shape (batch,) on q's device); their
+    values are checked by `check_cache_seqlens_values`."""
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(
+            f"{op}: cache_seqlens must be an int32 tensor of shape ({batch},), got dtype {cache_seqlens.dtype} "
+            f"and shape {tuple(cache_seqlens.shape)}"
+        )
+    if cache_seqlens.device != device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+
+
+def check_cache_seqlens_values(op: str, cache_seqlens: torch.Tensor, L_max: int, low: int = 1) -> None:
+    """Every decode length in [low, L_max] (low = 1 for one new token: the rule of every decode backend),
+    read on the host: a device sync for a CUDA tensor, and impossible while a CUDA graph is captured."""
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
+            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
+            "NaN output row)"
+        )
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
+    if lo < low or hi > L_max:
+        bad = [n for n in cache_seqlens.tolist() if not low <= n <= L_max]
+        raise ValueError(f"{op}: cache_seqlens must lie in [{low}, {L_max}], got {bad}")
