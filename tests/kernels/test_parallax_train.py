@@ -503,6 +503,19 @@ def test_device_offsets_check_is_queued_not_read(monkeypatch):
     ]
 
 
+def test_offsets_check_traces_into_a_compiled_graph(poison):
+    """Under torch.compile the device-side check is part of the graph (no break, no host read) and still
+    refuses bad offsets when the graph runs."""
+    q, r, k, v = (torch.randn(1, 24, 2, 16, device=DEVICE) for _ in range(4))
+    step = torch.compile(lambda *a: parallax_attn(*a[:4], cu_seqlens=a[4], max_seqlen=14), fullgraph=True)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=DEVICE)
+    assert_close_rel(step(q, r, k, v, cu), _reference(q, r, k, v, True, None, [0, 10, 24]), 1e-5)
+    if DEVICE == "cuda":
+        return  # a failing device-side assert would end this process's GPU use
+    with pytest.raises(RuntimeError, match=r"no sequence longer than max_seqlen=14"):
+        step(q, r, k, v, torch.tensor([0, 20, 24], dtype=torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------- GPU only (bf16)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs the GPU (the interpreter's bf16 is broken)")
