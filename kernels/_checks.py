@@ -204,6 +204,12 @@ def check_cache_seqlens(op: str, cache_seqlens, batch: int, device: torch.device
         raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
 
 
+def check_flag(op: str, name: str, value) -> None:
+    """A bool option: None or 1 would pass as a truth value and quietly mean something else."""
+    if value is not True and value is not False:
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
 def check_cache_seqlens_values(op: str, cache_seqlens: torch.Tensor, L_max: int, low: int = 1) -> None:
     """Every decode length in [low, L_max] (low = 1 for one new token: the rule of every decode backend),
     read on the host: a device sync for a CUDA tensor, and impossible while a CUDA graph is captured."""

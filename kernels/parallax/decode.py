@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values
+from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values, check_flag
 from .._dispatch import backend_for
 from .reference import parallax_decode_reference
 
@@ -126,6 +126,8 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, wind
     run = None if key is None else _PLANS.get(key)
     if run is None:
         run = _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    if check_lengths is not True and check_lengths is not False:
+        check_flag("parallax_decode", "check_lengths", check_lengths)
     if cache_seqlens is not None and check_lengths:
         check_cache_seqlens_values("parallax_decode", cache_seqlens, k_cache.shape[1])
     return run(q, r, k_cache, v_cache, cache_seqlens)

@@ -11,7 +11,13 @@ import itertools
 
 import torch
 
-from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values, check_cu_seqlens
+from .._checks import (
+    check_attn_inputs,
+    check_cache_seqlens,
+    check_cache_seqlens_values,
+    check_cu_seqlens,
+    check_flag,
+)
 from .._reference_utils import band_mask, compute_dtype, from_bhtd, masked_softmax, to_bhtd
 
 _OP = "parallax_attn_reference"
@@ -100,6 +106,7 @@ def parallax_decode_reference(
         return parallax_attn_reference(q, r, k_cache, v_cache, causal=True, scale=scale, window_size=window_size)
     check_attn_inputs(_DECODE_OP, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
     check_cache_seqlens(_DECODE_OP, cache_seqlens, q.shape[0], q.device)
+    check_flag(_DECODE_OP, "check_lengths", check_lengths)
     B, T, H_q, D = q.shape
     L, H_kv = k_cache.shape[1], k_cache.shape[2]
     if check_lengths:

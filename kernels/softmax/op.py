@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values
+from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values, check_flag
 from .._reference_utils import band_mask
 
 
@@ -38,6 +38,7 @@ def softmax_decode(q, k_cache, v_cache, cache_seqlens=None, scale=None, window_s
         raise ValueError(f"{op}: q must hold one token per sequence, shape (B, 1, H_q, D); got {tuple(q.shape)}")
     B, L = k_cache.shape[0], k_cache.shape[1]
     check_cache_seqlens(op, cache_seqlens, B, q.device)
+    check_flag(op, "check_lengths", check_lengths)
     if cache_seqlens is not None and check_lengths:
         check_cache_seqlens_values(op, cache_seqlens, L)
     pos = torch.arange(L, device=q.device)

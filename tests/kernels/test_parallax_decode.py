@@ -228,6 +228,15 @@ def test_host_length_check_names_the_bad_lengths(kwargs):
         parallax_decode(*_good(B=4), torch.tensor([0, 9, 8, -2], dtype=torch.int32), **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["kernel", "reference", "softmax"])
+@pytest.mark.parametrize("flag", [None, 0, "no"])
+def test_check_lengths_takes_only_a_bool(backend, flag):
+    """None was the old default (check CPU lengths only): passed now it must not quietly mean 'no check'."""
+    run = _BACKENDS[backend]
+    with pytest.raises(TypeError, match=f"check_lengths must be True or False, got {flag!r}"):
+        run(*_same_inputs([0, 7]), check_lengths=flag)
+
+
 def test_unchecked_lengths_outside_the_cache_give_nan_rows(poison):
     """check_lengths=False (CUDA-graph capture) skips the host read: the bad rows come back NaN
     (nothing outside the cache is read: its stale rows are NaN too), the rest exact."""
