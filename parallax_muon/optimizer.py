@@ -203,7 +203,10 @@ class Muon(torch.optim.Optimizer):
             _real(where, "ns_eps", group["ns_eps"], lambda x: x > 0.0, "> 0")
             if group["ns_norm_scale"] is not None:
                 _real(where, "ns_norm_scale", group["ns_norm_scale"], lambda x: x > 0.0, "> 0")
-            return resolve_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises on unknown presets
+            try:
+                return resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+            except ValueError as e:  # an unknown preset, bad coefficients or steps: say which group
+                raise ValueError(f"{where}: {e}") from None
         else:
             betas = group["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -400,6 +400,16 @@ _V = lambda: torch.randn(3)  # noqa: E731
         (lambda: Muon([_W()], ns_eps=_INF), ValueError, r"ns_eps=inf must be > 0"),
         (lambda: Muon([_W()], ns_norm_scale=0.0), ValueError, r"ns_norm_scale=0\.0 must be > 0"),
         (lambda: Muon([{"params": [_W()], "lr_mult": _INF}]), ValueError, r"lr_mult=inf must be >= 0"),
+        (
+            lambda: Muon([{"params": [_W()], "ns_steps": 0, "name": "mlp"}]),
+            ValueError,
+            r"group 'mlp': ns_steps must be a positive int, got 0",
+        ),
+        (
+            lambda: Muon([{"params": [_W()], "ns_coefficients": [(3.0, _INF, 2.0)], "name": "mlp"}]),
+            ValueError,
+            r"group 'mlp': Newton–Schulz coefficients must be finite",
+        ),
         (lambda: Muon([{"params": [_W()], "lr": -2.0, "name": "attn"}]), ValueError, r"group 'attn': lr=-2\.0"),
         (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_lr=_INF), ValueError, r"lr=inf must be >= 0"),
         (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_lr=-1e-3), ValueError, r"lr=-0\.001"),
