@@ -130,13 +130,15 @@ def check_attn_inputs(
     return AttnShape(B, Tq, Tk, Hq, Hkv, D)
 
 
-def check_cu_seqlens(
-    op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, check_values: bool = True
-) -> list[int] | None:
+def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, max_seqlen=None):
     """flash-attn convention: int32 offsets [0, l0, l0+l1, ..., total] into a packed batch of size 1.
 
-    Returns the offsets as a list. check_values=False skips the value checks (and their host sync) and
-    returns None: for callers that were handed max_seqlen and must not synchronize.
+    Without max_seqlen the offsets are read on the host, checked (a ValueError names them) and returned as a
+    list. With max_seqlen (already checked to be an int in [1, total]) the caller must not synchronize: the
+    same rule, plus no sequence longer than max_seqlen, is checked on the tensor's device (`device_assert`)
+    and None is returned. The kernels clamp every offset into [0, total] as well, so offsets that escape
+    the check (an assert that has not fired yet) can make a wrong result, never a read or write outside
+    the tensors.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -151,7 +153,16 @@ def check_cu_seqlens(
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {device}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"{op}: cu_seqlens needs at least 2 offsets, got {cu_seqlens.numel()}")
-    if not check_values:
+    if max_seqlen is not None:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        shortest, longest = torch.aminmax(lengths)
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (shortest >= 1) & (longest <= max_seqlen)
+        device_assert(
+            ok,
+            f"{op}: cu_seqlens must start at 0, end at the packed length {total} and increase strictly, "
+            f"with no sequence longer than max_seqlen={max_seqlen}",
+            lambda: [int(x) for x in cu_seqlens],
+        )
         return None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or offsets[-1] != total:
@@ -159,3 +170,56 @@ def check_cu_seqlens(
     if any(b <= a for a, b in itertools.pairwise(offsets)):
         raise ValueError(f"{op}: cu_seqlens must be strictly increasing (no empty sequences), got {offsets}")
     return offsets
+
+
+def device_assert(ok: torch.Tensor, message: str, got=None) -> None:
+    """Raise unless the one-element bool tensor `ok` is True, without making the host wait for a GPU.
+
+    On CPU (outside torch.compile) the flag is read at once and a ValueError carries `message` and, when
+    `got` is given, what got() returns. Elsewhere the check is queued on the device: torch offers no
+    public asynchronous assert, so this is the one place that calls torch._assert_async. On CUDA a
+    failure is a device-side assert, raised at a later synchronization without the message, and it
+    leaves the CUDA context unusable (the process must restart); that is the price of not syncing.
+    """
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not ok.item():
+            raise ValueError(message if got is None else f"{message}; got {got()}")
+        return
+    torch._assert_async(ok, message)
+
+
+def check_cache_seqlens(op: str, cache_seqlens, batch: int, device: torch.device) -> None:
+    """The form of decode lengths (None, or an int32/int64 tensor of shape (batch,) on q's device); their
+    values are checked by `check_cache_seqlens_values`."""
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(
+            f"{op}: cache_seqlens must be an int32 tensor of shape ({batch},), got dtype {cache_seqlens.dtype} "
+            f"and shape {tuple(cache_seqlens.shape)}"
+        )
+    if cache_seqlens.device != device:
+        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {device}")
+
+
+def check_flag(op: str, name: str, value) -> None:
+    """A bool option: None or 1 would pass as a truth value and quietly mean something else."""
+    if value is not True and value is not False:
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
+def check_cache_seqlens_values(op: str, cache_seqlens: torch.Tensor, L_max: int, low: int = 1) -> None:
+    """Every decode length in [low, L_max] (low = 1 for one new token: the rule of every decode backend),
+    read on the host: a device sync for a CUDA tensor, and impossible while a CUDA graph is captured."""
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
+            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
+            "NaN output row)"
+        )
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
+    if lo < low or hi > L_max:
+        bad = [n for n in cache_seqlens.tolist() if not low <= n <= L_max]
+        raise ValueError(f"{op}: cache_seqlens must lie in [{low}, {L_max}], got {bad}")

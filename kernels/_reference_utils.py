@@ -39,13 +39,12 @@ def band_mask(seq_q: int, seq_k: int, causal: bool, window_size: int | None, dev
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last dim; rows with no visible key get all-zero weights (not NaN)."""
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        p = torch.nan_to_num(p, nan=0.0)
-    return p
+    """Softmax over the last dim; rows with no visible key get all-zero weights. Only those rows: a NaN
+    score stays NaN (an oracle must not turn a NaN input into a finite output)."""
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
 
 
 def uniform_weights(seq_q: int, seq_k: int, causal: bool, window_size, device, dtype) -> torch.Tensor:

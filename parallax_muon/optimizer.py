@@ -20,6 +20,7 @@ that matrix's update by up to ~1e-2 (relative) — the same size as the bf16 ite
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class Muon(torch.optim.Optimizer):
         }
         self._adamw_defaults = {
             "lr": adamw_lr,
-            "betas": tuple(adamw_betas),
+            "betas": tuple(adamw_betas) if isinstance(adamw_betas, (tuple, list)) else adamw_betas,  # checked later
             "eps": adamw_eps,
             "weight_decay": adamw_weight_decay,
             "lr_mult": 1.0,
@@ -185,34 +186,102 @@ class Muon(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> tuple[tuple, float] | None:
         """Raise on a bad hyper-parameter; for a Muon group, return its resolved Newton–Schulz coefficients
-        (``resolve_coefficients``'s (per_step, default scale)), which ``step`` hands to ``_muon_prologue``."""
-        name = group["name"]
-        lr = _scalar(group["lr"])
-        if not (lr >= 0.0):
-            raise ValueError(f"group {name!r}: lr={lr} must be >= 0")
-        if not (_scalar(group["lr_mult"]) >= 0.0):
-            raise ValueError(f"group {name!r}: lr_mult={group['lr_mult']} must be >= 0")
-        if not (group["weight_decay"] >= 0.0):
-            raise ValueError(f"group {name!r}: weight_decay={group['weight_decay']} must be >= 0")
+        (``resolve_coefficients``'s (per_step, default scale)), which ``step`` hands to ``_muon_prologue``.
+
+        Every number must be finite: an infinite lr or weight decay turns the parameters into inf/NaN at
+        the first step, and NaN slips past every range check written as a comparison."""
+        where = f"group {group['name']!r}"
+        _real(where, "lr", group["lr"], lambda x: x >= 0.0, ">= 0")
+        _real(where, "lr_mult", group["lr_mult"], lambda x: x >= 0.0, ">= 0")
+        _real(where, "weight_decay", group["weight_decay"], lambda x: x >= 0.0, ">= 0")
         if group["use_muon"]:
-            if not (0.0 <= group["momentum"] < 1.0):
-                raise ValueError(f"group {name!r}: momentum={group['momentum']} must be in [0, 1)")
+            _real(where, "momentum", group["momentum"], lambda x: 0.0 <= x < 1.0, "in [0, 1)")
+            if not isinstance(group["nesterov"], bool):
+                raise TypeError(f"{where}: nesterov must be a bool, got {group['nesterov']!r}")
             if group["adjust_lr"] not in ADJUST_LR:
-                raise ValueError(
-                    f"group {name!r}: unknown adjust_lr={group['adjust_lr']!r}; expected one of {ADJUST_LR}"
-                )
-            if not (group["ns_eps"] > 0.0):
-                raise ValueError(f"group {name!r}: ns_eps={group['ns_eps']} must be > 0")
-            if group["ns_norm_scale"] is not None and not (group["ns_norm_scale"] > 0.0):
-                raise ValueError(f"group {name!r}: ns_norm_scale={group['ns_norm_scale']} must be > 0")
-            return resolve_coefficients(group["ns_coefficients"], group["ns_steps"])  # raises on unknown presets
+                raise ValueError(f"{where}: unknown adjust_lr={group['adjust_lr']!r}; expected one of {ADJUST_LR}")
+            _real(where, "ns_eps", group["ns_eps"], lambda x: x > 0.0, "> 0")
+            if group["ns_norm_scale"] is not None:
+                _real(where, "ns_norm_scale", group["ns_norm_scale"], lambda x: x > 0.0, "> 0")
+            try:
+                return resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+            except ValueError as e:  # an unknown preset, bad coefficients or steps: say which group
+                raise ValueError(f"{where}: {e}") from None
         else:
             betas = group["betas"]
-            if len(betas) != 2 or not all(0.0 <= _scalar(b) < 1.0 for b in betas):
-                raise ValueError(f"group {name!r}: betas={betas} must be two values in [0, 1)")
-            if not (group["eps"] >= 0.0):
-                raise ValueError(f"group {name!r}: eps={group['eps']} must be >= 0")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"{where}: betas={betas!r} must be two values in [0, 1)")
+            for b in betas:
+                _real(where, "betas", b, lambda x: 0.0 <= x < 1.0, "in [0, 1)", shown=betas)
+            _real(where, "eps", group["eps"], lambda x: x >= 0.0, ">= 0")
         return None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after checks that name what does not fit this optimizer (torch's own load would
+        take it silently: a group's kind, its hyper-parameters and state tensors of another shape all come
+        from the file, and fail at a later step, if at all, without saying which group or parameter)."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loadable(self, state_dict) -> None:
+        op = "Muon.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"{op}: expected an optimizer state dict with 'state' and 'param_groups', got {found}")
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            names = [g["name"] for g in self.param_groups]
+            raise ValueError(
+                f"{op}: the state dict has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)} "
+                f"({names}): build the groups as they were when it was saved"
+            )
+        kind = {True: "a Muon", False: "an AdamW"}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            where = f"group {gi} ({group['name']!r})"
+            use_muon = saved.get("use_muon", True)
+            if use_muon is not group["use_muon"]:
+                raise ValueError(
+                    f"{op}: {where} is {kind[group['use_muon']]} group here but the state dict's group {gi} "
+                    f"({saved.get('name')!r}) is {kind.get(use_muon, repr(use_muon))} group: build the groups in the "
+                    "order they were saved in"
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{op}: {where} has {len(group['params'])} parameters here but {len(saved['params'])} in "
+                    "the state dict"
+                )
+            loaded = {**group, **saved, "params": group["params"], "name": group["name"]}
+            try:  # the hyper-parameters (and, for Muon, the matrix layouts) the load would install
+                self._validate_group(loaded)
+                if group["use_muon"]:
+                    for i, p in enumerate(group["params"]):
+                        self._layout(loaded, p, i)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{op}: {e}") from None
+            keys = ("momentum_buffer",) if group["use_muon"] else ("step", "exp_avg", "exp_avg_sq")
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state.get(pid)
+                if entry is None or (isinstance(entry, dict) and not entry):
+                    continue  # a parameter that has not been stepped yet
+                if not isinstance(entry, dict) or set(entry) != set(keys):
+                    found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                    raise ValueError(
+                        f"{op}: {self._where(group, i, p)} has state {found} in the state dict; "
+                        f"{kind[group['use_muon']]} group keeps {list(keys)}"
+                    )
+                for key in keys:
+                    value = entry[key]
+                    if key == "step":
+                        fits = isinstance(value, Tensor) and value.numel() == 1
+                        want = "a one-element tensor"
+                    else:
+                        fits = isinstance(value, Tensor) and value.shape == p.shape
+                        want = f"the parameter's shape {tuple(p.shape)}"
+                    if not fits:
+                        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                        raise ValueError(
+                            f"{op}: {self._where(group, i, p)}: its {key} in the state dict has {got}, expected {want}"
+                        )
 
     @staticmethod
     def _where(group, i, p) -> str:
@@ -571,6 +640,21 @@ def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
 
 def _scalar(v) -> float:
     return float(v) if isinstance(v, Tensor) else v
+
+
+def _real(where: str, key: str, value, ok: Callable[[float], bool], rule: str, shown=None) -> float:
+    """`value` (a number or a one-element tensor) as a float, if finite and `ok`; else an error naming
+    `key` and the value (`shown`, when the value is one entry of it)."""
+    shown = value if shown is None else shown
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"{where}: {key} must be a real number or a one-element tensor, got {shown!r}")
+        value = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {key} must be a real number, got {shown!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{where}: {key}={shown} must be {rule} and finite")
+    return float(value)
 
 
 def _viewable(t: Tensor, layout: Layout) -> bool:

@@ -18,7 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from parallax_kernels import parallax_attn, parallax_decode
+from parallax_kernels import (
+    parallax_attn,
+    parallax_attn_reference,
+    parallax_decode,
+    parallax_decode_reference,
+    softmax_decode,
+)
 from parallax_muon import Muon
 from tests.lightning.platform_utils import run_cli, tiny_config, write_corpus
 
@@ -51,11 +57,11 @@ def attn(**changes):
     return lambda _: parallax_attn(**args)
 
 
-def decode(**changes):
+def decode(_op=parallax_decode, **changes):
     q, r = t(2, 1, 2, 16), t(2, 1, 2, 16)
     k, v = t(2, 8, 1, 16), t(2, 8, 1, 16)
     args = {"q": q, "r": r, "k_cache": k, "v_cache": v, **changes}
-    return lambda _: parallax_decode(**args)
+    return lambda _: _op(**args)
 
 
 _STRIDED = t(2, 8, 1, 32)[..., ::2]
@@ -176,6 +182,42 @@ def muon(**kwargs):
     return lambda _: Muon([torch.nn.Parameter(torch.randn(8, 8))], **kwargs)
 
 
+def _cu(*offsets):
+    return torch.tensor(offsets, dtype=torch.int32)
+
+
+def attn_reference(**changes):
+    q, r, k, v = qrkv()
+    return lambda _: parallax_attn_reference(**{"q": q, "r": r, "k": k, "v": v, **changes})
+
+
+def softmax_dec(**changes):
+    q, k, v = t(2, 1, 2, 16), t(2, 8, 1, 16), t(2, 8, 1, 16)
+    return lambda _: softmax_decode(**{"q": q, "k_cache": k, "v_cache": v, **changes})
+
+
+def adamw(**kwargs):
+    return lambda _: Muon([{"params": [torch.nn.Parameter(torch.randn(8))], "use_muon": False}], **kwargs)
+
+
+def muon_load(edit):
+    """A Muon (one Muon, one AdamW group) after one step; its state dict, edited, loaded into a twin."""
+
+    def make():
+        w, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))
+        return w, b, Muon([{"params": [w]}, {"params": [b], "use_muon": False}])
+
+    def call(_):
+        w, b, opt = make()
+        w.grad, b.grad = torch.randn(8, 8), torch.randn(8)
+        opt.step()
+        sd = opt.state_dict()
+        edit(sd)
+        return make()[2].load_state_dict(sd)
+
+    return call
+
+
 CASES = [
     # kernels: training op
     Case("kernel", "q of rank 3", attn(q=t(8, 2, 16)), ValueError, "got 3 dims"),
@@ -289,6 +331,124 @@ CASES = [
     # checkpoints
     Case("checkpoint", "truncated", truncated_checkpoint, ValueError, "cut.ckpt"),
     Case("checkpoint", "carrying code", code_checkpoint, ValueError, "code.ckpt"),
+    # kernels: packed offsets with max_seqlen (checked on their device; on CPU a ValueError)
+    Case(
+        "kernel",
+        "unsorted cu_seqlens with max_seqlen",
+        attn(cu_seqlens=_cu(0, 5, 3, 8), max_seqlen=8),
+        ValueError,
+        "got [0, 5, 3, 8]",
+    ),
+    Case(
+        "kernel",
+        "cu_seqlens past the end with max_seqlen",
+        attn(cu_seqlens=_cu(0, 4, 12), max_seqlen=8),
+        ValueError,
+        "end at the packed length 8",
+    ),
+    Case(
+        "kernel",
+        "negative cu_seqlens with max_seqlen",
+        attn(cu_seqlens=_cu(-4, 4, 8), max_seqlen=8),
+        ValueError,
+        "got [-4, 4, 8]",
+    ),
+    Case(
+        "kernel",
+        "sequence longer than max_seqlen",
+        attn(cu_seqlens=_cu(0, 6, 8), max_seqlen=4),
+        ValueError,
+        "max_seqlen=4",
+    ),
+    Case("kernel", "cu_seqlens not starting at 0", attn(cu_seqlens=_cu(2, 8)), ValueError, "[2, 8]"),
+    Case(
+        "kernel",
+        "cu_seqlens on another device",
+        attn(cu_seqlens=_cu(0, 8).to("meta")),
+        ValueError,
+        "cu_seqlens is on meta",
+    ),
+    Case(
+        "kernel", "reference with cu_seqlens past the end", attn_reference(cu_seqlens=_cu(0, 9)), ValueError, "[0, 9]"
+    ),
+    # kernels: decode lengths (one rule on every backend: [1, L_max])
+    Case("decode", "negative length", decode(cache_seqlens=_cu(-1, 3)), ValueError, "got [-1]"),
+    Case("decode", "length of 2^31 - 1", decode(cache_seqlens=_cu(2**31 - 1, 3)), ValueError, "got [2147483647]"),
+    Case(
+        "decode",
+        "reference: length past the cache",
+        decode(_op=parallax_decode_reference, cache_seqlens=_cu(3, 9)),
+        ValueError,
+        "got [9]",
+    ),
+    Case(
+        "decode",
+        "reference: negative length",
+        decode(_op=parallax_decode_reference, cache_seqlens=_cu(-2, 3)),
+        ValueError,
+        "got [-2]",
+    ),
+    Case("decode", "softmax: length zero", softmax_dec(cache_seqlens=_cu(0, 8)), ValueError, "got [0]"),
+    Case(
+        "decode",
+        "softmax: float lengths",
+        softmax_dec(cache_seqlens=torch.tensor([1.0, 2.0])),
+        ValueError,
+        "torch.float32",
+    ),
+    Case("decode", "softmax: two query tokens", softmax_dec(q=t(2, 2, 2, 16)), ValueError, "(2, 2, 2, 16)"),
+    # Muon: hyper-parameters must be finite and in range
+    Case("muon", "infinite lr", muon(lr=float("inf")), ValueError, "lr=inf"),
+    Case("muon", "NaN lr", muon(lr=float("nan")), ValueError, "lr=nan"),
+    Case("muon", "lr as a string", muon(lr="1e-3"), TypeError, "'1e-3'"),
+    Case("muon", "infinite weight decay", muon(weight_decay=float("inf")), ValueError, "weight_decay=inf"),
+    Case("muon", "NaN momentum", muon(momentum=float("nan")), ValueError, "momentum=nan"),
+    Case("muon", "infinite AdamW lr", adamw(adamw_lr=float("inf")), ValueError, "lr=inf"),
+    Case("muon", "negative AdamW eps", adamw(adamw_eps=-1.0), ValueError, "eps=-1.0"),
+    Case("muon", "NaN AdamW beta", adamw(adamw_betas=(float("nan"), 0.95)), ValueError, "betas=(nan, 0.95)"),
+    Case(
+        "muon",
+        "per-group infinite lr",
+        lambda _: Muon([{"params": [torch.randn(8, 8)], "lr": float("inf"), "name": "attn"}]),
+        ValueError,
+        "group 'attn': lr=inf",
+    ),
+    # Muon: state dicts that do not fit
+    Case(
+        "muon",
+        "state dict with another group count",
+        muon_load(lambda sd: sd["param_groups"].pop()),
+        ValueError,
+        "the state dict has 1 param groups, this optimizer 2",
+    ),
+    Case(
+        "muon",
+        "AdamW group loaded as Muon",
+        muon_load(lambda sd: sd["param_groups"][1].update(use_muon=True)),
+        ValueError,
+        "group 1 ('adamw_1') is an AdamW group here",
+    ),
+    Case(
+        "muon",
+        "momentum buffer of another shape",
+        muon_load(lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(4, 4))),
+        ValueError,
+        "momentum_buffer in the state dict has shape (4, 4), expected the parameter's shape (8, 8)",
+    ),
+    Case(
+        "muon",
+        "exp_avg of another shape",
+        muon_load(lambda sd: sd["state"][1].update(exp_avg=torch.zeros(2))),
+        ValueError,
+        "exp_avg in the state dict has shape (2,)",
+    ),
+    Case(
+        "muon",
+        "state dict with an infinite lr",
+        muon_load(lambda sd: sd["param_groups"][0].update(lr=float("inf"))),
+        ValueError,
+        "Muon.load_state_dict: group 'muon_0': lr=inf",
+    ),
 ]
 
 

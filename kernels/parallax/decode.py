@@ -3,8 +3,8 @@
 An eager decode step (generate() without CUDA graphs) runs this once per layer and token, so the
 host path is kept short: the first call with a given signature (shapes, strides, dtypes, devices,
 scale, window) runs the full checks, which name any problem, and builds a launch plan; later calls
-with an equal signature look the plan up and launch. Nothing in the plain path synchronizes with
-the device.
+with an equal signature look the plan up and launch. The one host read per call is the check of
+the lengths' values, which check_lengths=False leaves out (then nothing synchronizes).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .._checks import check_attn_inputs
+from .._checks import check_attn_inputs, check_cache_seqlens, check_cache_seqlens_values, check_flag
 from .._dispatch import backend_for
 from .reference import parallax_decode_reference
 
@@ -56,8 +56,8 @@ def call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
 
 
 def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
-    """The full checks, each naming the problem. The values of cache_seqlens are not read here
-    (that needs the host to wait for the device): see `check_lengths` of parallax_decode."""
+    """The full checks, each naming the problem. The values of cache_seqlens are not read here: they
+    change from call to call under one signature (see `check_lengths` of parallax_decode)."""
     check_attn_inputs(op, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
     if q.shape[1] != 1:
         raise ValueError(
@@ -70,51 +70,25 @@ def check_decode_inputs(op, q, r, k_cache, v_cache, cache_seqlens, scale, window
                 f"{op}: {name} must have unit stride along head_dim (it is read in place), got strides "
                 f"{tuple(t.stride())}"
             )
-    _check_seqlens_meta(op, q, k_cache, cache_seqlens)
-
-
-def _check_seqlens_meta(op, q, k_cache, cache_seqlens):
-    B = k_cache.shape[0]
-    if cache_seqlens is None:
-        return
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"{op}: cache_seqlens must be a torch.Tensor or None, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype not in (torch.int32, torch.int64) or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(
-            f"{op}: cache_seqlens must be an int32 tensor of shape ({B},), got dtype {cache_seqlens.dtype} "
-            f"and shape {tuple(cache_seqlens.shape)}"
-        )
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-
-
-def check_length_values(op, cache_seqlens, L_max):
-    """Every length in [1, L_max], read on the host: a device sync for a CUDA tensor."""
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
-            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
-            "NaN output row)"
-        )
-    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
-    if lo < 1 or hi > L_max:
-        bad = [n for n in cache_seqlens.tolist() if not 1 <= n <= L_max]
-        raise ValueError(f"{op}: cache_seqlens must lie in [1, {L_max}], got {bad}")
+    check_cache_seqlens(op, cache_seqlens, k_cache.shape[0], q.device)
 
 
 def _reference(q, r, k_cache, v_cache, cache_seqlens, scale, window_size):
-    return parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size)
+    # parallax_decode has checked the lengths, or was told not to: the kernel's NaN rows then, not an error
+    return parallax_decode_reference(
+        q, r, k_cache, v_cache, cache_seqlens, scale=scale, window_size=window_size, check_lengths=False
+    )
 
 
-# The one plan cache: call_key -> (run(q, r, k_cache, v_cache, cache_seqlens), lengths live on the
-# host); the Triton plans of an explicit DecodeConfig (triton_decode.launch_plan's callers:
-# benchmarks, tests) are filed under (call_key, config).
+# The one plan cache: call_key -> run(q, r, k_cache, v_cache, cache_seqlens); the Triton plans of an
+# explicit DecodeConfig (triton_decode.launch_plan's callers: benchmarks, tests) are filed under
+# (call_key, config).
 _PLANS: dict = {}
 _MAX_PLANS = 256
 
 
 def _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):
-    """Run the full checks and build the entry of a new signature; filed in _PLANS unless key is None.
+    """Run the full checks and build the run of a new signature; filed in _PLANS unless key is None.
     With a config the run is always the Triton plan."""
     check_decode_inputs("parallax_decode", q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
     if config is not None or (backend_for(q) == "triton" and q.dtype in _KERNEL_DTYPES):
@@ -123,15 +97,14 @@ def _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, c
         run = launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, key=key)
     else:
         run = functools.partial(_reference, scale=scale, window_size=window_size)
-    entry = (run, cache_seqlens is not None and cache_seqlens.device.type == "cpu")
     if key is not None:
         if len(_PLANS) >= _MAX_PLANS:  # shapes that keep changing must not grow it without bound
             del _PLANS[next(iter(_PLANS))]
-        _PLANS[key if config is None else (key, config)] = entry
-    return entry
+        _PLANS[key if config is None else (key, config)] = run
+    return run
 
 
-def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None, *, check_lengths=None):
+def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None, *, check_lengths=True):
     """One new token per sequence against a KV cache (the token's own k, v already written).
 
     q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D), any strides with unit stride on D
@@ -139,20 +112,22 @@ def parallax_decode(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, wind
     is full. Sequence b's query sits at position cache_seqlens[b] - 1 and attends keys
     [max(0, n - window_size), n). Returns (B, 1, H_q, D) in the input dtype.
 
-    check_lengths: whether to read the lengths on the host and raise a ValueError naming those
-    outside [1, L_max]. None (the default) checks lengths held in CPU memory only: for a CUDA tensor
-    the check is a device sync per call, and impossible under CUDA-graph capture. Unchecked, the
-    kernel never reads outside the cache: a sequence whose length lies outside [1, L_max] gets a
-    NaN output row.
+    check_lengths: read the lengths on the host and raise a ValueError naming those outside
+    [1, L_max] (the default). For a CUDA tensor that is a device sync per call, and impossible under
+    CUDA-graph capture, which raises a RuntimeError saying so: pass check_lengths=False there (or
+    when the caller has checked the lengths itself). Unchecked, no backend reads outside the cache:
+    a sequence whose length lies outside [1, L_max] gets a NaN output row.
 
-    On CUDA (and under TRITON_INTERPRET=1) this runs the split-KV Triton kernel; with fixed shapes and
-    cache_seqlens on the device it needs no host sync and is CUDA-graph capturable.
+    On CUDA (and under TRITON_INTERPRET=1) this runs the split-KV Triton kernel; with fixed shapes,
+    cache_seqlens on the device and check_lengths=False it needs no host sync and is CUDA-graph
+    capturable.
     """
     key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    entry = None if key is None else _PLANS.get(key)
-    if entry is None:
-        entry = _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    run, lengths_on_host = entry
-    if cache_seqlens is not None and (check_lengths or (check_lengths is None and lengths_on_host)):
-        check_length_values("parallax_decode", cache_seqlens, k_cache.shape[1])
+    run = None if key is None else _PLANS.get(key)
+    if run is None:
+        run = _new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
+    if check_lengths is not True and check_lengths is not False:
+        check_flag("parallax_decode", "check_lengths", check_lengths)
+    if cache_seqlens is not None and check_lengths:
+        check_cache_seqlens_values("parallax_decode", cache_seqlens, k_cache.shape[1])
     return run(q, r, k_cache, v_cache, cache_seqlens)

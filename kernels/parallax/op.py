@@ -173,7 +173,9 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     q, r: (B, T_q, H_q, D); k, v: (B, T_k, H_kv, D), H_q % H_kv == 0. With causal=True and T_q < T_k the
     queries are the last T_q positions. cu_seqlens (int32 offsets [0, ..., T], batch 1) packs several
     sequences that do not attend to each other; max_seqlen, the longest of them, may be given with it (as in
-    flash-attn) to spare the host synchronization that reading the offsets costs; it must then be correct.
+    flash-attn) to spare the host synchronization that reading the offsets costs: the offsets are then
+    checked on the device (on CUDA a bad value is a device-side assert, which ends the process's use of the
+    GPU; on CPU a ValueError), and the kernels clamp them, so they never read or write outside the tensors.
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1), the reference otherwise and for
     float64 inputs.
     """
@@ -188,11 +190,12 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
                 f"{_OP}: with cu_seqlens under CUDA-graph capture, pass max_seqlen: finding it would read the "
                 "offsets on the host, which capture forbids"
             )
-        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], check_values=max_seqlen is None)
+        if max_seqlen is not None:
+            max_seqlen = _check_max_seqlen(max_seqlen, q.shape[1])
+        # With max_seqlen the offsets are checked on their device (no host sync), else read and checked here.
+        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], max_seqlen=max_seqlen)
         if max_seqlen is None:
             max_seqlen = max(b - a for a, b in itertools.pairwise(offsets))
-        else:
-            max_seqlen = _check_max_seqlen(max_seqlen, q.shape[1])
     elif max_seqlen is not None:
         raise ValueError(f"{_OP}: max_seqlen is only meaningful with cu_seqlens")
 

@@ -11,10 +11,17 @@ import itertools
 
 import torch
 
-from .._checks import check_attn_inputs, check_cu_seqlens
+from .._checks import (
+    check_attn_inputs,
+    check_cache_seqlens,
+    check_cache_seqlens_values,
+    check_cu_seqlens,
+    check_flag,
+)
 from .._reference_utils import band_mask, compute_dtype, from_bhtd, masked_softmax, to_bhtd
 
 _OP = "parallax_attn_reference"
+_DECODE_OP = "parallax_decode_reference"
 
 
 def _weights(qf, rf, kf, mask, scale):
@@ -78,32 +85,36 @@ def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=Non
     return from_bhtd(_output(p, t, vf), q.dtype)
 
 
-def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None):
+def parallax_decode_reference(
+    q, r, k_cache, v_cache, cache_seqlens=None, scale=None, window_size=None, *, check_lengths=True
+):
     """One query token per sequence against a KV cache whose first cache_seqlens[b] rows are valid.
 
-    q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D); cache_seqlens: int (B,) or None (full).
-    The query sits at the last valid position (the new token's k/v are already in the cache).
+    q, r: (B, 1, H_q, D); k_cache, v_cache: (B, L_max, H_kv, D); cache_seqlens: int32 (B,) lengths in
+    [1, L_max], or None (full caches). The query sits at the last valid position (the new token's k/v
+    are already in the cache).
+
+    Lengths follow parallax_decode's rule: check_lengths (the default) raises a ValueError naming
+    those outside [1, L_max]; with check_lengths=False their rows come out NaN, as the kernel's do.
+    (With T > 1 query tokens, the last T positions, lengths start at T.)
 
     The batch is computed at once, with a (B, L_max) mask of each sequence's keys: the result is
     parallax_attn_reference on each sequence's valid prefix (cache rows past it are never used,
-    whatever they hold). A length is taken as slicing k_cache[b, :n] takes it (above L_max: the
-    whole cache; negative: counted from the end), and one that leaves fewer keys than queries
-    raises that prefix's error.
+    whatever they hold). A NaN in q, r or the valid rows of the cache gives NaN, as in the kernel.
     """
     if cache_seqlens is None:
         return parallax_attn_reference(q, r, k_cache, v_cache, causal=True, scale=scale, window_size=window_size)
-    check_attn_inputs(_OP, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
+    check_attn_inputs(_DECODE_OP, q, k_cache, v_cache, r, causal=True, scale=scale, window_size=window_size)
+    check_cache_seqlens(_DECODE_OP, cache_seqlens, q.shape[0], q.device)
+    check_flag(_DECODE_OP, "check_lengths", check_lengths)
     B, T, H_q, D = q.shape
     L, H_kv = k_cache.shape[1], k_cache.shape[2]
-    n = cache_seqlens.to(device=q.device, dtype=torch.int64)
-    n = torch.where(n < 0, n + L, n).clamp(0, L)  # the rows k_cache[b, :n] holds
-    lo, hi = torch.stack(torch.aminmax(n)).tolist()
-    if lo < T:  # the first such sequence raises what its own prefix raises
-        b = int((n < T).nonzero()[0, 0])
-        m = int(n[b])
-        check_attn_inputs(_OP, q[b : b + 1], k_cache[b : b + 1, :m], v_cache[b : b + 1, :m], r[b : b + 1],
-                          causal=True, scale=scale, window_size=window_size)  # fmt: skip
-    L = hi  # rows past every sequence are left out
+    if check_lengths:
+        check_cache_seqlens_values(_DECODE_OP, cache_seqlens, L, low=T)
+    n = cache_seqlens.to(torch.int64)
+    valid = (n >= T) & (n <= L)
+    n = torch.where(valid, n, L)  # computed over a stand-in length, then replaced by NaN
+    L = int(n.max())  # rows past every sequence are left out
     j = torch.arange(L, device=q.device)
     pos = n[:, None, None] - T + torch.arange(T, device=q.device)[:, None]  # (B, T, 1): query i's position
     keep = j <= pos
@@ -122,4 +133,5 @@ def parallax_decode_reference(q, r, k_cache, v_cache, cache_seqlens=None, scale=
     vf = vf.contiguous().masked_fill_(stale, 0) if not vf.is_contiguous() else vf.masked_fill(stale, 0)
     p, t = _weights(qf, rf, kf, keep.repeat(1, G, 1)[:, None], scale)  # p is 0 past the sequence
     o = _output(p, t.masked_fill(past[:, None, None], 0), vf).view(B, H_kv, G, T, D)
+    o = o.masked_fill(~valid[:, None, None, None, None], float("nan"))
     return o.permute(0, 3, 1, 2, 4).reshape(B, T, H_q, D).to(q.dtype).contiguous()

@@ -571,12 +571,12 @@ def launch_plan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, confi
         aligned = key is not None and key[-1]
         return DecodePlan(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config, aligned=aligned)
     key = call_key(q, r, k_cache, v_cache, cache_seqlens, scale, window_size)
-    entry = None
+    plan = None
     if key is not None:
-        entry = decode._PLANS.get(key if config is None else (key, config))
-    if entry is None:
-        entry = decode._new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
-    return entry[0]
+        plan = decode._PLANS.get(key if config is None else (key, config))
+    if plan is None:
+        plan = decode._new_entry(key, q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config)
+    return plan
 
 
 def parallax_decode_triton(q, r, k_cache, v_cache, cache_seqlens, scale, window_size, config=None):

@@ -204,11 +204,17 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _sequence(CU_SEQLENS, pid_b, t_q, t_k, VARLEN: tl.constexpr):
-    """(batch index, first row, query length, key length) of the sequence this program works on."""
+def _sequence(CU_SEQLENS, pid_b, t_q, t_k, total, VARLEN: tl.constexpr):
+    """(batch index, first row, query length, key length) of the sequence this program works on.
+
+    Packed offsets are clamped to 0 <= start <= end <= total (the packed length; the kernels pass stat_len,
+    which is that under VARLEN), so wrong offsets (unchecked, or checked by an assert that has not fired
+    yet) give an empty or short sequence: a wrong result at worst, never an access outside the tensors."""
     if VARLEN:
         start = tl.load(CU_SEQLENS + pid_b).to(tl.int64)
         end = tl.load(CU_SEQLENS + pid_b + 1).to(tl.int64)
+        start = tl.minimum(tl.maximum(start, 0), total)
+        end = tl.minimum(tl.maximum(end, start), total)
         seq_len = (end - start).to(tl.int32)
         return 0, start, seq_len, seq_len
     else:
@@ -356,7 +362,7 @@ def _fwd_kernel(
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: the short ones fill the tail
     h = tl.program_id(1)
-    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= t_q:
         return
@@ -465,7 +471,7 @@ def _bwd_dq_kernel(
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
-    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= t_q:
         return
@@ -597,7 +603,7 @@ def _bwd_dkv_kernel(
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
-    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, VARLEN)
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= t_k:
         return

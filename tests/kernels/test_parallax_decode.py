@@ -221,21 +221,83 @@ def test_bad_inputs_are_named(what, make, kwargs, exc, msg):
     assert msg in str(info.value)
 
 
-@pytest.mark.parametrize("check_lengths", [None, True])
-def test_host_length_check_names_the_bad_lengths(check_lengths):
-    """Lengths in CPU memory are checked by default; check_lengths=True checks any (a sync on CUDA)."""
-    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[1, 8\], got \[0, 9\]"):
-        parallax_decode(*_good(B=3), torch.tensor([0, 9, 8], dtype=torch.int32), check_lengths=check_lengths)
+@pytest.mark.parametrize("kwargs", [{}, {"check_lengths": True}], ids=["default", "check_lengths=True"])
+def test_host_length_check_names_the_bad_lengths(kwargs):
+    """Lengths are checked by default, wherever they live (for a CUDA tensor that is a sync)."""
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[1, 8\], got \[0, 9, -2\]"):
+        parallax_decode(*_good(B=4), torch.tensor([0, 9, 8, -2], dtype=torch.int32), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference", "softmax"])
+@pytest.mark.parametrize("flag", [None, 0, "no"])
+def test_check_lengths_takes_only_a_bool(backend, flag):
+    """None was the old default (check CPU lengths only): passed now it must not quietly mean 'no check'."""
+    run = _BACKENDS[backend]
+    with pytest.raises(TypeError, match=f"check_lengths must be True or False, got {flag!r}"):
+        run(*_same_inputs([0, 7]), check_lengths=flag)
 
 
 def test_unchecked_lengths_outside_the_cache_give_nan_rows(poison):
-    """check_lengths=False skips the host read, as the default does for CUDA tensors: the bad rows
-    come back NaN (nothing outside the cache is read: its stale rows are NaN too), the rest exact."""
+    """check_lengths=False (CUDA-graph capture) skips the host read: the bad rows come back NaN
+    (nothing outside the cache is read: its stale rows are NaN too), the rest exact."""
     q, r, k, v, _ = _inputs(3, 32, 2, 2, 32, torch.float32, lens=torch.tensor([32, 20, 32]))
     lens = torch.tensor([33, 20, 0], dtype=torch.int32)
     got = parallax_decode(q, r, k, v, cache_seqlens=lens, check_lengths=False)
     assert torch.isnan(got[0]).all() and torch.isnan(got[2]).all()
     _check(got[1:2], q[1:2], r[1:2], k[1:2], v[1:2], lens[1:2])
+
+
+# Every decode backend on the same inputs: the kernel (fp32, interpreted here), parallax_decode's reference path
+# (float64 inputs), the reference itself and softmax_decode (r = 0).
+_BACKENDS = {
+    "kernel": lambda q, r, k, v, lens, **kw: parallax_decode(q, r, k, v, lens, **kw),
+    "op on the reference": lambda q, r, k, v, lens, **kw: parallax_decode(*_f64(q, r, k, v), lens, **kw).float(),
+    "reference": lambda q, r, k, v, lens, **kw: parallax_decode_reference(q, r, k, v, lens, **kw),
+    "softmax": lambda q, r, k, v, lens, **kw: softmax_decode(q, k, v, lens, **kw),
+}
+
+
+def _f64(*xs):
+    return [x.double() for x in xs]
+
+
+def _same_inputs(lens, L=24):
+    q, r, k, v, _ = _inputs(len(lens), L, 4, 2, 16, torch.float32, lens=torch.tensor([L] * len(lens)))
+    return q, r, k, v, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS, ids=list(_BACKENDS))
+def test_one_length_rule_for_every_backend(backend, poison):
+    """Lengths outside [1, L_max] (0, negative, past the cache, far past it) are a named ValueError by
+    default and NaN rows with check_lengths=False, on every backend alike; the good rows agree."""
+    run = _BACKENDS[backend]
+    q, r, k, v, lens = _same_inputs([0, 7, -3, 25, 24, 2**31 - 1])
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[1, 24\], got \[0, -3, 25, 2147483647\]"):
+        run(q, r, k, v, lens)
+    got = run(q, r, k, v, lens, check_lengths=False)
+    bad = torch.tensor([True, False, True, True, False, True])
+    assert torch.isnan(got[bad]).all(), "a length outside the cache must give a NaN row"
+    r_used = torch.zeros_like(r) if backend == "softmax" else r
+    for b in (1, 4):
+        n = int(lens[b])
+        want = parallax_attn_reference(q[b : b + 1], r_used[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n])
+        assert_close_rel(got[b : b + 1], want, 2e-5, f"sequence {b}")
+
+
+@pytest.mark.parametrize("backend", _BACKENDS, ids=list(_BACKENDS))
+def test_nan_inputs_give_nan_on_every_backend(backend, poison):
+    """A NaN in a query (or a probe) gives NaN in that head's row on every backend: the reference must not
+    hide it (it once zeroed NaN weights, so its output was finite where the kernel's was NaN)."""
+    run = _BACKENDS[backend]
+    q, r, k, v, lens = _same_inputs([24, 9, 5])
+    q[0, 0, 1, 3] = float("nan")
+    r[1, 0, 2, 0] = float("nan")
+    got = run(q, r, k, v, lens)
+    assert torch.isnan(got[0, 0, 1]).all()
+    if backend != "softmax":  # r is not an input there
+        assert torch.isnan(got[1, 0, 2]).all()
+    nan_rows = torch.isnan(got).any(-1)
+    assert nan_rows.sum() == (1 if backend == "softmax" else 2), "NaN spread beyond the rows it belongs to"
 
 
 def test_checks_run_once_per_call_signature(monkeypatch):
@@ -294,7 +356,7 @@ def test_launch_plan_is_the_plan_parallax_decode_launches(monkeypatch):
     parallax_decode(q, r, k, v, cache_seqlens=lens)
     plan = td.launch_plan(q, r, k, v, lens, None, None)
     assert list(decode._PLANS) == [decode.call_key(q, r, k, v, lens, None, None)]
-    assert decode._PLANS[decode.call_key(q, r, k, v, lens, None, None)][0] is plan
+    assert decode._PLANS[decode.call_key(q, r, k, v, lens, None, None)] is plan
 
 
 def test_call_key_leaves_unusual_inputs_to_the_full_checks():

@@ -413,6 +413,137 @@ def test_hopper_table_compiles_and_fits():
         assert rep["spill_stores"] <= 128 and rep["spill_loads"] <= 128, rep  # bytes a thread
 
 
+# ---------------------------------------------------------------------------------------------- bad offsets
+# Guard regions around every tensor hold NaNs with a payload of their own (one per buffer; arithmetic keeps a
+# NaN's payload): a read of a guard spreads its NaN, and a write into a guard, of a computed value or of another
+# guard's NaN, changes its bits.
+_NAN_BITS = {torch.float32: (torch.int32, 0x7FC0D000), torch.float16: (torch.int16, 0x7E00)}
+
+
+class _Guarded:
+    """Tensors cut from the middle of larger buffers whose margins (as large as the tensor) are guards."""
+
+    def __init__(self):
+        self.buffers = []
+
+    def empty(self, shape, *, dtype, device):
+        n = math.prod(shape)
+        int_dtype, nan = _NAN_BITS[dtype]
+        bits = nan + 1 + len(self.buffers)
+        buf = torch.empty(3 * n, dtype=dtype, device=device)
+        buf.view(int_dtype).fill_(bits)
+        self.buffers.append((buf, n, int_dtype, bits))
+        return buf[n : 2 * n].view(shape)
+
+    def copy(self, x):
+        return self.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+    def assert_untouched(self):
+        for i, (buf, n, int_dtype, bits) in enumerate(self.buffers):
+            guards = torch.cat([buf[:n], buf[2 * n :]]).view(int_dtype)
+            assert (guards == bits).all(), f"buffer {i} ({n} elements): a kernel wrote outside its tensor"
+
+
+BAD_OFFSETS = {
+    "end past the packed length": [0, 5, 40],
+    "negative start": [-8, 10, 32],
+    "unsorted": [0, 20, 10, 32],
+    "far past the end": [0, 2**30, 2**31 - 1],
+    "far before the start": [-(2**31), -5, 32],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("offsets", BAD_OFFSETS.values(), ids=BAD_OFFSETS.keys())
+def test_bad_offsets_never_reach_outside_the_tensors(offsets, dtype, monkeypatch):
+    """Offsets the kernels are handed unchecked (max_seqlen given, the device assert not yet fired) are
+    clamped into [0, T]: inputs, outputs, statistics and gradients, all cut from guarded buffers, keep
+    their guards, where an unclamped offset read and wrote past them (or crashed the interpreter)."""
+    from parallax_kernels.parallax import triton_train
+
+    guarded = _Guarded()
+    monkeypatch.setattr(triton_train, "empty", guarded.empty)  # every output the launchers allocate
+    T, H, D = 32, 2, 16
+    q, r, k, v, do = (guarded.copy(torch.randn(1, T, H, D, device=DEVICE).to(dtype)) for _ in range(5))
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    o, vbar, lse, tbar = parallax_fwd_triton(q, r, k, v, True, D**-0.5, None, cu, T)
+    parallax_bwd_triton(q, r, k, v, o, vbar, lse, tbar, do, True, D**-0.5, None, cu, T)
+    guarded.assert_untouched()
+
+
+def test_offsets_past_the_end_are_cut_at_the_end(poison):
+    """The clamp keeps the sequences' meaning: [0, 5, 40] over 32 rows is [0, 5, 32]."""
+    leaves, do = _inputs(1, 32, 32, 2, 1, 16, torch.float32)
+    q, r, k, v = (x.detach() for x in leaves)
+    cu = torch.tensor([0, 5, 40], dtype=torch.int32, device=DEVICE)
+    o, vbar, lse, tbar = parallax_fwd_triton(q, r, k, v, True, 0.25, None, cu, 32)
+    grads = parallax_bwd_triton(q, r, k, v, o, vbar, lse, tbar, do, True, 0.25, None, cu, 32)
+    _check(o, grads, leaves, do, True, None, 1e-5, [0, 5, 32], scale=0.25)
+
+
+BAD_WITH_MAX_SEQLEN = {
+    "end past the packed length": ([0, 5, 40], 32),
+    "negative start": ([-8, 10, 32], 32),
+    "unsorted": ([0, 20, 10, 32], 32),
+    "empty sequence": ([0, 10, 10, 32], 32),
+    "longer than max_seqlen": ([0, 10, 32], 16),
+}
+
+
+@pytest.mark.parametrize(("offsets", "max_seqlen"), BAD_WITH_MAX_SEQLEN.values(), ids=BAD_WITH_MAX_SEQLEN.keys())
+def test_offsets_are_checked_without_a_host_read_when_max_seqlen_is_given(offsets, max_seqlen, monkeypatch):
+    """With max_seqlen the offsets are checked on their device (no tolist: on CUDA that is a sync) before any
+    launch; on CPU the failure is a ValueError naming the rule, max_seqlen and the offsets."""
+
+    def no_launch(*args, **kw):
+        raise AssertionError("a kernel was launched")
+
+    def no_tolist(*args, **kwargs):
+        raise AssertionError("cu_seqlens was read back to the host")
+
+    monkeypatch.setattr(parallax_op, "parallax_fwd", no_launch)
+    q, r, k, v = (torch.randn(1, 32, 2, 16, device=DEVICE) for _ in range(4))
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA a bad value is a device-side assert, which would end this process's GPU use")
+    with monkeypatch.context() as m, pytest.raises(ValueError) as info:
+        m.setattr(torch.Tensor, "tolist", no_tolist)
+        parallax_attn(q, r, k, v, cu_seqlens=cu, max_seqlen=max_seqlen)
+    msg = str(info.value)
+    assert "cu_seqlens must start at 0, end at the packed length 32 and increase strictly" in msg
+    assert f"max_seqlen={max_seqlen}" in msg and f"got {offsets}" in msg
+
+
+def test_device_offsets_check_is_queued_not_read(monkeypatch):
+    """Off the CPU the flag goes to the device's asynchronous assert, never to the host."""
+    from parallax_kernels import _checks
+
+    queued = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, msg: queued.append((ok.device.type, msg)))
+    cu = torch.tensor([0, 5, 40], dtype=torch.int32, device="meta")  # a meta tensor cannot be read at all
+    assert _checks.check_cu_seqlens("op", cu, 32, cu.device, 1, max_seqlen=16) is None
+    assert queued == [
+        (
+            "meta",
+            "op: cu_seqlens must start at 0, end at the packed length 32 and increase strictly, "
+            "with no sequence longer than max_seqlen=16",
+        )
+    ]
+
+
+def test_offsets_check_traces_into_a_compiled_graph(poison):
+    """Under torch.compile the device-side check is part of the graph (no break, no host read) and still
+    refuses bad offsets when the graph runs."""
+    q, r, k, v = (torch.randn(1, 24, 2, 16, device=DEVICE) for _ in range(4))
+    step = torch.compile(lambda *a: parallax_attn(*a[:4], cu_seqlens=a[4], max_seqlen=14), fullgraph=True)
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=DEVICE)
+    assert_close_rel(step(q, r, k, v, cu), _reference(q, r, k, v, True, None, [0, 10, 24]), 1e-5)
+    if DEVICE == "cuda":
+        return  # a failing device-side assert would end this process's GPU use
+    with pytest.raises(RuntimeError, match=r"no sequence longer than max_seqlen=14"):
+        step(q, r, k, v, torch.tensor([0, 20, 24], dtype=torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------- GPU only (bf16)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs the GPU (the interpreter's bf16 is broken)")

@@ -256,3 +256,28 @@ def test_lla_ridge_must_be_positive():
     q, _, k, v = _qrkv()
     with pytest.raises(ValueError, match="ridge must be a positive number"):
         lla_attn_reference(q, k, v, ridge=0.0)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_nan_query_gives_nan_in_the_references_as_in_the_kernel(window, poison):
+    """The oracles once zeroed NaN attention weights (nan_to_num), so a NaN query gave a finite row where
+    the kernel gives NaN; only rows that see no key at all may have zero weights."""
+    q, r, k, v = _qrkv(T=9)
+    q[0, 4, 1, 2] = float("nan")
+    got = parallax_attn(q, r, k, v, window_size=window)
+    for name, want in (
+        ("parallax", parallax_attn_reference(q, r, k, v, window_size=window)),
+        ("softmax", softmax_attn_reference(q, k, v, window_size=window)),
+    ):
+        assert torch.isnan(want[0, 4, 1]).all(), name
+        assert torch.isnan(want).any(-1).sum() == 1, f"{name}: NaN beyond the row of the NaN query"
+    assert torch.equal(torch.isnan(got), torch.isnan(parallax_attn_reference(q, r, k, v, window_size=window)))
+
+
+def test_decode_lengths_are_checked_by_default_wherever_they_live():
+    """A CUDA tensor of lengths was checked only on request, so 0 or L_max + 1 gave NaN rows silently; the
+    default is now the check (check_lengths=False is the opt-out, for CUDA-graph capture)."""
+    import inspect
+
+    for op in (parallax_decode, softmax_decode, parallax_decode_reference):
+        assert inspect.signature(op).parameters["check_lengths"].default is True, op.__name__

@@ -377,3 +377,191 @@ def test_negative_lr_set_later_is_caught_at_step():
 def test_tensor_learning_rate_is_accepted():
     after, start, u = _first_step((8, 12), {"lr": torch.tensor(0.05)})
     assert torch.equal(after, start.add(newton_schulz(u), alpha=-0.05))
+
+
+_INF, _NAN = float("inf"), float("nan")
+_W = lambda: torch.randn(8, 8)  # noqa: E731
+_V = lambda: torch.randn(3)  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: Muon([_W()], lr=_INF), ValueError, r"group 'muon_0': lr=inf must be >= 0 and finite"),
+        (lambda: Muon([_W()], lr=_NAN), ValueError, r"lr=nan must be >= 0 and finite"),
+        (lambda: Muon([_W()], lr=torch.tensor(_INF)), ValueError, r"lr=(inf|tensor\(inf\)) must be >= 0"),
+        (lambda: Muon([_W()], lr="0.02"), TypeError, r"lr must be a real number, got '0.02'"),
+        (lambda: Muon([_W()], weight_decay=_INF), ValueError, r"weight_decay=inf must be >= 0 and finite"),
+        (lambda: Muon([_W()], weight_decay=_NAN), ValueError, r"weight_decay=nan"),
+        (lambda: Muon([_W()], weight_decay=-0.1), ValueError, r"weight_decay=-0\.1 must be >= 0"),
+        (lambda: Muon([_W()], momentum=_NAN), ValueError, r"momentum=nan must be in \[0, 1\)"),
+        (lambda: Muon([_W()], momentum=-0.5), ValueError, r"momentum=-0\.5 must be in \[0, 1\)"),
+        (lambda: Muon([_W()], nesterov="yes"), TypeError, r"nesterov must be a bool, got 'yes'"),
+        (lambda: Muon([_W()], ns_eps=_INF), ValueError, r"ns_eps=inf must be > 0"),
+        (lambda: Muon([_W()], ns_norm_scale=0.0), ValueError, r"ns_norm_scale=0\.0 must be > 0"),
+        (lambda: Muon([{"params": [_W()], "lr_mult": _INF}]), ValueError, r"lr_mult=inf must be >= 0"),
+        (
+            lambda: Muon([{"params": [_W()], "ns_steps": 0, "name": "mlp"}]),
+            ValueError,
+            r"group 'mlp': ns_steps must be a positive int, got 0",
+        ),
+        (
+            lambda: Muon([{"params": [_W()], "ns_coefficients": [(3.0, _INF, 2.0)], "name": "mlp"}]),
+            ValueError,
+            r"group 'mlp': Newton–Schulz coefficients must be finite",
+        ),
+        (lambda: Muon([{"params": [_W()], "lr": -2.0, "name": "attn"}]), ValueError, r"group 'attn': lr=-2\.0"),
+        (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_lr=_INF), ValueError, r"lr=inf must be >= 0"),
+        (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_lr=-1e-3), ValueError, r"lr=-0\.001"),
+        (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_eps=_NAN), ValueError, r"eps=nan must be >= 0"),
+        (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_eps=-1.0), ValueError, r"eps=-1\.0 must be"),
+        (
+            lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_betas=(_NAN, 0.9)),
+            ValueError,
+            r"betas=\(nan, 0\.9\) must be in \[0, 1\)",
+        ),
+        (
+            lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_betas=(0.9, -0.1)),
+            ValueError,
+            r"betas=\(0\.9, -0\.1\)",
+        ),
+        (lambda: Muon([{"params": [_V()], "use_muon": False}], adamw_betas=0.9), ValueError, r"betas=0\.9 must be two"),
+        (
+            lambda: Muon([{"params": [_V()], "use_muon": False, "weight_decay": _INF, "name": "norms"}]),
+            ValueError,
+            r"group 'norms': weight_decay=inf",
+        ),
+    ],
+)
+def test_non_finite_and_out_of_range_hyper_parameters_are_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_infinite_lr_set_later_is_caught_at_step():
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = Muon([w])
+    opt.param_groups[0]["lr"] = _INF  # e.g. a scheduler gone wrong
+    w.grad = torch.randn(4, 4)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"lr=inf must be >= 0 and finite"):
+        opt.step()
+    assert torch.equal(w, before)
+
+
+# ---------------------------------------------------------------------------- load_state_dict checks
+def _trained():
+    """A Muon over groups_for(make_model()) after one step (so every parameter has state), and its state dict."""
+    model = make_model()
+    opt = Muon(groups_for(model))
+    run_steps(model, opt, 1, seed=3)
+    return opt, copy.deepcopy(opt.state_dict())
+
+
+def _fresh(groups=None):
+    model = make_model()
+    return Muon(groups_for(model) if groups is None else groups(model))
+
+
+def _edit(edit):
+    _, sd = _trained()
+    edit(sd)
+    return sd
+
+
+def _swap_groups(model):
+    return groups_for(model)[::-1]
+
+
+def _one_group(model):
+    return groups_for(model)[:1]
+
+
+def _dropped_param(model):
+    groups = groups_for(model)
+    groups[1]["params"] = groups[1]["params"][:-1]
+    return groups
+
+
+_BAD_STATE = [
+    ("group count", None, _one_group, r"the state dict has 2 param groups, this optimizer 1 \(\['muon_0'\]\)"),
+    (
+        "AdamW group loaded as Muon",
+        None,
+        _swap_groups,
+        r"group 0 \('adamw_0'\) is an AdamW group here but the state dict's group 0 \('muon_0'\) is a Muon group",
+    ),
+    ("param count", None, _dropped_param, r"group 1 \('adamw_1'\) has 4 parameters here but 5 in the state dict"),
+    (
+        "momentum buffer of another shape",
+        lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(32, 8)),
+        None,
+        r"parameter 0 \(shape \(32, 16\)\) of group 'muon_0': its momentum_buffer in the state dict has shape "
+        r"\(32, 8\), expected the parameter's shape \(32, 16\)",
+    ),
+    (
+        "exp_avg of another shape",
+        lambda sd: sd["state"][3].update(exp_avg=torch.zeros(5)),
+        None,
+        r"parameter 1 \(shape \(32,\)\) of group 'adamw_1': its exp_avg in the state dict has shape \(5,\)",
+    ),
+    (
+        "exp_avg_sq not a tensor",
+        lambda sd: sd["state"][3].update(exp_avg_sq=[0.0] * 32),
+        None,
+        r"its exp_avg_sq in the state dict has list",
+    ),
+    (
+        "step of several elements",
+        lambda sd: sd["state"][2].update(step=torch.zeros(3)),
+        None,
+        r"its step in the state dict has shape \(3,\), expected a one-element tensor",
+    ),
+    (
+        "AdamW state in a Muon group",
+        lambda sd: sd["state"].update({0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(32, 16)}}),
+        None,
+        r"parameter 0 \(shape \(32, 16\)\) of group 'muon_0' has state \['exp_avg', 'step'\] in the state dict; "
+        r"a Muon group keeps \['momentum_buffer'\]",
+    ),
+    (
+        "infinite lr",
+        lambda sd: sd["param_groups"][0].update(lr=_INF),
+        None,
+        r"Muon.load_state_dict: group 'muon_0': lr=inf must be >= 0 and finite",
+    ),
+    (
+        "bad saved betas",
+        lambda sd: sd["param_groups"][1].update(betas=(0.9, 1.0)),
+        None,
+        r"group 'adamw_1': betas=\(0\.9, 1\.0\) must be in \[0, 1\)",
+    ),
+    (
+        "saved num_heads that do not divide the rows",
+        lambda sd: sd["param_groups"][0].update(num_heads=5),
+        None,
+        r"num_heads=5 does not divide the 32 rows",
+    ),
+    ("not a state dict", lambda sd: sd.pop("state"), None, r"expected an optimizer state dict with 'state'"),
+]
+
+
+@pytest.mark.parametrize("edit, groups, match", [c[1:] for c in _BAD_STATE], ids=[c[0] for c in _BAD_STATE])
+def test_load_state_dict_names_what_does_not_fit(edit, groups, match):
+    """Each of these loaded silently (or failed later with an unnamed size error); now the load refuses it,
+    names the group and parameter, and leaves the optimizer as it was."""
+    sd = _edit(edit or (lambda sd: None))
+    opt = _fresh(groups)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"] and not after["state"]
+
+
+def test_load_state_dict_still_loads_a_matching_state():
+    opt, sd = _trained()
+    fresh = _fresh()
+    fresh.load_state_dict(sd)
+    assert fresh.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    assert set(fresh.state_dict()["state"]) == set(sd["state"])
