@@ -14,11 +14,12 @@ Lightning's SaveConfigCallback is off (it asserts on loggers without a log folde
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
 as the run's parameters.
 
-Safety and faults (SECURITY.md): `class_path` values are limited to this project's, torch's and Lightning's
-namespaces unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS) widens them; checkpoints are
-written atomically and read weights-only (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit
-with 128 + the signal number; a NaN/inf stop exits with 3. `python -m parallax_lightning ui` starts the MLflow
-UI on 127.0.0.1.
+Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's
+components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS)
+widens them, and plain-data values never become objects; credentials are redacted from what is stored (the
+run's parameters, tags, config.yaml, checkpoints); checkpoints are written atomically and read weights-only
+(`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number; a NaN/inf stop
+exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class ParallaxCLI(LightningCLI):
 
     Models may be any LanguageModelModule subclass and data any TokenDataModule subclass (`class_path`);
     extra callbacks go in `trainer.callbacks` as class_path/init_args entries. Class paths outside this
-    project's, torch's and Lightning's namespaces need `--allow_class_path PREFIX` (see class_paths.py).
+    platform's and Lightning's components need `--allow_class_path PREFIX` (see class_paths.py).
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -108,7 +109,7 @@ class ParallaxCLI(LightningCLI):
                 "parser_mode": "omegaconf",
                 "prog": "python -m parallax_lightning",
                 "description": "Parallax Lab: train and evaluate decoders (Parallax, softmax, ...) with MLflow "
-                "tracking. Configs may name classes of parallax_*, torch and lightning only; "
+                "tracking. Configs may name the platform's and Lightning's components only; "
                 f"'{class_paths.FLAG} PREFIX' (or ${class_paths.ENV_VAR}) trusts more. "
                 "'python -m parallax_lightning ui' starts the MLflow UI on 127.0.0.1.",
             },
