@@ -244,21 +244,23 @@ def check_env_interpolation(value: str, where: str) -> None:
             )
 
 
-def _strings(tree: Any, path: str = "") -> Iterator[tuple[str, str]]:
+def _strings(tree: Any, path: str = "", values_only: bool = False) -> Iterator[tuple[str, str]]:
     if isinstance(tree, Mapping):
         for key, value in tree.items():
             where = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str):
+            if isinstance(key, str) and not values_only:
                 yield where, key
-            yield from _strings(value, where)
+            yield from _strings(value, where, values_only)
     elif isinstance(tree, list):
         for i, item in enumerate(tree):
-            yield from _strings(item, f"{path}[{i}]")
+            yield from _strings(item, f"{path}[{i}]", values_only)
     elif isinstance(tree, str):
         yield path, tree
 
 
-def _check_yaml(text: str, prefixes: Sequence[str], source: str) -> None:
+def _check_yaml(
+    text: str, prefixes: Sequence[str], source: str, base: Path | None = None, seen: set[Path] | None = None
+) -> None:
     try:
         tree = load_yaml(text, source)
     except yaml.YAMLError:
@@ -269,6 +271,28 @@ def _check_yaml(text: str, prefixes: Sequence[str], source: str) -> None:
             f"line ({FLAG}) or in {ENV_VAR}, never from a config"
         )
     check_config_tree(tree, prefixes, source)
+    # jsonargparse reads a section from a file named in its place (`trainer: trainer.yaml`): check those too.
+    seen = set() if seen is None else seen
+    for where, value in _strings(tree, values_only=True):
+        path = _yaml_file(value, base)
+        if path is not None and path.resolve() not in seen:
+            seen.add(path.resolve())
+            _check_yaml(
+                path.read_text(), prefixes, f"config file {str(path)!r} (key {where} in {source})", path.parent, seen
+            )
+
+
+def _yaml_file(value: str, base: Path | None) -> Path | None:
+    """The YAML file a config value names, if it is one (JSON ones are left out: tokenizer.json is data)."""
+    if not value.lower().endswith((".yaml", ".yml")) or "\n" in value:
+        return None
+    for candidate in ([base / value] if base is not None else []) + [Path(value)]:
+        try:
+            if candidate.is_file():
+                return candidate
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def check_config_tree(tree: Any, prefixes: Sequence[str], source: str) -> None:
@@ -299,7 +323,7 @@ def check_args(args: Sequence[str], prefixes: Sequence[str]) -> None:
             except (OSError, ValueError):  # a config given inline can be longer than a file name may be
                 is_file = False
             if is_file:
-                _check_yaml(path.read_text(), prefixes, f"config file {str(path)!r}")
+                _check_yaml(path.read_text(), prefixes, f"config file {str(path)!r}", path.parent)
             else:  # jsonargparse also takes the config itself as a string
                 _check_yaml(value, prefixes, "--config on the command line")
         elif name.endswith("class_path") or name.split(".")[-1] in _CLASS_KEYS:
@@ -307,7 +331,12 @@ def check_args(args: Sequence[str], prefixes: Sequence[str]) -> None:
                 raise _refuse(value, f"{key} on the command line", prefixes)
             if value.lstrip().startswith(("{", "[")):
                 _check_yaml(value, prefixes, f"{key} on the command line")
-        elif value.lstrip().startswith("{") and "class_path" in value:
+        elif _yaml_file(value, None) is not None:  # e.g. --trainer trainer.yaml
+            path = _yaml_file(value, None)
+            _check_yaml(
+                path.read_text(), prefixes, f"config file {str(path)!r} ({key} on the command line)", path.parent
+            )
+        elif value.lstrip().startswith(("{", "[")) or "*" in value:  # inline YAML, aliases included
             _check_yaml(value, prefixes, f"{key} on the command line")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -259,6 +260,17 @@ def test_alias_expansion_is_counted_per_distinct_node():
         class_paths._expanded_nodes(root, "x", limit=100)
 
 
+@pytest.mark.parametrize("key", ["trainer.callbacks", "trainer.logger.init_args.tags"])
+def test_aliases_in_a_command_line_value_are_bounded_too(tmp_path, corpus, key):
+    config = tiny_config(tmp_path, corpus)
+    levels = ["&a0 [lol]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = "[" + ", ".join(levels) + ", *a9]"
+    if key.endswith("tags"):
+        bomb = "{bomb: " + bomb + "}"
+    with pytest.raises(ConfigTooLarge, match=rf"--{re.escape(key)} on the command line"):
+        run_cli(["fit", "--config", str(config), f"--{key}={bomb}"], tmp_path)
+
+
 def test_a_config_that_contains_itself_is_refused(tmp_path, corpus):
     config = tmp_path / "loop.yaml"
     config.write_text("trainer:\n  callbacks: &loop\n    - *loop\n")
@@ -364,6 +376,31 @@ def test_other_environment_variables_still_interpolate(tmp_path, corpus, monkeyp
         run_cli(["fit", "--config", str(config), "--print_config"], tmp_path)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["logger"]["init_args"]["experiment_name"] == "from-env"
+
+
+@pytest.mark.parametrize("how", ["--trainer FILE", "trainer: FILE in a config"])
+def test_a_section_read_from_another_file_is_checked_like_the_config(tmp_path, corpus, monkeypatch, how):
+    """jsonargparse reads a section from a file named in its place: that file gets the same checks."""
+    monkeypatch.setenv("MY_TOKEN", "hunter2")
+    marker = tmp_path / "shell.ran"
+    section = tmp_path / "sections" / "trainer.yaml"
+    section.parent.mkdir()
+    for content, error, named in [
+        ({"callbacks": [_shell(marker)]}, ClassPathNotAllowed, "SubprocessHandler"),
+        (_logger(run_name="${oc.env:MY_TOKEN}"), SecretInConfig, "MY_TOKEN"),
+    ]:
+        section.write_text(yaml.safe_dump(content))
+        config = tiny_config(tmp_path, corpus)
+        if how == "--trainer FILE":
+            args = ["fit", "--config", str(config), "--trainer", str(section)]
+        else:
+            outer = tmp_path / "outer.yaml"
+            outer.write_text("trainer: sections/trainer.yaml\n")
+            args = ["fit", "--config", str(config), "--config", str(outer)]
+        with pytest.raises(error, match=named) as info:
+            run_cli(args, tmp_path)
+        assert str(section) in str(info.value)
+    assert not marker.exists() and _no_store(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["default_root_dir", "checkpoint"])
