@@ -311,6 +311,16 @@ def test_a_checkpoint_records_the_tracking_uri_without_credentials():
     assert not same_store(info["tracking_uri"], "http://user:hunter2@127.0.0.2:1/?token=t0k")
 
 
+def test_a_tracking_uri_from_the_environment_is_stored_without_credentials(monkeypatch):
+    from parallax_lightning.tracking import ParallaxMLFlowLogger, checkpoint_run_info
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:s3cret@mlflow.example.org")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    logger = ParallaxMLFlowLogger(system_metrics=False)
+    logger._initialized, logger._run_id, logger._experiment_id = True, "run1", "7"
+    assert checkpoint_run_info(SimpleNamespace(loggers=[logger]))["tracking_uri"] == "https://***@mlflow.example.org"
+
+
 def test_a_run_stores_no_credentials(tmp_path, corpus):
     """Credentials in values the platform stores (the logger's tags, the run name) reach neither the
     checkpoints nor MLflow's parameters, tags and config.yaml; resuming still continues the same run."""
