@@ -14,11 +14,12 @@ Lightning's SaveConfigCallback is off (it asserts on loggers without a log folde
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
 as the run's parameters.
 
-Safety and faults (SECURITY.md): `class_path` values are limited to this project's, torch's and Lightning's
-namespaces unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS) widens them; checkpoints are
-written atomically and read weights-only (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit
-with 128 + the signal number; a NaN/inf stop exits with 3. `python -m parallax_lightning ui` starts the MLflow
-UI on 127.0.0.1.
+Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's
+components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS)
+widens them, and plain-data values never become objects; credentials are redacted from what is stored (the
+run's parameters, tags, config.yaml, checkpoints); checkpoints are written atomically and read weights-only
+(`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number; a NaN/inf stop
+exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, Spee
 from .checkpoint_io import AtomicCheckpointIO
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
+from .redaction import has_credentials, redact
 from .tracking import (
     LOOPBACK,
     TAG_PREFIX,
@@ -53,6 +55,7 @@ from .tracking import (
     log_text,
     mlflow_loggers,
     run_info_from_checkpoint,
+    same_store,
     start_ui,
 )
 
@@ -80,7 +83,7 @@ class ParallaxCLI(LightningCLI):
 
     Models may be any LanguageModelModule subclass and data any TokenDataModule subclass (`class_path`);
     extra callbacks go in `trainer.callbacks` as class_path/init_args entries. Class paths outside this
-    project's, torch's and Lightning's namespaces need `--allow_class_path PREFIX` (see class_paths.py).
+    platform's and Lightning's components need `--allow_class_path PREFIX` (see class_paths.py).
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -91,7 +94,8 @@ class ParallaxCLI(LightningCLI):
             class_paths.check_args(self._args, self._allowed)
         else:  # a dict or Namespace, from Python
             self._args, self._allowed = raw, class_paths.allowed_prefixes()
-            class_paths.check_tree(dict(raw) if not hasattr(raw, "as_dict") else raw.as_dict(), self._allowed, "args")
+            tree = dict(raw) if not hasattr(raw, "as_dict") else raw.as_dict()
+            class_paths.check_config_tree(tree, self._allowed, "args")
         kwargs.setdefault("model_class", LanguageModelModule)
         kwargs.setdefault("datamodule_class", TokenDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -105,7 +109,7 @@ class ParallaxCLI(LightningCLI):
                 "parser_mode": "omegaconf",
                 "prog": "python -m parallax_lightning",
                 "description": "Parallax Lab: train and evaluate decoders (Parallax, softmax, ...) with MLflow "
-                "tracking. Configs may name classes of parallax_*, torch and lightning only; "
+                "tracking. Configs may name the platform's and Lightning's components only; "
                 f"'{class_paths.FLAG} PREFIX' (or ${class_paths.ENV_VAR}) trusts more. "
                 "'python -m parallax_lightning ui' starts the MLflow UI on 127.0.0.1.",
             },
@@ -138,15 +142,39 @@ class ParallaxCLI(LightningCLI):
         )
         parser.link_arguments("data.vocab_size", "model.init_args.model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.init_args.model.max_seq_len", apply_on="instantiate")
-        parser.add_lightning_class_args(ParallaxCheckpoint, "checkpoint")
+        self._argument_sections = {
+            "checkpoint": ParallaxCheckpoint,
+            "speed": SpeedMonitor,
+            "diagnostics": ParallaxDiagnostics,
+            "loss_curves": LossCurves,
+        }
+        for key, cls in self._argument_sections.items():
+            parser.add_lightning_class_args(cls, key)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
-        parser.add_lightning_class_args(SpeedMonitor, "speed")
-        parser.add_lightning_class_args(ParallaxDiagnostics, "diagnostics")
-        parser.add_lightning_class_args(LossCurves, "loss_curves")
 
     def before_instantiate_classes(self) -> None:
-        # What the parser resolved (shorthands expanded): nothing outside the trusted namespaces is built.
-        class_paths.check_tree(self.config.as_dict(), self._allowed, "the parsed config")
+        # What the parser resolved (shorthands expanded): nothing outside the trusted namespaces is built, and
+        # no class from a value that is plain data (the logger's tags, a strategy's `object` arguments).
+        config = self.config.as_dict()
+        class_paths.check_tree(config, self._allowed, "the parsed config")
+        section = config.get(self.subcommand, config) if self.subcommand else config
+        class_paths.check_free_form(
+            section,
+            components={"model": self.model_class, "data": self.datamodule_class},
+            arguments={"trainer": self.trainer_class, **getattr(self, "_argument_sections", {})},
+            source="the parsed config",
+        )
+        trainer = section.get("trainer") or {}
+        for key, value in (
+            ("trainer.default_root_dir", trainer.get("default_root_dir")),
+            ("checkpoint.dirpath", (section.get("checkpoint") or {}).get("dirpath")),
+        ):
+            if has_credentials(str(value or "")):
+                raise class_paths.SecretInConfig(
+                    f"{key} holds credentials ({redact(str(value))}): the folder's name is stored in the run's "
+                    "parameters and in every checkpoint. Give the storage its credentials through its environment "
+                    "variables (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead"
+                )
         threads = self._get(self.config, "torch_threads")
         if threads is not None:
             if threads < 1:
@@ -196,15 +224,16 @@ class ParallaxCLI(LightningCLI):
         ckpt_path = self._ckpt_path()
         info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
         if resume and info and logger._run_id is None:
-            if info.get("tracking_uri") in (None, logger._tracking_uri):
+            stored = info.get("tracking_uri")
+            if same_store(stored, logger._tracking_uri):
                 if isinstance(logger, ParallaxMLFlowLogger):
                     logger.continue_run(info["run_id"])
                 else:
                     logger._run_id = info["run_id"]
             else:
                 warnings.warn(
-                    f"the checkpoint's MLflow run {info['run_id']} is in {info['tracking_uri']}, not in "
-                    f"{logger._tracking_uri}: starting a new run",
+                    f"the checkpoint's MLflow run {info['run_id']} is in {redact(stored)}, not in "
+                    f"{redact(logger._tracking_uri)}: starting a new run",
                     stacklevel=2,
                 )
         name = self.model.run_name() if hasattr(self.model, "run_name") else None
@@ -216,6 +245,7 @@ class ParallaxCLI(LightningCLI):
         text = self._parser(self.subcommand).dump(
             self.config[self.subcommand], skip_none=False, skip_link_targets=False
         )
+        text = redact(text)  # e.g. the logger's tracking_uri with a password: neither a parameter nor config.yaml
         # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
         params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k not in ("config", "ckpt_path")})
         model_config = getattr(self.model, "model_config", None)
@@ -307,6 +337,6 @@ def main(args=None) -> None:
     except TrainingInterrupted as err:
         print(f"parallax_lightning: {err.message}", file=sys.stderr)
         sys.exit(err.code)
-    except class_paths.ClassPathNotAllowed as err:
+    except class_paths.ConfigRefused as err:
         print(f"parallax_lightning: {err}", file=sys.stderr)
         sys.exit(2)

@@ -320,11 +320,15 @@ class LanguageModelModule(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from .redaction import redact_tree
         from .tracking import checkpoint_run_info
 
         info = checkpoint_run_info(self.trainer)
         if info:
             checkpoint["mlflow"] = info
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):  # e.g. a data URL with a token
+            if key in checkpoint:
+                checkpoint[key] = redact_tree(checkpoint[key])
         checkpoint["nonfinite_skips"] = self._skips_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

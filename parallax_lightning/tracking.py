@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from .redaction import redact, redact_tree
 from .tracking_outbox import TrackingOutbox
 
 DEFAULT_DB = "mlflow.db"
@@ -163,9 +164,9 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         tracking_uri = _absolute_sqlite(tracking_uri or default_tracking_uri())
         super().__init__(
             experiment_name=experiment_name,
-            run_name=run_name,
+            run_name=redact(run_name) if run_name else run_name,
             tracking_uri=tracking_uri,
-            tags=tags,
+            tags=redact_tree(dict(tags)) if tags else tags,
             log_model=log_model,
             prefix=prefix,
             artifact_location=artifact_location,
@@ -195,7 +196,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
 
     def set_run_name(self, name: str) -> None:
         if self._run_name is None and not self._initialized:
-            self._run_name = name
+            self._run_name = redact(name)
 
     @property
     @rank_zero_experiment
@@ -214,7 +215,8 @@ class ParallaxMLFlowLogger(MLFlowLogger):
             client.set_tag(run_id, TAG_PREFIX + "resumes", str(int(previous) + 1))
         for key, value in environment_tags().items():
             client.set_tag(run_id, key, value)
-        self._outbox = TrackingOutbox(client, run_id, self._tracking_uri, self.spool_dir, retry_s=self.retry_s)
+        # The outbox names the store in its messages only: without credentials.
+        self._outbox = TrackingOutbox(client, run_id, redact(self._tracking_uri), self.spool_dir, retry_s=self.retry_s)
         replayed = self._outbox.load_spool()
         if replayed:
             warnings.warn(
@@ -316,9 +318,11 @@ class ParallaxMLFlowLogger(MLFlowLogger):
 
 
 def log_params(client, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-    """Log new parameters in batches; return {key: (old, new)} for those that differ from the run's."""
+    """Log new parameters in batches; return {key: (old, new)} for those that differ from the run's.
+    Values are logged without credentials (`redaction.redact`)."""
     from mlflow.entities import Param
 
+    params = {k: redact(str(v)) for k, v in params.items()}
     existing = client.get_run(run_id).data.params
     fresh = {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in params.items() if k not in existing}
     changed = {k: (existing[k], str(v)) for k, v in params.items() if k in existing and existing[k] != str(v)}
@@ -342,12 +346,20 @@ def mlflow_loggers(trainer) -> list[MLFlowLogger]:
 
 
 def checkpoint_run_info(trainer) -> dict[str, str] | None:
-    """What a checkpoint records so that resuming continues the same run."""
+    """What a checkpoint records so that resuming continues the same run; the store's URI without credentials
+    (resuming compares it with the current URI's credential-free form)."""
     for logger in mlflow_loggers(trainer):
         run_id = logger.run_id
         if run_id:
-            return {"run_id": run_id, "experiment_id": str(logger.experiment_id), "tracking_uri": logger._tracking_uri}
+            uri = redact(logger._tracking_uri)
+            return {"run_id": run_id, "experiment_id": str(logger.experiment_id), "tracking_uri": uri}
     return None
+
+
+def same_store(stored_uri: str | None, current_uri: str) -> bool:
+    """Whether a checkpoint's tracking URI (stored without credentials) names the current store: the
+    credential-free forms are compared, so other credentials for the same server are the same store."""
+    return stored_uri is None or redact(_absolute_sqlite(stored_uri)) == redact(_absolute_sqlite(current_uri))
 
 
 def run_info_from_checkpoint(path: str | os.PathLike) -> dict[str, str] | None:
@@ -384,7 +396,9 @@ def metric_history(logger: MLFlowLogger, key: str, timeout: float = 30.0) -> lis
     """(step, value) pairs of a metric over the whole run, earlier sessions of a resumed run included.
     Raises TimeoutError when the store cannot be reached within `timeout` seconds."""
     if isinstance(logger, ParallaxMLFlowLogger) and not logger.flush(timeout):
-        raise TimeoutError(f"MLflow store {logger.tracking_uri} did not take the run's metrics within {timeout} s")
+        raise TimeoutError(
+            f"MLflow store {redact(logger.tracking_uri)} did not take the run's metrics within {timeout} s"
+        )
     history = logger.experiment.get_metric_history(logger.run_id, key)
     return sorted((m.step, m.value) for m in history)
 

@@ -281,6 +281,51 @@ CASES = [
         ValueError,
         "'somepkg.callbacks.Spy'",
     ),
+    Case(
+        "cli",
+        "torch class that runs a command",
+        cli(trainer={"callbacks": [{"class_path": "torch.distributed.elastic.multiprocessing.SubprocessHandler"}]}),
+        ValueError,
+        "'torch.distributed.elastic.multiprocessing.SubprocessHandler'",
+    ),
+    Case(
+        "cli",
+        "class_path in the logger's tags",
+        cli(trainer={"logger": {"init_args": {"tags": {"t": {"class_path": "lightning.pytorch.callbacks.Timer"}}}}}),
+        ValueError,
+        "trainer.logger.init_args.tags.t.class_path",
+    ),
+    Case(
+        "cli",
+        "class_path in a strategy's object argument",
+        cli(
+            trainer={
+                "strategy": {
+                    "class_path": "lightning.pytorch.strategies.DDPStrategy",
+                    "init_args": {"ddp_comm_state": {"class_path": "lightning.pytorch.callbacks.Timer"}},
+                }
+            }
+        ),
+        ValueError,
+        "trainer.strategy.init_args.ddp_comm_state.class_path",
+    ),
+    Case(
+        "cli",
+        "secret environment variable",
+        cli(trainer={"logger": {"init_args": {"run_name": "${oc.env:MLFLOW_TRACKING_PASSWORD}"}}}),
+        ValueError,
+        "MLFLOW_TRACKING_PASSWORD",
+    ),
+    Case(
+        "cli",
+        "credentials in default_root_dir",
+        cli(trainer={"default_root_dir": "s3://AKIA:hunter2@bucket/runs"}),
+        ValueError,
+        "s3://***@bucket/runs",
+    ),
+    Case(
+        "cli", "YAML alias bomb", lambda d: run_cli(["fit", "--config", str(_laughs(d))], d), ValueError, "laughs.yaml"
+    ),
     Case("cli", "allow flag of '*'", cli("--allow_class_path", "*"), ValueError, "'*'"),
     Case("cli", "config widening trust", cli(allow_class_path="somepkg"), ValueError, "allow_class_path"),
     Case("cli", "UI on port 70000", ui("--port", "70000"), ValueError, "got 70000"),
@@ -450,6 +495,13 @@ CASES = [
         "Muon.load_state_dict: group 'muon_0': lr=inf",
     ),
 ]
+
+
+def _laughs(folder: Path) -> Path:
+    lines = ["a0: &a0 [lol]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = folder / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\nbomb: *a9\n")
+    return path
 
 
 def _short(folder: Path) -> Path:

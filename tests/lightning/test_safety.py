@@ -123,6 +123,24 @@ def test_the_parser_itself_denies_untrusted_imports_while_the_cli_runs(evil):
     assert _common.parsing_settings["import_path_verdicts"] == before
 
 
+def test_the_parser_never_instantiates_class_paths_in_values_typed_any_while_the_cli_runs():
+    from jsonargparse import _common
+
+    before = _common.parsing_settings["instantiate_subclass_spec_in_any"]
+    with class_paths.import_policy(class_paths.allowed_prefixes()):
+        assert _common.parsing_settings["instantiate_subclass_spec_in_any"] is False
+        assert _common.parsing_settings["import_paths_enforced"] is True
+    assert _common.parsing_settings["instantiate_subclass_spec_in_any"] == before
+
+
+def test_the_jsonargparse_settings_import_policy_restores_are_where_it_reads_them():
+    """import_policy restores jsonargparse's settings through its (private) settings table, which has no
+    public getter: this fails when a jsonargparse release moves them, so the adapter gets updated."""
+    snapshot = class_paths._settings_snapshot()
+    assert snapshot is not None and set(snapshot) == set(class_paths._POLICY_SETTINGS)
+    assert isinstance(snapshot["import_path_verdicts"], dict)
+
+
 def test_every_shipped_config_names_trusted_classes_only():
     configs = [p for p in (REPO / "experiments").rglob("*.yaml")]
     assert configs
