@@ -41,3 +41,18 @@ def save_checkpoint(model: Decoder, path: Path, tokenizer: str | None = "byte", 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, path)
     return path
+
+
+LETTERS = b"abcdefghijklmnopqrstuvwxyz "
+
+
+@torch.no_grad()
+def letter_decoder(**overrides) -> Decoder:
+    """A decoder whose greedy choices are lower-case letters or spaces: its output head scores every other
+    token 0 and those 27 with large random weights (so one of them is above 0 with probability 1 - 2^-27).
+    Text from it is plain ASCII, so stop strings can be cut from it without landing inside a character."""
+    model = tiny_decoder(tie_embeddings=False, **overrides)
+    weight = torch.zeros_like(model.lm_head.weight)
+    weight[list(LETTERS)] = torch.randn(len(LETTERS), weight.shape[1])
+    model.lm_head.weight.copy_(weight)
+    return model
