@@ -164,8 +164,8 @@ class ParallaxLM(LM):
         L, tokens = self.max_length, list(tokens)
         if not tokens:
             return []
-        windows = [([self.prefix_token_id, *tokens[: L - 1]], tokens[:L])]
-        done = len(windows[0][1])
+        done = min(L, len(tokens))
+        windows = [([self.prefix_token_id, *tokens[: done - 1]], tokens[:done])]
         while done < len(tokens):
             m = min(L, len(tokens) - done)
             windows.append((tokens[done + m - L - 1 : done + m - 1], tokens[done : done + m]))
