@@ -74,9 +74,15 @@ class ParallaxLM(LM):
         max_length: int | str | None = None,
         max_gen_toks: int | str = 256,
         attn_backend: str | None = None,
-        **unused,
+        max_batch_size: int | str | None = None,  # lm-eval passes it for automatic batch sizes: not used
+        **unknown,
     ):
         super().__init__()
+        if unknown:
+            raise ValueError(
+                f"ParallaxLM: unknown model_args {sorted(unknown)}; known: pretrained, tokenizer, device, dtype, "
+                "batch_size, max_length, max_gen_toks, attn_backend"
+            )
         if pretrained is None:
             raise ValueError("ParallaxLM: pass pretrained=CHECKPOINT_OR_EXPORTED_FOLDER")
         from .export import load_model

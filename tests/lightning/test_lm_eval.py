@@ -25,7 +25,7 @@ from parallax_lightning.generate_cli import generate_text
 from parallax_lightning.lm_eval_adapter import ParallaxLM
 from parallax_lightning.lm_module import LanguageModelModule
 
-from .checkpoint_utils import letter_decoder, tiny_decoder
+from .checkpoint_utils import letter_decoder, save_checkpoint, tiny_decoder
 from .platform_utils import WORDS, mlflow_client, only_run, run_cli, single_thread, tiny_config
 
 TOK = ByteTokenizer()
@@ -236,3 +236,25 @@ def test_export_and_generate_work_on_a_trained_checkpoint(trained, tmp_path, cap
         assert run_main(["generate", "--ckpt_path", str(source), "--prompt", "the", "--max_new_tokens", "8"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == generate_text(original, TOK, "the", 8) + "\n"
+
+
+def test_lm_eval_finds_the_registered_model_by_name(tmp_path, offline_hf):
+    """`simple_evaluate(model="parallax", model_args="pretrained=...")`: the registration and lm-eval's string
+    arguments reach the adapter; unknown arguments are refused by name."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    assert get_model("parallax") is ParallaxLM
+    ckpt = save_checkpoint(tiny_decoder(), tmp_path / "c.ckpt")
+    out = lm_eval.simple_evaluate(
+        model="parallax",
+        model_args=f"pretrained={ckpt},tokenizer=byte,dtype=float32,max_length=16",
+        tasks=["tiny_choice"],
+        batch_size=2,
+        limit=2,
+        task_manager=TaskManager(include_path=str(TASKS)),
+    )
+    assert 0 <= out["results"]["tiny_choice"]["acc,none"] <= 1
+    with pytest.raises(ValueError, match=r"unknown model_args \['temprature'\]"):
+        ParallaxLM.create_from_arg_string(f"pretrained={ckpt},temprature=0")
