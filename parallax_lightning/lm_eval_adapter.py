@@ -24,6 +24,7 @@ does not happen.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -117,6 +118,7 @@ class ParallaxLM(LM):
                 "document and empty context; use a tokenizer with one"
             )
         self._device = model.embed.weight.device
+        self._warned_sampling = False
 
     # -- scoring ---------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -140,11 +142,12 @@ class ParallaxLM(LM):
                         f"ParallaxLM: a window of {len(inp)} tokens scoring {len(targets)} (max_length={self.max_length})"
                     )
                 ids[row, : len(inp)] = torch.as_tensor(list(inp), dtype=torch.long)
-            logits = self.model(ids.to(self._device)).float()
+            logits = self.model(ids.to(self._device))
             for row, i in enumerate(chunk):
                 inp, targets = items[i]
                 n, m = len(inp), len(targets)
-                logprobs = F.log_softmax(logits[row, n - m : n], dim=-1)
+                # fp32 on the scored rows only: the whole (batch, length, vocab) block in fp32 can take gigabytes
+                logprobs = F.log_softmax(logits[row, n - m : n].float(), dim=-1)
                 tgt = torch.as_tensor(list(targets), dtype=torch.long, device=logprobs.device)
                 total = float(logprobs.gather(-1, tgt[:, None]).sum())
                 greedy = bool((logprobs.argmax(-1) == tgt).all())
@@ -207,6 +210,11 @@ class ParallaxLM(LM):
             until = kwargs.pop("until", None)
             until = [until] if isinstance(until, str) else list(until or [])
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            if (kwargs.get("do_sample") or float(kwargs.get("temperature") or 0) > 0) and not self._warned_sampling:
+                warnings.warn(
+                    "ParallaxLM.generate_until decodes greedily; do_sample/temperature are ignored", stacklevel=2
+                )
+                self._warned_sampling = True
             max_new = max(1, min(max_new, self.model.config.max_seq_len - 1))
             ids = self._encode(context) or [self.prefix_token_id]
             ids = ids[-(self.model.config.max_seq_len - max_new) :]
