@@ -4,7 +4,7 @@ Runs lm-evaluation-harness tasks (``lm_eval.simple_evaluate``) on a checkpoint t
 :class:`parallax_lightning.lm_eval_adapter.ParallaxLM` and logs every numeric task metric into the MLflow run
 that trained the checkpoint (its id travels in the checkpoint) as ``eval/<task>/<metric>`` at the
 checkpoint's step, with `MlflowClient.log_batch`: the run's status is not touched (a FINISHED run stays
-FINISHED). The results also go to stdout as a table and, with --output, to a JSON file.
+FINISHED), with a tag `parallax.eval.<task>.samples` saying how many documents each task used. The results also go to stdout as a table and, with --output, to a JSON file.
 
 Everything that can be checked is checked before the evaluation starts: the checkpoint, the tokenizer, the
 MLflow run, the task names.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 _KEY_CHARS = re.compile(r"[^\w\-./ ]")
+TAG_PREFIX = "parallax."  # as tracking.TAG_PREFIX (not imported: that module imports lightning)
 
 
 def metric_key(task: str, name: str) -> str:
@@ -48,16 +49,30 @@ def task_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_to_run(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    """Log metrics into an existing run without starting, ending or changing its status."""
+def sample_tags(results: Mapping[str, Any]) -> dict[str, str]:
+    """'parallax.eval.<task>.samples' -> '3 of 4': how many documents each metric stands on (--limit cuts them)."""
+    tags = {}
+    for task, counts in (results.get("n-samples") or {}).items():
+        if isinstance(counts, Mapping) and "effective" in counts:
+            key = _KEY_CHARS.sub("_", f"{TAG_PREFIX}eval.{task}.samples")
+            tags[key] = f"{counts['effective']} of {counts.get('original', '?')}"
+    return tags
+
+
+def log_to_run(
+    tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int, tags: Mapping[str, str] | None = None
+) -> None:
+    """Log metrics (and tags) into an existing run without starting, ending or changing its status."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(tracking_uri)
     now = int(time.time() * 1000)
     items = [Metric(key, value, now, step) for key, value in sorted(metrics.items())]
     for start in range(0, len(items), 1000):  # MLflow's limit per batch
         client.log_batch(run_id, metrics=items[start : start + 1000])
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
 
 
 def _check_run(tracking_uri: str, run_id: str):
@@ -160,7 +175,7 @@ def evaluate(opts: argparse.Namespace) -> dict[str, Any]:
     )
     metrics = task_metrics(results or {})
     if run_id is not None:
-        log_to_run(tracking_uri, run_id, metrics, step=loaded.global_step or 0)
+        log_to_run(tracking_uri, run_id, metrics, step=loaded.global_step or 0, tags=sample_tags(results or {}))
     if opts.output:
         Path(opts.output).write_text(json.dumps(_plain(results), indent=2, default=str) + "\n")
     return {"results": results, "metrics": metrics, "run_id": run_id, "tracking_uri": tracking_uri}

@@ -184,7 +184,17 @@ def test_eval_logs_task_metrics_into_the_finished_training_run(trained, store, o
     assert run.info.status == "FINISHED"
     args = ["eval", "--ckpt_path", str(trained), "--include_path", str(TASKS), "--batch_size", "4"]
     code = run_main(
-        [*args, "--tasks", "tiny_choice", "tiny_text", "tiny_generate", "--output", str(tmp_path / "r.json")]
+        [
+            *args,
+            "--tasks",
+            "tiny_choice",
+            "tiny_text",
+            "tiny_generate",
+            "--limit",
+            "3",
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
     )
     assert code == 0, capsys.readouterr().err
     after = client.get_run(run.info.run_id)
@@ -197,6 +207,9 @@ def test_eval_logs_task_metrics_into_the_finished_training_run(trained, store, o
     step = torch.load(trained, weights_only=True)["global_step"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/tiny_choice/acc")] == [step]
     assert (tmp_path / "r.json").is_file()
+    # what each number stands on: --limit 3 cut tiny_choice's four documents
+    assert after.data.tags["parallax.eval.tiny_choice.samples"] == "3 of 4"
+    assert after.data.tags["parallax.eval.tiny_text.samples"] == "2 of 2"
     assert "eval/tiny_choice/acc\t" in capsys.readouterr().out
     # the bits per byte lm-eval reports is the adapter's rolling log-likelihood over the task's bytes
     lm = ParallaxLM.from_model(load_model(trained).model, TOK)
