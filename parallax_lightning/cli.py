@@ -325,10 +325,27 @@ def ui_main(args: list[str]) -> int:
         return proc.wait()
 
 
+def _tool_main(name: str, args: list[str]) -> int:
+    """The subcommands that use a trained model (their modules import what they need on use)."""
+    if name == "eval":
+        from .evaluation import eval_main
+
+        return eval_main(args)
+    if name == "export":
+        from .export import export_main
+
+        return export_main(args)
+    from .generate_cli import generate_main
+
+    return generate_main(args)
+
+
 def main(args=None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["ui"]:
         sys.exit(ui_main(argv[1:]))
+    if argv[:1] in (["eval"], ["export"], ["generate"]):
+        sys.exit(_tool_main(argv[0], argv[1:]))
     try:
         ParallaxCLI(args=args)
     except NonFiniteLossError as err:

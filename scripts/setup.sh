@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: creates .venv in the repository root and installs the three packages
-# (editable) with every extra and the test tools.
+# (editable) with every extra, lm-evaluation-harness ([eval], for `python -m parallax_lightning eval`)
+# and the test tools.
 #
 # torch is installed first and on its own: a bare resolver run for lightning would otherwise
 # pick a multi-GB CUDA build of torch on a CPU-only machine. PARALLAX_TORCH_SPEC and
@@ -21,7 +22,7 @@ if [[ -n "${PARALLAX_TORCH_INDEX:-}" ]]; then
 else
     "${PIP[@]}" install "$TORCH_SPEC"
 fi
-"${PIP[@]}" install -c constraints.txt -e ".[all,dev]"
+"${PIP[@]}" install -c constraints.txt -e ".[all,dev,eval]"
 
 .venv/bin/python - <<'PY'
 import parallax_kernels, parallax_lightning, parallax_muon, torch
