@@ -436,3 +436,49 @@ def test_mlflow_ui_shows_the_runs_side_by_side(tmp_path):
     ids = [_log_synthetic_run(uri, f"parallax-muon_lr0.02_s{s}") for s in (1, 2)]
     png = screenshot.capture_compare_view(uri, "paper-grid", ids, tmp_path / "ui.png")
     _assert_png_has_content(png)
+
+
+# ------------------------------------------------------------------------------------------------- corpus
+
+
+def test_corpus_split_is_by_name_and_drops_repeated_text(tmp_path):
+    build = _load("paper_build_corpus", PAPER / "build_corpus.py")
+    docs = [(f"page{i}.rst", f"text of page {i}\n") for i in range(400)]
+    docs.append(("copy.rst", "text of page 7\n"))  # the same text under another name
+    counts = build.write_split_corpus({"docs": iter(docs)}, tmp_path / "c", fraction=0.1)
+    assert counts["docs"]["duplicates"] == 1
+    assert counts["docs"]["train"]["documents"] + counts["docs"]["val"]["documents"] == 400
+    held = {p.name for p in (tmp_path / "c" / "val" / "docs").iterdir()}
+    assert 20 <= len(held) <= 60 and held == {n for n, _ in docs[:400] if build.is_held_out(f"docs/{n}", 0.1)}
+    assert not held & {p.name for p in (tmp_path / "c" / "train" / "docs").iterdir()}
+    # the split of a name does not depend on the other files
+    again = build.write_split_corpus({"docs": iter(docs[::-1])}, tmp_path / "d", fraction=0.1)
+    assert {p.name for p in (tmp_path / "d" / "val" / "docs").iterdir()} - {"copy.rst"} == held - {"copy.rst"}
+    assert again["docs"]["duplicates"] == 1
+
+
+def test_val_source_is_held_out_from_the_tokens_and_the_bpe(tmp_path, monkeypatch):
+    prepare = _load("paper_prepare_shards2", ROOT / "experiments" / "prepare_shards.py")
+    train = write_corpus(tmp_path / "train", n_docs=6, words_per_doc=200)
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "held.txt").write_text("zyzzyva quokka " * 50)
+    seen = []
+    real = prepare.train_byte_bpe
+
+    def spy(docs, vocab_size, path):
+        docs = list(docs)
+        seen.extend(docs)
+        return real(iter(docs), vocab_size, path)
+
+    monkeypatch.setattr(prepare, "train_byte_bpe", spy)
+    argv = ["--source", str(train), "--val-source", str(val), "--out", str(tmp_path / "s"), "--tokenizer", "bpe"]
+    meta = prepare.main([*argv, "--vocab-size", "300", "--name", "paper"])
+    assert len(seen) == 6 and not any("zyzzyva" in d for d in seen)  # the BPE saw the training files only
+    assert meta["val_source"] and meta["val_fraction"] is None
+    from parallax_lightning.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(tmp_path / "s" / "tokenizer.json"))
+    assert meta["val_tokens"] == len(tok.encode("zyzzyva quokka " * 50)) + 1  # all of it, plus the EOS
+    with pytest.raises(SystemExit, match="not both"):
+        prepare.main([*argv[:-2], "--val-fraction", "0.1", "--out", str(tmp_path / "t")])
