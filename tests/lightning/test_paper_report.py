@@ -401,7 +401,8 @@ def test_run_grid_trains_a_tiny_run_that_is_exported_and_reported(tmp_path):
         ]
     )
     out = tmp_path / "out"
-    argv = ["--data", str(shards), "--out", str(out), "--tiny", "--runs", "parallax-muon:0.02:1", "--max-steps", "4"]
+    argv = ["--data", str(shards), "--out", str(out), "--tiny", "--max-steps", "4", "--concurrent", "2"]
+    argv += ["--runs", "parallax-muon:0.02:1", "swap_wr_muon:0.002:1:0.02"]  # the swap logs optimizer.route
     argv += ["--scratch", str(tmp_path / "scratch"), "--skip-done", str(tmp_path / "none")]
     # smaller than tiny.yaml (this machine is shared): the point is the metric names, not the numbers
     for item in ("trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "diagnostics.every_n_steps=2"):
@@ -420,7 +421,11 @@ def test_run_grid_trains_a_tiny_run_that_is_exported_and_reported(tmp_path):
     assert len(diag["step0"]["stable_rank_w_r"]) == 2 and len(diag["final"]["correction_ratio"]) == 2
     assert diag["step0"]["stable_rank_w_q"] != diag["final"]["stable_rank_w_q"]
     assert record["config"]["model"]["init_args"]["optimizer"]["lr"] == 0.02  # the resolved config artifact
-    assert (out / "grid_status.tsv").read_text().count("ok, record ok") == 1
+    swap = json.loads((out / "runs" / "swap_wr_muon_lr0.002_s1_mlr0.02.json").read_text())
+    assert swap["status"] == "ok" and swap["optimizer"] == "adamw" and "r_proj" in swap["route"]
+    assert swap["adamw_lr"] * swap["adamw_weight_decay"] == pytest.approx(1e-3)
+    assert swap["muon_lr"] * swap["weight_decay"] == pytest.approx(1e-3)
+    assert (out / "grid_status.tsv").read_text().count("ok, record ok") == 2
     # a second call skips it
     assert run_grid.main([*argv[: argv.index("--skip-done")], *argv[argv.index("--skip-done") + 2 :]]) == 0
 
