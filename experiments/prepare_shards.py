@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = ap.parse_args(argv)
     if args.val_source is not None and args.val_fraction is not None:
-        sys.exit("prepare_shards: give --val-source or --val-fraction, not both (--val-source is the whole validation split)")
+        sys.exit(
+            "prepare_shards: give --val-source or --val-fraction, not both (--val-source is the whole validation split)"
+        )
     if args.val_source is not None and args.hf_dataset:
         sys.exit("prepare_shards: --val-source needs file sources, not --hf-dataset")
     val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
