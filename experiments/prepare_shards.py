@@ -13,8 +13,10 @@ tokenizer, counts) and, for a trained BPE, `tokenizer.json` — all that `TokenS
       class_path: parallax_lightning.data.TokenShardDataModule
       init_args: {train_files: data/shards/*_train_*.bin, val_files: data/shards/*_val_*.bin}
 
-Documents go to validation by a hash of their index (`--val-fraction`), the same rule TextDataModule uses;
-each document is followed by the end-of-document token. Output folders are never overwritten.
+Documents go to validation by a hash of their index (`--val-fraction`), the same rule TextDataModule uses,
+or, with `--val-source`, validation is exactly that source's documents and training exactly --source's (a trained
+BPE then sees the training documents only). Each document is followed by the end-of-document token. Output
+folders are never overwritten.
 """
 
 from __future__ import annotations
@@ -81,8 +83,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, required=True, help="output folder (must not exist, or be empty)")
     ap.add_argument("--name", default="data", help="shard file prefix")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
-    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
+    ap.add_argument(
+        "--val-fraction", type=float, default=None, help="share of documents held out for validation (default 0.01)"
+    )
+    ap.add_argument(
+        "--val-source", nargs="+", default=None, help="validation text kept apart from --source (files, folders, globs)"
+    )
     args = ap.parse_args(argv)
+    if args.val_source is not None and args.val_fraction is not None:
+        sys.exit(
+            "prepare_shards: give --val-source or --val-fraction, not both (--val-source is the whole validation split)"
+        )
+    if args.val_source is not None and args.hf_dataset:
+        sys.exit("prepare_shards: --val-source needs file sources, not --hf-dataset")
+    val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
 
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"prepare_shards: {args.out} exists and is not empty; choose a new folder (nothing was overwritten)")
@@ -98,13 +112,18 @@ def main(argv: list[str] | None = None) -> dict:
         max_bytes=args.max_bytes,
     )
     source.check()  # missing paths and empty corpora fail before any work
+    val_source = None
+    if args.val_source is not None:
+        val_source = TextSource(paths=args.val_source, suffixes=args.suffixes)
+        val_source.check()
+        val_fraction = 0.0  # every --source document trains
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.tokenizer == "bpe":
         train_docs = (
             d
             for i, d in enumerate(_capped(source.documents(), args.bpe_train_bytes))
-            if not is_validation_document(i, args.val_fraction)
+            if not is_validation_document(i, val_fraction)
         )
         print(f"prepare_shards: training a byte-level BPE of {args.vocab_size} on {source.describe()} ...")
         tokenizer = train_byte_bpe(train_docs, args.vocab_size, args.out / "tokenizer.json")
@@ -122,9 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     n_docs = 0
     with tqdm(desc="tokenizing", unit=" docs") as progress:
         # Batches of documents: the `tokenizers` library encodes a batch on all cores.
-        for start, docs in _batched(source.documents(), 256):
+        for start, docs, held_out in _labelled_batches(source, val_source, 256):
             for i, ids in enumerate(tokenizer.encode_batch(docs), start=start):
-                split = "val" if is_validation_document(i, args.val_fraction) else "train"
+                split = "val" if held_out or is_validation_document(i, val_fraction) else "train"
                 writers[split].add(np.asarray(ids, dtype=dtype))
                 if eos is not None:
                     writers[split].add(np.array([eos], dtype=dtype))
@@ -142,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         "eos_id": eos,
         "source": source.describe(),
         "documents": n_docs,
-        "val_fraction": args.val_fraction,
+        "val_fraction": None if val_source is not None else val_fraction,
+        "val_source": val_source.describe() if val_source is not None else None,
         "train_tokens": writers["train"].total,
         "val_tokens": writers["val"].total,
         "train_shards": [p.name for p in writers["train"].paths],
@@ -171,6 +191,15 @@ def _batched(documents, size: int):
             batch = []
     if batch:
         yield start, batch
+
+
+def _labelled_batches(source, val_source, size: int):
+    """(start index, documents, held out?) batches: --source's documents, then --val-source's (all held out)."""
+    for start, docs in _batched(source.documents(), size):
+        yield start, docs, False
+    if val_source is not None:
+        for start, docs in _batched(val_source.documents(), size):
+            yield start, docs, True
 
 
 def _capped(documents, max_bytes: int):

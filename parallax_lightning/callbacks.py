@@ -136,7 +136,8 @@ class SpeedMonitor(Callback):
 
 
 class ParallaxDiagnostics(Callback):
-    """Per-layer Parallax statistics every `every_n_steps` optimizer steps (0 turns them off), logged as
+    """Per-layer Parallax statistics at step 0 (before the first update: the baseline every later value is
+    read against), then every `every_n_steps` optimizer steps (0 turns them off) and at the end, logged as
     diag/layer{i}/{stat}, and a figure of their evolution at the end of training.
 
     They are computed on a fixed batch (the first validation batch, cut to `batch_size` × `seq_len`),
@@ -190,6 +191,11 @@ class ParallaxDiagnostics(Callback):
                     metrics[name] = float(value)
                     self.history[name].append((step, float(value)))
         _log(trainer, metrics, step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # The initial weights (a resumed run does not pass step 0 again; its history holds the value)
+        if trainer.global_step == 0 and self._enabled(trainer, pl_module):
+            self._measure(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._enabled(trainer, pl_module) and trainer.global_step % max(self.every_n_steps, 1) == 0:

@@ -8,12 +8,14 @@ Everything here is plain torch (no lightning), so these pieces can be reused out
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 OPTIMIZERS = ("muon", "adamw")
+ROUTES = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 
@@ -26,6 +28,12 @@ class OptimizerConfig:
         (`lr`, `momentum`, `nesterov`, `weight_decay`, `ns_*`, `adjust_lr`), embeddings, head, norms get
         AdamW (`adamw_*`); "adamw" — torch AdamW on everything with `adamw_lr`, `adamw_betas`,
         `adamw_eps`, `adamw_weight_decay` (decay on matrices only, never on norms and biases).
+        Under both, `adamw_weight_decay` applies to the weights of linear and embedding layers only.
+    route: {regex: "muon" | "adamw"} — send the parameters whose names match (`re.search`; later entries win)
+        to that optimizer whatever `name` says, e.g. `{"r_proj": "adamw"}` under Muon, or
+        `{"r_proj": "muon"}` under AdamW (then the optimizer is Muon holding AdamW groups for every other
+        parameter, at the AdamW settings above). Routed parameters take the settings of the optimizer they go to.
+        Every regex must match at least one parameter; only matrices can go to Muon.
     """
 
     name: str = "muon"
@@ -42,6 +50,7 @@ class OptimizerConfig:
     adamw_weight_decay: float = 0.0
     r_proj_lr_mult: float = 1.0  # Muon: learning-rate multiplier of Parallax's W_R group
     fused: bool | None = None  # AdamW's fused CUDA implementation (None: torch decides)
+    route: dict[str, str] | None = None  # parameter-name regex -> "muon" | "adamw" (see the docstring)
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -54,6 +63,16 @@ class OptimizerConfig:
             if getattr(self, field) < 0:
                 raise ValueError(f"OptimizerConfig.{field} must be >= 0, got {getattr(self, field)!r}")
         self.adamw_betas = tuple(self.adamw_betas)
+        if self.route is not None:
+            if not isinstance(self.route, dict):
+                raise ValueError(f"OptimizerConfig.route must map regexes to 'muon'/'adamw', got {self.route!r}")
+            for pattern, target in self.route.items():
+                if target not in ROUTES:
+                    raise ValueError(f"OptimizerConfig.route[{pattern!r}] must be one of {ROUTES}, got {target!r}")
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"OptimizerConfig.route: {pattern!r} is not a valid regex ({err})") from err
 
 
 @dataclass
@@ -178,15 +197,18 @@ class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
         self.__dict__.update(state_dict)
 
 
+def _decayed_ids(model: nn.Module) -> set[int]:
+    """The weights of linear and embedding layers: the parameters weight decay applies to."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is not None}
+
+
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay on the weights of linear and embedding layers (as in GPT-2), never on norms or biases.
 
     Decided by module type, not by `p.ndim`: FSDP flattens parameters to 1-D shards before the
     optimizer is built, and a shape test would then silently turn weight decay off.
     """
-    matrices = {
-        id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight is not None
-    }
+    matrices = _decayed_ids(model)
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -199,9 +221,60 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def _check_route(model: nn.Module, route: dict[str, str]) -> None:
+    """Every regex matches a parameter; nothing 1-D goes to Muon (it orthogonalizes matrices)."""
+    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for pattern in route:
+        hits = [(n, p) for n, p in names if re.search(pattern, n)]
+        if not hits:
+            shown = ", ".join(n for n, _ in names[:6])
+            raise ValueError(
+                f"optimizer.route: {pattern!r} matches no parameter of the model (names look like: {shown}, ...)"
+            )
+    final = {}
+    for n, p in names:
+        for pattern, target in route.items():
+            if re.search(pattern, n):
+                final[n] = (pattern, target, p)
+    for n, (pattern, target, p) in final.items():
+        if target == "muon" and p.ndim < 2:
+            raise ValueError(
+                f"optimizer.route: {pattern!r} sends {n} (shape {tuple(p.shape)}) to Muon, which updates matrices "
+                "only; narrow the regex (e.g. end it with 'weight$')"
+            )
+
+
+def _routed_groups(model: nn.Module, config: OptimizerConfig, verbose: bool) -> list[dict]:
+    """Muon's param groups with config.route applied, AdamW groups split so that decay follows the layer type
+    exactly as under name="adamw" (linear and embedding weights at adamw_weight_decay, the rest at 0)."""
+    from parallax_muon import muon_param_groups
+
+    overrides: dict[str, dict] = {}
+    if config.name == "adamw":
+        overrides[r"^"] = {"use_muon": False}  # everything on AdamW unless a route says Muon
+    for pattern, target in (config.route or {}).items():
+        overrides[pattern] = {"use_muon": target == "muon"}
+    groups = muon_param_groups(
+        model, overrides=overrides or None, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
+    )
+    decayed = _decayed_ids(model)
+    out = []
+    for group in groups:
+        if group["use_muon"]:
+            out.append(group)
+            continue
+        for suffix, wd, keep in (("", config.adamw_weight_decay, True), ("/no_decay", 0.0, False)):
+            params = [p for p in group["params"] if (id(p) in decayed) == keep]
+            if params:
+                out.append({**group, "params": params, "weight_decay": wd, "name": group["name"] + suffix})
+    return out
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig, verbose: bool = True) -> torch.optim.Optimizer:
     """The configured optimizer over `model`'s parameters (`verbose`: print Muon's routing summary)."""
-    if config.name == "adamw":
+    route = config.route or {}
+    _check_route(model, route)
+    if config.name == "adamw" and "muon" not in route.values():
         return torch.optim.AdamW(
             adamw_param_groups(model, config.adamw_weight_decay),
             lr=config.adamw_lr,
@@ -210,11 +283,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, verbose: bool = T
             fused=config.fused,
         )
     try:
-        from parallax_muon import Muon, muon_param_groups
+        from parallax_muon import Muon
     except ImportError as err:
-        raise ImportError(f"optimizer.name='muon' needs parallax_muon.Muon and muon_param_groups: {err}") from err
+        raise ImportError(f"Muon (optimizer.name='muon' or a route to it) needs parallax_muon: {err}") from err
     return Muon(
-        muon_param_groups(model, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose),
+        _routed_groups(model, config, verbose),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,

@@ -110,6 +110,9 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+_PARAM_NAME = re.compile(r"[\w\-. :/]+")
+
+
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config → {"a.b.c": "value"}; `init_args` levels are dropped (they only say 'arguments of')."""
     flat: dict[str, str] = {}
@@ -119,7 +122,9 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
             flat.update(flatten_config(value, f"{name}." if name else ""))
             continue
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        # A mapping whose keys are data, not names (e.g. optimizer.route's regexes), stays one JSON value:
+        # MLflow refuses parameter names with other characters than these.
+        if isinstance(value, Mapping) and value and all(_PARAM_NAME.fullmatch(str(k)) for k in value):
             flat.update(flatten_config(value, f"{name}."))
         else:
             text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)

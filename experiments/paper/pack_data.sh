@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 src=${1:-/tmp/paper_shards}
 dest=${2:-.gpu-data/paper_shards.tar.xz}
-limit_mb=${PACK_LIMIT_MB:-11}
+limit_mb=${PACK_LIMIT_MB:-26}
 [[ -f $src/meta.json ]] || { echo "pack_data: $src has no meta.json (not a prepare_shards.py folder)" >&2; exit 2; }
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -37,5 +37,12 @@ fi
 ls -l "$(dirname "$dest")"
 if (( size > limit_mb * 1024 * 1024 )); then
     echo "pack_data: larger than ${limit_mb} MB: the GPU call carries at most 64 MiB in all (wheels included)" >&2
+    exit 1
+fi
+# Everything a campaign call carries: .gpu-data/ and .gpu-wheels/ together must stay under 64 MiB.
+carry=$(du -cb "$(dirname "$dest")" .gpu-wheels 2>/dev/null | tail -1 | cut -f1)
+echo "pack_data: the call carries $((carry / 1024 / 1024)) MiB (.gpu-data + .gpu-wheels; the limit is 64 MiB)"
+if (( carry > 64 * 1024 * 1024 )); then
+    echo "pack_data: over the 64 MiB a GPU call may carry" >&2
     exit 1
 fi

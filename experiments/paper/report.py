@@ -1,16 +1,16 @@
-"""Read the paper grid's MLflow runs and write experiments/paper/RESULTS.md with its figures.
+"""Rebuild the paper campaign's results (RESULTS.md and figures) from every committed run record.
 
-    python experiments/paper/report.py --tracking-uri sqlite:///path/to/mlflow.db              # RESULTS.md + PNGs
-    python experiments/paper/report.py --tracking-uri sqlite:///... --screenshot              # + MLflow UI capture
-    python experiments/paper/report.py --tracking-uri sqlite:///... --print-only              # table to stdout
+    python experiments/paper/report.py                                   # runs/*.json -> RESULTS.md + PNGs here
+    python experiments/paper/report.py --print-only                      # the tables to stdout, nothing written
+    python experiments/paper/report.py --next-runs                       # the runs the protocol still needs
 
-The runs are those that experiments/paper/run_grid.py tagged with one grid id (`paper.grid_id`; the newest grid
-in the experiment unless --grid-id names one), one per cell (`paper.cell`, e.g. parallax-muon). Everything in
-the report is computed from the store: final validation loss and perplexity, tokens seen (last step x batch x
-sequence length), median tokens/s and MFU over the logged windows, the Parallax diagnostics at the last step
-(correction-to-output ratio ‖Cov·r‖/‖v̄‖ and stable ranks by layer), whether Lightning's max_time stopped the
-run before max_steps, and the claims of the paper checked against those numbers. --bench-json adds the
-end-to-end throughput of benchmarks/bench_e2e.py.
+The records are experiments/paper/runs/<run_name>.json, written by export_runs.py. Everything follows
+PROTOCOL.md: the LR sweep at seed 0 picks each cell's learning rate (lowest final validation loss; an optimum at an
+edge of the grid is flagged and the next point named); at that LR, each cell's final loss as mean ± sample std
+over seeds; the gaps Parallax − softmax per optimizer, the interaction gap_Muon − gap_AdamW, the controls and the
+probe-optimizer swaps as differences paired by seed, each with a t-based 95% interval (no SciPy: the Student-t
+quantile is computed here); the diagnostics as their value at step 0, at the end and the change, with W_Q as the
+control for W_R. Only runs with status "ok" (complete schedule) enter a statistic; the others are listed.
 """
 
 from __future__ import annotations
@@ -18,217 +18,277 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-GRID_CELLS = ("softmax-muon", "parallax-muon", "softmax-adamw", "parallax-adamw")
-# What the paper reports for the 0.6B model (parallax-math.md), quoted beside our numbers, never used in them.
-PAPER = {
-    "correction_ratio": "> 8 in deep layers under Muon, < 4 under AdamW",
-    "wr_stable_rank": "about 134 under Muon, about 9 under AdamW",
-}
-FIGURES = ("val_loss.png", "correction_ratio.png", "wr_stable_rank.png")
-SCREENSHOT = "mlflow_compare.png"
-TRAINING_KEYS = ("train/", "val/", "perf/", "diag/")
-LIGHTNING_LOGGED = ("train/", "val/")
+MAIN_CELLS = ("softmax-muon", "parallax-muon", "softmax-adamw", "parallax-adamw")
+LR_GRID = {"muon": (0.01, 0.02, 0.04), "adamw": (1e-3, 2e-3, 4e-3)}
+SEEDS_MIN, SEEDS_FULL = 3, 5
+FIGURES = ("val_loss.png", "lr_sweep.png", "diagnostics_change.png")
+# (name, a, b, what): the paired comparisons, a − b
+COMPARISONS = (
+    ("gap_Muon", "parallax-muon", "softmax-muon", "Parallax − softmax under Muon (C1)"),
+    ("gap_AdamW", "parallax-adamw", "softmax-adamw", "Parallax − softmax under AdamW"),
+    ("gap_param_matched", "parallax-muon", "softmax_pm-muon", "Parallax − parameter-matched softmax, Muon (C1b)"),
+    ("gap_compute_matched", "parallax_cm-muon", "softmax-muon", "compute-matched Parallax − softmax, Muon (C1b)"),
+    ("swap_wr_adamw", "swap_wr_adamw", "parallax-muon", "W_R on AdamW − W_R on Muon, rest Muon (C5)"),
+    ("swap_wr_muon", "swap_wr_muon", "parallax-adamw", "W_R on Muon − W_R on AdamW, rest AdamW (C5)"),
+)
+DIAG_STATS = ("stable_rank_w_r", "stable_rank_w_q", "stable_rank_w_k", "correction_ratio")
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (bisection on the CDF; p in (0, 1))."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 @dataclass
-class Run:
-    run_id: str
-    cell: str
-    name: str
-    status: str
-    attention: str
-    optimizer: str
-    params_non_embedding: int | None
-    batch_size: int
-    seq_len: int
-    devices: int
-    max_steps: int | None
-    final_step: int
-    val: list[tuple[int, float]]
-    val_ppl: list[tuple[int, float]]
-    train: list[tuple[int, float]]
-    tokens_per_s: list[float]
-    mfu: list[float]
-    diag: dict[str, list[tuple[int, float]]]  # "layer{i}/{stat}" -> history
-    tags: dict[str, str] = field(default_factory=dict)
-    model: dict[str, str] = field(default_factory=dict)  # the model.model.* params
-    start_time: int = 0
-    end_time: int | None = None
+class Summary:
+    n: int
+    mean: float
+    sd: float | None  # sample std (n − 1); None for n < 2
+    lo: float | None  # t-based 95% interval of the mean; None for n < 2
+    hi: float | None
 
     @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.devices
-
-    @property
-    def tokens_seen(self) -> int:
-        return self.final_step * self.tokens_per_step
-
-    @property
-    def final_val(self) -> float | None:
-        return self.val[-1][1] if self.val else None
-
-    @property
-    def final_val_step(self) -> int | None:
-        return self.val[-1][0] if self.val else None
-
-    @property
-    def final_ppl(self) -> float | None:
-        if self.val_ppl:
-            return self.val_ppl[-1][1]
-        return math.exp(self.final_val) if self.final_val is not None else None
-
-    @property
-    def median_tokens_per_s(self) -> float | None:
-        return statistics.median(self.tokens_per_s) if self.tokens_per_s else None
-
-    @property
-    def median_mfu(self) -> float | None:
-        return statistics.median(self.mfu) if self.mfu else None
-
-    @property
-    def cut(self) -> bool:
-        """Stopped before max_steps (by max_time, a failure or a kill): fewer tokens than the others."""
-        return self.max_steps is not None and self.final_step < self.max_steps
-
-    @property
-    def stop_reason(self) -> str:
-        if not self.cut:
-            return "no"
-        if self.tags.get("paper.stopped_by_max_time") == "true":
-            return f"yes: max_time at step {self.final_step}/{self.max_steps}"
-        if self.status != "FINISHED" or self.tags.get("paper.exit_code", "0") != "0":
-            return f"yes: run {self.status.lower()} at step {self.final_step}/{self.max_steps}"
-        return f"yes: stopped at step {self.final_step}/{self.max_steps}"
-
-    @property
-    def wr_shape(self) -> str:
-        d, h, hd = (_int(self.model.get(k)) for k in ("d_model", "n_heads", "head_dim"))
-        return f"{h * hd}x{d}" if d and h and hd else "?"
-
-    @property
-    def wr_rank_bound(self) -> str:
-        d, h, hd = (_int(self.model.get(k)) for k in ("d_model", "n_heads", "head_dim"))
-        return str(min(d, h * hd)) if d and h and hd else "?"
-
-    def layers(self, stat: str) -> list[float]:
-        """The diagnostic `stat` of every layer at its last measurement, by layer index."""
-        found = {}
-        for key, history in self.diag.items():
-            layer, _, name = key.partition("/")
-            if name == stat and history:
-                found[int(layer.removeprefix("layer"))] = history[-1][1]
-        return [found[i] for i in sorted(found)]
-
-    def layer_mean_history(self, stat: str) -> list[tuple[int, float]]:
-        """(step, mean over layers) of a diagnostic, at the steps where every layer has a value."""
-        per_step: dict[int, list[float]] = {}
-        n_layers = 0
-        for key, history in self.diag.items():
-            if key.partition("/")[2] != stat:
-                continue
-            n_layers += 1
-            for step, value in history:
-                per_step.setdefault(step, []).append(value)
-        return [(s, sum(v) / len(v)) for s, v in sorted(per_step.items()) if len(v) == n_layers]
+    def verdict(self) -> str:
+        """Where the interval lies relative to 0."""
+        if self.lo is None:
+            return "one seed: no interval"
+        if self.hi < 0:
+            return "below 0"
+        if self.lo > 0:
+            return "above 0"
+        return "contains 0: inconclusive"
 
 
-def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+def summarize(values: list[float], level: float = 0.95) -> Summary | None:
+    n = len(values)
+    if n == 0:
+        return None
+    mean = sum(values) / n
+    if n < 2:
+        return Summary(n, mean, None, None, None)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return Summary(n, mean, sd, mean - half, mean + half)
 
 
-def _int(value, default=None):
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return default
+# ---------------------------------------------------------------------------------------------- records
 
 
-def load_runs(tracking_uri: str, experiment: str, grid_id: str | None = None) -> tuple[str, list[Run]]:
-    """(grid id, runs of that grid); the newest grid of the experiment when grid_id is None."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise SystemExit(f"report: no experiment {experiment!r} in {tracking_uri} (found: {names})")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    tagged = [r for r in runs if "paper.grid_id" in r.data.tags]
-    if not tagged:
-        raise SystemExit(f"report: no run of {experiment!r} carries a paper.grid_id tag (made by run_grid.py)")
-    if grid_id is None:
-        grid_id = max(tagged, key=lambda r: r.info.start_time).data.tags["paper.grid_id"]
-    chosen = [r for r in tagged if r.data.tags["paper.grid_id"] == grid_id]
-    if not chosen:
-        raise SystemExit(f"report: no run with paper.grid_id={grid_id!r} in {experiment!r}")
-    by_cell: dict[str, object] = {}
-    for r in sorted(chosen, key=lambda r: r.info.start_time):  # a repeated cell: the newest run wins
-        by_cell[r.data.tags.get("paper.cell", r.info.run_name)] = r
-    out = []
-    for cell, r in by_cell.items():
-        params, tags, rid = r.data.params, r.data.tags, r.info.run_id
-        histories = {key: _history(client, rid, key) for key in r.data.metrics}
-        # Lightning logs what the LightningModule logs (train/, val/) at its count of finished steps minus one
-        # (validation after N optimizer steps is logged at step N-1); the platform's callbacks (perf/, diag/)
-        # log at trainer.global_step. Shift the former so every history is keyed by optimizer steps done.
-        for key in list(histories):
-            if key.startswith(LIGHTNING_LOGGED):
-                histories[key] = [(s + 1, v) for s, v in histories[key]]
-        # The training step reached: MLflow's system metrics count their own samples, so only training keys.
-        steps = [s for k, h in histories.items() if k.startswith(TRAINING_KEYS) for s, _ in h]
-        diag = {k.removeprefix("diag/"): h for k, h in histories.items() if k.startswith("diag/")}
-        devices = _int(params.get("trainer.devices"), 1) or 1
-        out.append(
-            Run(
-                run_id=rid,
-                cell=cell,
-                name=r.info.run_name,
-                status=r.info.status,
-                attention=params.get("model.model.attention", "?"),
-                optimizer=params.get("model.optimizer.name", "?"),
-                params_non_embedding=_int(params.get("model.params_non_embedding")),
-                batch_size=_int(params.get("data.batch_size"), 0),
-                seq_len=_int(params.get("data.seq_len"), 0),
-                devices=devices,
-                max_steps=_int(params.get("trainer.max_steps")),
-                final_step=max(steps, default=0),
-                val=histories.get("val/loss", []),
-                val_ppl=histories.get("val/ppl", []),
-                train=histories.get("train/loss", []),
-                tokens_per_s=[v for _, v in histories.get("perf/tokens_per_s", [])],
-                mfu=[v for _, v in histories.get("perf/mfu", [])],
-                diag=diag,
-                tags=dict(tags),
-                model={k.removeprefix("model.model."): v for k, v in params.items() if k.startswith("model.model.")},
-                start_time=r.info.start_time,
-                end_time=r.info.end_time,
-            )
-        )
-    order = {c: i for i, c in enumerate(GRID_CELLS)}
-    out.sort(key=lambda run: (order.get(run.cell, len(order)), run.cell))
-    return grid_id, out
+def load_records(runs_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(runs_dir).glob("*.json")):
+        record = json.loads(path.read_text())
+        for key in ("run_name", "cell", "status", "seed"):
+            if key not in record:
+                raise SystemExit(f"report: {path} has no {key!r} (not an export_runs.py record)")
+        records.append(record)
+    return records
 
 
-# ------------------------------------------------------------------------------------------ formatting
+def ok(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["status"] == "ok" and r.get("final_val_loss") is not None]
 
 
-def fmt(value, spec: str = ".3f", missing: str = "—") -> str:
+def _lr(record: dict) -> float | None:
+    return record.get("lr")
+
+
+def chosen_lr(records: list[dict], cell: str) -> tuple[float | None, str]:
+    """(the cell's LR, why): main cells by the seed-0 sweep; other cells the LR holding most seeds."""
+    runs = [r for r in ok(records) if r["cell"] == cell and _lr(r) is not None]
+    if not runs:
+        return None, "no complete run"
+    if cell in MAIN_CELLS:
+        sweep = {_lr(r): r["final_val_loss"] for r in runs if r["seed"] == 0}
+        if not sweep:
+            return None, "no complete seed-0 run"
+        best = min(sweep, key=sweep.get)
+        grid = sorted(sweep)
+        edge = len(grid) > 1 and best in (grid[0], grid[-1])
+        return best, f"lowest of {len(grid)} seed-0 point(s)" + (" — AT THE GRID'S EDGE" if edge else "")
+    counts: dict[float, int] = {}
+    for r in runs:
+        counts[_lr(r)] = counts.get(_lr(r), 0) + 1
+    best = max(sorted(counts), key=lambda lr: counts[lr])
+    return best, f"{counts[best]} seed(s)"
+
+
+def cell_runs(records: list[dict], cell: str, lr: float | None, min_seed: int = 0) -> dict[int, dict]:
+    """seed -> the complete run of `cell` at `lr` (the newest if repeated)."""
+    out = {}
+    for r in sorted(ok(records), key=lambda r: r.get("start_time_ms") or 0):
+        if r["cell"] == cell and lr is not None and _close(_lr(r), lr) and r["seed"] >= min_seed:
+            out[r["seed"]] = r
+    return out
+
+
+def _close(a, b) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9)
+
+
+def paired(records: list[dict], a: str, b: str, min_seed: int = 0) -> tuple[list[int], list[float]]:
+    """Seeds both cells have at their chosen LRs, and the per-seed differences L_a − L_b."""
+    ra = cell_runs(records, a, chosen_lr(records, a)[0], min_seed)
+    rb = cell_runs(records, b, chosen_lr(records, b)[0], min_seed)
+    seeds = sorted(set(ra) & set(rb))
+    return seeds, [ra[s]["final_val_loss"] - rb[s]["final_val_loss"] for s in seeds]
+
+
+def interaction(records: list[dict], min_seed: int = 0) -> tuple[list[int], list[float]]:
+    sm, gm = paired(records, "parallax-muon", "softmax-muon", min_seed)
+    sa, ga = paired(records, "parallax-adamw", "softmax-adamw", min_seed)
+    muon, adamw = dict(zip(sm, gm)), dict(zip(sa, ga))
+    seeds = sorted(set(muon) & set(adamw))
+    return seeds, [muon[s] - adamw[s] for s in seeds]
+
+
+def pooled_sd(records: list[dict]) -> tuple[float | None, int]:
+    """Pooled within-cell seed-to-seed std of the final loss (over every cell at its LR), and its df."""
+    ss, df = 0.0, 0
+    for cell in sorted({r["cell"] for r in ok(records)}):
+        values = [r["final_val_loss"] for r in cell_runs(records, cell, chosen_lr(records, cell)[0]).values()]
+        if len(values) > 1:
+            m = sum(values) / len(values)
+            ss += sum((v - m) ** 2 for v in values)
+            df += len(values) - 1
+    return (math.sqrt(ss / df) if df else None), df
+
+
+# ------------------------------------------------------------------------------------------- next runs
+
+
+def spec(cell: str, lr: float, seed: int, muon_lr: float | None = None) -> str:
+    return f"{cell}:{lr:g}:{seed}" + (f":{muon_lr:g}" if muon_lr is not None else "")
+
+
+def next_runs(records: list[dict], seeds: int = SEEDS_MIN) -> list[str]:
+    """The run specs (for run_grid.py --runs) that the protocol still needs, in its order: the sweep (and an
+    extension past an edge optimum), then seeds at the chosen LRs, controls, swaps."""
+    done = {(r["cell"], round(_lr(r) or 0, 12), r["seed"]) for r in records if r["status"] == "ok"}
+    todo: list[str] = []
+
+    def want(cell, lr, seed, muon_lr=None):
+        if (cell, round(lr, 12), seed) not in done:
+            todo.append(spec(cell, lr, seed, muon_lr))
+
+    chosen: dict[str, float | None] = {}
+    for cell in MAIN_CELLS:
+        grid = LR_GRID[cell.split("-")[1]]
+        for lr in grid:
+            want(cell, lr, 0)
+        sweep = {_lr(r): r["final_val_loss"] for r in ok(records) if r["cell"] == cell and r["seed"] == 0}
+        if not all(any(_close(lr, x) for x in sweep) for lr in grid):
+            chosen[cell] = None
+            continue
+        points = sorted(sweep)
+        best = min(sweep, key=sweep.get)
+        if best == points[0]:
+            want(cell, best / 2, 0)
+            chosen[cell] = None
+        elif best == points[-1]:
+            want(cell, best * 2, 0)
+            chosen[cell] = None
+        else:
+            chosen[cell] = best
+    for cell in MAIN_CELLS:
+        if chosen[cell] is not None:
+            for seed in range(1, seeds):
+                want(cell, chosen[cell], seed)
+    mu_s, mu_p, ad_p = chosen["softmax-muon"], chosen["parallax-muon"], chosen["parallax-adamw"]
+    for seed in range(seeds):
+        if mu_s is not None:
+            want("softmax_pm-muon", mu_s, seed)
+        if mu_p is not None:
+            want("parallax_cm-muon", mu_p, seed)
+            want("swap_wr_adamw", mu_p, seed)
+        if ad_p is not None and mu_p is not None:
+            want("swap_wr_muon", ad_p, seed, mu_p)
+    return todo
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+
+def fmt(value, spec: str = ".4f", missing: str = "—") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return missing
     return format(value, spec)
 
 
-def fmt_tokens(n: int | None) -> str:
-    if n is None:
+def fmt_summary(s: Summary | None, spec: str = "+.4f") -> str:
+    if s is None:
         return "—"
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    if s.lo is None:
+        return f"{s.mean:{spec}} (n=1)"
+    sd_spec = spec.lstrip("+")
+    return f"{s.mean:{spec}} ± {s.sd:{sd_spec}} (n={s.n}); 95% CI [{s.lo:{spec}}, {s.hi:{spec}}]"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -237,431 +297,285 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def deep_half(values: list[float]) -> list[float]:
-    return values[len(values) // 2 :]
-
-
-def mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def main_table(runs: list[Run]) -> str:
-    header = [
-        "run",
-        "attention",
-        "optimizer",
-        "non-emb. params",
-        "steps",
-        "tokens seen",
-        "final val loss",
-        "val ppl",
-        "tokens/s (median)",
-        "MFU (median)",
-        "corr. ratio, deep-half mean",
-        "W_R stable rank, mean",
-        "cut by max_time",
-    ]
+def runs_table(records: list[dict]) -> str:
     rows = []
-    for r in runs:
-        ratio = mean(deep_half(r.layers("correction_ratio")))
-        srank = mean(r.layers("stable_rank_w_r"))
+    for r in sorted(records, key=lambda r: (r["cell"], _lr(r) or 0, r["seed"])):
         rows.append(
             [
-                r.cell,
-                r.attention,
-                r.optimizer,
-                fmt(r.params_non_embedding / 1e6, ".1f") + "M" if r.params_non_embedding else "—",
-                f"{r.final_step}/{r.max_steps}",
-                fmt_tokens(r.tokens_seen),
-                fmt(r.final_val, ".4f"),
-                fmt(r.final_ppl, ".2f"),
-                fmt(r.median_tokens_per_s, ",.0f"),
-                fmt(100 * r.median_mfu, ".1f") + "%" if r.median_mfu is not None else "—",
-                fmt(ratio, ".2f"),
-                fmt(srank, ".1f"),
-                r.stop_reason,
+                r["run_name"],
+                r["cell"],
+                fmt(_lr(r), "g"),
+                str(r["seed"]),
+                r["status"],
+                f"{r.get('final_step')}/{r.get('max_steps')}",
+                fmt((r.get("tokens") or 0) / 1e6, ".2f") + "M",
+                fmt(r.get("final_val_loss")),
+                fmt(r.get("tokens_per_s_median"), ",.0f"),
+                fmt(r.get("wall_s"), ".0f"),
+                (r.get("git_commit") or "?")[:10],
             ]
         )
+    header = [
+        "run",
+        "cell",
+        "lr",
+        "seed",
+        "status",
+        "steps",
+        "tokens",
+        "final val loss",
+        "tokens/s",
+        "wall s",
+        "commit",
+    ]
     return md_table(header, rows)
 
 
-def layer_table(runs: list[Run], stat: str) -> str | None:
-    rows = [(r, r.layers(stat)) for r in runs]
-    rows = [(r, v) for r, v in rows if v]
+def sweep_table(records: list[dict]) -> str:
+    rows = []
+    for cell in sorted({r["cell"] for r in records}, key=lambda c: (c not in MAIN_CELLS, c)):
+        points = sorted((_lr(r), r["final_val_loss"]) for r in ok(records) if r["cell"] == cell and r["seed"] == 0)
+        if not points:
+            continue
+        lr, why = chosen_lr(records, cell)
+        rows.append([cell, ", ".join(f"{x:g}: {v:.4f}" for x, v in points), fmt(lr, "g"), why])
+    return md_table(["cell", "seed 0: lr → final val loss", "chosen lr", "why"], rows)
+
+
+def cells_table(records: list[dict]) -> str:
+    rows = []
+    for cell in sorted({r["cell"] for r in records}, key=lambda c: (c not in MAIN_CELLS, c)):
+        lr, _ = chosen_lr(records, cell)
+        runs = cell_runs(records, cell, lr)
+        s = summarize([r["final_val_loss"] for r in runs.values()])
+        if s is None:
+            continue
+        rows.append([cell, fmt(lr, "g"), str(s.n), ", ".join(str(k) for k in sorted(runs)), f"{s.mean:.4f}", fmt(s.sd)])
+    return md_table(["cell", "lr", "n", "seeds", "final val loss, mean", "std (seeds)"], rows)
+
+
+def comparisons(records: list[dict], min_seed: int = 0) -> list[list[str]]:
+    rows = []
+    for name, a, b, what in COMPARISONS:
+        seeds, diffs = paired(records, a, b, min_seed)
+        s = summarize(diffs)
+        if s is not None:
+            rows.append([name, what, ", ".join(map(str, seeds)), fmt_summary(s), s.verdict])
+    seeds, diffs = interaction(records, min_seed)
+    s = summarize(diffs)
+    if s is not None:
+        rows.append(["interaction", "gap_Muon − gap_AdamW (C2)", ", ".join(map(str, seeds)), fmt_summary(s), s.verdict])
+    return rows
+
+
+def diag_values(record: dict, stat: str, when: str) -> float | None:
+    """Mean over layers (correction ratio: over the deep half) of a diagnostic at step 0 or at the end."""
+    values = (record.get("diagnostics") or {}).get(when, {}).get(stat)
+    if not values:
+        return None
+    if stat == "correction_ratio":
+        values = values[len(values) // 2 :]
+    return sum(values) / len(values)
+
+
+def diagnostics_table(records: list[dict]) -> str | None:
+    rows = []
+    for cell in sorted({r["cell"] for r in records}, key=lambda c: (c not in MAIN_CELLS, c)):
+        runs = cell_runs(records, cell, chosen_lr(records, cell)[0]).values()
+        for stat in DIAG_STATS:
+            start = [diag_values(r, stat, "step0") for r in runs]
+            end = [diag_values(r, stat, "final") for r in runs]
+            pairs = [(a, b) for a, b in zip(start, end) if a is not None and b is not None]
+            if not pairs:
+                continue
+            s0 = summarize([a for a, _ in pairs])
+            s1 = summarize([b for _, b in pairs])
+            change = summarize([b - a for a, b in pairs])
+            rows.append(
+                [
+                    cell,
+                    stat,
+                    str(len(pairs)),
+                    f"{s0.mean:.2f}",
+                    f"{s1.mean:.2f}",
+                    fmt_summary(change, "+.2f"),
+                ]
+            )
     if not rows:
         return None
-    n = max(len(v) for _, v in rows)
-    spec = ".2f" if "ratio" in stat else ".1f"
-    return md_table(["run", *[f"L{i}" for i in range(n)]], [[r.cell, *[fmt(x, spec) for x in v]] for r, v in rows])
+    return md_table(["cell", "diagnostic (layer mean)", "n", "step 0", "end", "change end − step 0"], rows)
 
 
-# ---------------------------------------------------------------------------------------------- claims
-
-
-def _times(a: float, b: float) -> str:
-    return f"×{a / b:.2f}" if b > 0 else "AdamW's is zero"
-
-
-def equal_token_step(runs: list[Run]) -> tuple[int, dict[str, float]] | None:
-    """The last validation step that every run logged, with each run's val loss there."""
-    steps = [set(step for step, _ in r.val) for r in runs if r.val]
-    if len(steps) != len(runs) or not steps:
-        return None
-    shared = set.intersection(*steps)
-    if not shared:
-        return None
-    step = max(shared)
-    return step, {r.cell: dict(r.val)[step] for r in runs}
-
-
-def claims(runs: list[Run], min_gap: float, bench: dict | None = None) -> list[str]:
-    """Each of the paper's claims, checked against this grid's numbers (nothing here is a constant result)."""
-    cells = {r.cell: r for r in runs}
-    lines: list[str] = []
-
-    def val(cell):
-        r = cells.get(cell)
-        return None if r is None else r.final_val
-
-    def missing(*names):
-        gone = [n for n in names if val(n) is None]
-        return f"not measured: no final validation loss for {', '.join(gone)}" if gone else None
-
-    cut = [r for r in runs if r.cut]
-    tokens = {r.cell: r.tokens_seen for r in runs}
-    if cut:
-        lines.append(
-            "**Unequal token counts.** "
-            + "; ".join(f"{r.cell}: {r.stop_reason} ({fmt_tokens(r.tokens_seen)} tokens)" for r in cut)
-            + ". Loss comparisons involving these runs favour the runs that trained longer."
-        )
-
-    # 1 and 2: the loss gap Parallax − softmax under each optimizer (negative = Parallax better)
-    gaps = {}
-    for opt in ("muon", "adamw"):
-        a, b = f"parallax-{opt}", f"softmax-{opt}"
-        if val(a) is not None and val(b) is not None:
-            gaps[opt] = val(a) - val(b)
-    why = missing("parallax-muon", "softmax-muon")
-    if why:
-        lines.append(f"1. *Parallax beats softmax under Muon* — {why}.")
-    else:
-        g = gaps["muon"]
-        verdict = "holds" if g < -min_gap else ("does not hold" if g > min_gap else "inconclusive")
-        lines.append(
-            f"1. *Parallax beats softmax under Muon* (same width, depth and tokens) — **{verdict}**: "
-            f"val loss {val('parallax-muon'):.4f} vs {val('softmax-muon'):.4f}, gap Parallax − softmax = {g:+.4f} nats "
-            f"(perplexity ×{math.exp(g):.3f}; |gap| ≤ {min_gap} is called inconclusive)."
-        )
-    why = missing("parallax-adamw", "softmax-adamw")
-    if why or "muon" not in gaps:
-        lines.append(
-            f"2. *The advantage mostly disappears under AdamW* — {why or 'not measured: the Muon gap is missing'}."
-        )
-    else:
-        gm, ga = gaps["muon"], gaps["adamw"]
-        adv_m, adv_a = -gm, -ga
-        if adv_m <= min_gap:
-            verdict = "not testable (no Muon advantage to lose)"
-        elif adv_a < 0.5 * adv_m:
-            verdict = "holds"
-        else:
-            verdict = "does not hold"
-        lines.append(
-            f"2. *The advantage mostly disappears under AdamW* — **{verdict}**: gap Parallax − softmax under AdamW "
-            f"{ga:+.4f} nats vs {gm:+.4f} under Muon (the rule: the AdamW advantage is under half the Muon "
-            f"advantage, which must exceed {min_gap})."
-        )
-
-    # 1 and 2 again at equal tokens: when max_time cut some runs, compare at the last validation step every grid
-    # cell reached (same tokens, same position in the schedule), which removes the bias named above.
-    common = equal_token_step([cells[c] for c in GRID_CELLS if c in cells]) if cut else None
-    if common is not None:
-        step, at = common
-        eq_gaps = {
-            opt: at[f"parallax-{opt}"] - at[f"softmax-{opt}"]
-            for opt in ("muon", "adamw")
-            if f"parallax-{opt}" in at and f"softmax-{opt}" in at
-        }
-        if "muon" in eq_gaps:
-            gm = eq_gaps["muon"]
-            v1 = "holds" if gm < -min_gap else ("does not hold" if gm > min_gap else "inconclusive")
-            text = (
-                f"1′. *At equal tokens* (validation after step {step}, {fmt_tokens(step * runs[0].tokens_per_step)} "
-                f"tokens each, the last one all cells reached): Parallax − softmax under Muon {gm:+.4f} nats "
-                f"({at['parallax-muon']:.4f} vs {at['softmax-muon']:.4f}) — claim 1 **{v1}** at equal tokens"
+def wr_vs_wq(records: list[dict]) -> list[str]:
+    """C4's control: within each Parallax run, W_R's change in stable rank minus W_Q's."""
+    lines = []
+    for cell in sorted({r["cell"] for r in records if r.get("attention") == "parallax"}):
+        diffs = []
+        for r in cell_runs(records, cell, chosen_lr(records, cell)[0]).values():
+            vals = [diag_values(r, s, w) for s in ("stable_rank_w_r", "stable_rank_w_q") for w in ("step0", "final")]
+            if None not in vals:
+                r0, r1, q0, q1 = vals
+                diffs.append((r1 - r0) - (q1 - q0))
+        s = summarize(diffs)
+        if s is not None:
+            lines.append(
+                f"- {cell}: (ΔW_R − ΔW_Q) stable rank {fmt_summary(s, '+.2f')} — {s.verdict}"
+                + (" (W_R moves like W_Q)" if s.lo is not None and s.lo <= 0 <= s.hi else "")
             )
-            if "adamw" in eq_gaps:
-                ga = eq_gaps["adamw"]
-                if -gm <= min_gap:
-                    v2 = "not testable (no Muon advantage to lose)"
-                else:
-                    v2 = "holds" if -ga < 0.5 * -gm else "does not hold"
-                text += (
-                    f"; under AdamW {ga:+.4f} nats ({at['parallax-adamw']:.4f} vs {at['softmax-adamw']:.4f}) — "
-                    f"claim 2 **{v2}** at equal tokens"
-                )
-            lines.append(text + ".")
-
-    # 1b: the matched controls, when they ran (param-matched softmax, compute-matched Parallax; both Muon)
-    for control, other, what in (
-        ("softmax_pm-muon", "parallax-muon", "Parallax vs softmax with as many parameters (1.5x query heads)"),
-        ("parallax_cm-muon", "softmax-muon", "compute-matched Parallax (half head dim, larger MLP) vs softmax"),
-    ):
-        if control not in cells:
-            continue
-        if val(control) is None or val(other) is None:
-            lines.append(f"1b. *{what}* — {missing(control, other)}.")
-            continue
-        parallax_side, softmax_side = (other, control) if control.startswith("softmax") else (control, other)
-        g = val(parallax_side) - val(softmax_side)
-        verdict = "Parallax better" if g < -min_gap else ("softmax better" if g > min_gap else "inconclusive")
-        lines.append(
-            f"1b. *{what}, under Muon* — **{verdict}**: {parallax_side} {val(parallax_side):.4f} vs {softmax_side} "
-            f"{val(softmax_side):.4f}, gap {g:+.4f} nats."
-        )
-
-    # 3 and 4: the codesign evidence from the diagnostics of the two Parallax runs
-    pm, pa = cells.get("parallax-muon"), cells.get("parallax-adamw")
-    if pm is None or pa is None or not pm.layers("correction_ratio") or not pa.layers("correction_ratio"):
-        lines.append(
-            "3. *Muon keeps the correction branch large* — not measured: a Parallax run or its diagnostics is missing."
-        )
-    else:
-        rm, ra = pm.layers("correction_ratio"), pa.layers("correction_ratio")
-        dm, da = mean(deep_half(rm)), mean(deep_half(ra))
-        verdict = "holds" if dm > da else "does not hold"
-        lines.append(
-            f"3. *Muon keeps the correction branch large* — **{verdict}**: correction-to-output ratio ‖Cov·r‖/‖v̄‖ "
-            f"in the deep half of the layers {dm:.2f} under Muon vs {da:.2f} under AdamW ({_times(dm, da)}); "
-            f"by layer, Muon {', '.join(f'{x:.2f}' for x in rm)}; AdamW {', '.join(f'{x:.2f}' for x in ra)}. "
-            f"The paper (0.6B): {PAPER['correction_ratio']}."
-        )
-    if pm is None or pa is None or not pm.layers("stable_rank_w_r") or not pa.layers("stable_rank_w_r"):
-        lines.append("4. *Muon keeps W_R high-rank* — not measured: a Parallax run or its diagnostics is missing.")
-    else:
-        sm, sa = mean(pm.layers("stable_rank_w_r")), mean(pa.layers("stable_rank_w_r"))
-        verdict = "holds" if sm > sa else "does not hold"
-        lines.append(
-            f"4. *Muon keeps W_R high-rank* — **{verdict}**: mean stable rank of W_R {sm:.1f} under Muon vs "
-            f"{sa:.1f} under AdamW ({_times(sm, sa)}; at most {pm.wr_rank_bound} for its {pm.wr_shape} shape). "
-            f"The paper (0.6B): {PAPER['wr_stable_rank']}."
-        )
-
-    # 5: end-to-end throughput, from the grid runs themselves and from bench_e2e when given
-    parts = []
-    for opt in ("muon", "adamw"):
-        a, b = cells.get(f"parallax-{opt}"), cells.get(f"softmax-{opt}")
-        if a and b and a.median_tokens_per_s and b.median_tokens_per_s:
-            ratio = a.median_tokens_per_s / b.median_tokens_per_s
-            parts.append(
-                f"{opt}: {a.median_tokens_per_s:,.0f} / {b.median_tokens_per_s:,.0f} tokens/s = {ratio:.2f}× "
-                f"({'meets' if ratio >= 0.8 else 'misses'} the 0.8× target)"
-            )
-    if bench:
-        for row in bench.get("ratios", []):
-            parts.append(
-                f"bench_e2e at T={row['seq_len']}: {row['parallax_tokens_per_s']:,.0f} / "
-                f"{row['softmax_tokens_per_s']:,.0f} tokens/s = {row['ratio']:.2f}× "
-                f"({'meets' if row['ratio'] >= 0.8 else 'misses'} the 0.8× target)"
-            )
-    if parts:
-        lines.append("5. *End-to-end throughput, Parallax / softmax (same call)* — " + "; ".join(parts) + ".")
-    else:
-        lines.append("5. *End-to-end throughput* — not measured: no tokens/s for a Parallax/softmax pair.")
-    if not cut and len(set(tokens.values())) > 1:
-        lines.append(f"Note: token counts differ although no run was cut: {tokens}.")
     return lines
 
 
 # --------------------------------------------------------------------------------------------- figures
 
 
-def make_figures(runs: list[Run], out_dir: Path) -> list[str]:
+def make_figures(records: list[dict], out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     written = []
-    colors = {"softmax-muon": "C0", "parallax-muon": "C3", "softmax-adamw": "C9", "parallax-adamw": "C1"}
-    styles = {"muon": "-", "adamw": "--"}
+    cells = sorted({r["cell"] for r in ok(records)}, key=lambda c: (c not in MAIN_CELLS, c))
+    colors = {c: f"C{i}" for i, c in enumerate(cells)}
 
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
-    for r in runs:
-        if not r.val:
-            continue
-        x = [s * r.tokens_per_step / 1e6 for s, _ in r.val]
-        ax.plot(
-            x,
-            [v for _, v in r.val],
-            styles.get(r.optimizer, ":"),
-            marker="o",
-            markersize=3,
-            color=colors.get(r.cell),
-            label=r.cell + (" (cut)" if r.cut else ""),
-        )
+    for cell in cells:
+        runs = list(cell_runs(records, cell, chosen_lr(records, cell)[0]).values())
+        for i, r in enumerate(runs):
+            x = [s * r["tokens_per_step"] / 1e6 for s, _ in r["val_loss"]]
+            label = f"{cell} ({len(runs)} seeds)" if i == 0 else None
+            ax.plot(
+                x, [v for _, v in r["val_loss"]], color=colors[cell], alpha=0.7, marker="o", markersize=2, label=label
+            )
     ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss vs tokens")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Validation loss at each cell's chosen LR, every seed")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.savefig(out_dir / "val_loss.png", dpi=120)
     written.append("val_loss.png")
 
-    for stat, name, ylabel, title in (
-        ("correction_ratio", "correction_ratio.png", "‖Cov·r‖ / ‖v̄‖", "Correction-to-output ratio"),
-        ("stable_rank_w_r", "wr_stable_rank.png", "stable rank ‖W‖²_F / ‖W‖²_2", "Stable rank of W_R"),
-    ):
-        fig = Figure(figsize=(10, 4), layout="constrained")
-        left, right = fig.subplots(1, 2)
-        for r in runs:
-            values = r.layers(stat)
-            if not values:
-                continue
-            style = dict(color=colors.get(r.cell), linestyle=styles.get(r.optimizer, ":"), marker="o", markersize=3)
-            left.plot(range(len(values)), values, label=r.cell, **style)
-            history = r.layer_mean_history(stat)
-            right.plot(
-                [s * r.tokens_per_step / 1e6 for s, _ in history], [v for _, v in history], label=r.cell, **style
-            )
-        left.xaxis.set_major_locator(MaxNLocator(integer=True))
-        left.set_xlabel("layer")
-        left.set_ylabel(ylabel)
-        left.set_title(f"{title} by layer, end of training")
-        right.set_xlabel("training tokens (M)")
-        right.set_ylabel(f"mean over layers of {ylabel}")
-        right.set_title(f"{title} during training")
-        for ax in (left, right):
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        fig.savefig(out_dir / name, dpi=120)
-        written.append(name)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = dict(zip(("muon", "adamw"), fig.subplots(1, 2)))
+    for cell in cells:
+        points = sorted((_lr(r), r["final_val_loss"]) for r in ok(records) if r["cell"] == cell and r["seed"] == 0)
+        opt = "adamw" if cell.endswith("adamw") or cell == "swap_wr_muon" else "muon"
+        if points:
+            axes[opt].plot(*zip(*points), marker="o", color=colors[cell], label=cell)
+    for opt, ax in axes.items():
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{'Muon' if opt == 'muon' else 'AdamW'} learning rate")
+        ax.set_ylabel("final held-out loss, seed 0")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("Learning-rate sweep")
+    fig.savefig(out_dir / "lr_sweep.png", dpi=120)
+    written.append("lr_sweep.png")
+
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(DIAG_STATS))
+    for ax, stat in zip(axes, DIAG_STATS):
+        labels, starts, ends = [], [], []
+        for cell in cells:
+            runs = cell_runs(records, cell, chosen_lr(records, cell)[0]).values()
+            pairs = [(diag_values(r, stat, "step0"), diag_values(r, stat, "final")) for r in runs]
+            pairs = [p for p in pairs if None not in p]
+            if pairs:
+                labels.append(cell)
+                starts.append(sum(a for a, _ in pairs) / len(pairs))
+                ends.append(sum(b for _, b in pairs) / len(pairs))
+        x = range(len(labels))
+        ax.bar([i - 0.2 for i in x], starts, width=0.4, label="step 0", color="0.7")
+        ax.bar([i + 0.2 for i in x], ends, width=0.4, label="end", color="C3")
+        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=7)
+        ax.set_title(stat, fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Diagnostics at step 0 and at the end (layer means; correction ratio: deep half)")
+    fig.savefig(out_dir / "diagnostics_change.png", dpi=120)
+    written.append("diagnostics_change.png")
     return written
 
 
 # ---------------------------------------------------------------------------------------------- report
 
 
-def settings_line(runs: list[Run]) -> str:
-    r = runs[0]
-    gpus = sorted({x.tags.get("parallax.gpu", "?") for x in runs})
-    commits = sorted({x.tags.get("parallax.git_commit", "unknown")[:10] for x in runs})
-    return (
-        f"Per run: {r.max_steps} steps x {r.batch_size} x {r.seq_len} tokens = {fmt_tokens((r.max_steps or 0) * r.tokens_per_step)} "
-        f"planned; device {', '.join(gpus)}; torch {r.tags.get('parallax.torch_version', '?')}, "
-        f"triton {r.tags.get('parallax.triton_version', '?')}; code commit {', '.join(commits)}."
-        + (f" max_steps: {r.tags['paper.steps_rule']}." if "paper.steps_rule" in r.tags else "")
-    )
-
-
-def render(
-    grid_id: str, runs: list[Run], experiment: str, tracking_uri: str, min_gap: float, bench, figures, shot
-) -> str:
-    synthetic = any(r.tags.get("synthetic") == "true" for r in runs)
-    lines = ["# Paper grid: Parallax vs softmax under Muon and AdamW", ""]
+def render(records: list[dict], runs_dir: Path, figures: list[str]) -> str:
+    synthetic = any(r.get("tags", {}).get("synthetic") == "true" for r in records)
+    lines = ["# Paper campaign: Parallax vs softmax under Muon and AdamW", ""]
     if synthetic:
-        lines += ["**SYNTHETIC TEST DATA — these numbers were logged by a test, not measured by training.**", ""]
+        lines += ["**SYNTHETIC TEST DATA — these numbers were written by a test, not measured by training.**", ""]
+    complete = ok(records)
+    try:
+        shown = Path(runs_dir).resolve().relative_to(HERE.parent.parent)
+    except ValueError:
+        shown = runs_dir
     lines += [
-        f"Generated by `experiments/paper/report.py` on {time.strftime('%Y-%m-%d %H:%M')} from MLflow experiment "
-        f"`{experiment}`, grid `{grid_id}` ({len(runs)} runs; store `{tracking_uri}`). Command that made the runs: "
-        f"`bash experiments/paper/run_grid.sh` (see experiments/paper/README.md).",
-        "",
-        settings_line(runs),
-        "",
-        "## Results",
-        "",
-        main_table(runs),
-        "",
-        "Final val loss: the whole fixed validation split at the last validation step. Tokens/s and MFU: medians of "
-        "the windows SpeedMonitor logged (validation excluded; MFU counts attention FLOPs by hand against the "
-        "GPU's dense bf16 peak). Correction ratio and stable ranks: the ParallaxDiagnostics callback at the last step.",
+        f"Generated by `experiments/paper/report.py` on {time.strftime('%Y-%m-%d %H:%M')} from {len(records)} run "
+        f"record(s) in `{shown}` ({len(complete)} complete). Protocol: [PROTOCOL.md](PROTOCOL.md). The "
+        "2026-11-28 grid is a pilot ([PILOT.md](PILOT.md)) and is not part of these numbers.",
         "",
     ]
-    missing = [c for c in GRID_CELLS if c not in {r.cell for r in runs}]
-    if missing:
-        lines += [f"Missing cells: {', '.join(missing)}.", ""]
-    for stat, title in (
-        ("correction_ratio", "Correction-to-output ratio ‖Cov·r‖/‖v̄‖ by layer"),
-        ("stable_rank_w_r", "Stable rank of W_R by layer"),
-        ("stable_rank_w_q", "Stable rank of W_Q by layer"),
-    ):
-        table = layer_table(runs, stat)
-        if table:
-            lines += [f"### {title}", "", table, ""]
-    lines += ["## The paper's claims at this scale", ""]
-    lines += claims(runs, min_gap, bench)
+    if not records:
+        lines += ["No run has been recorded yet.", ""]
+        return "\n".join(lines)
+    lines += ["## Runs", "", runs_table(records), ""]
+    lines += ["## Learning-rate sweep (seed 0)", "", sweep_table(records), ""]
+    lines += ["## Final held-out loss per cell at its chosen LR", "", cells_table(records), ""]
+    sd, df = pooled_sd(records)
     lines += [
-        "",
-        f"One seed per cell; gaps within ±{min_gap} nats are called inconclusive (an assumed seed-to-seed spread, "
-        "not a measured one).",
+        f"Seed-to-seed noise, measured: pooled within-cell std of the final loss {fmt(sd)} nats ({df} degrees of "
+        "freedom). A comparison is inconclusive when its 95% interval contains 0.",
         "",
     ]
-    if bench:
-        lines += ["## End-to-end throughput (benchmarks/bench_e2e.py, same device call)", ""]
-        rows = [
-            [
-                b["name"],
-                str(b["seq_len"]),
-                f"{b['tokens_per_s']:,.0f}",
-                f"{100 * b['mfu']:.1f}%" if b.get("mfu") is not None else "—",
-                f"{b['step_ms']:.1f}",
-            ]
-            for b in bench.get("results", [])
+    header = ["comparison", "what", "seeds", "paired difference, mean ± std; 95% t-interval", "interval"]
+    rows = comparisons(records)
+    lines += ["## Paired comparisons (by model seed)", ""]
+    lines += [md_table(header, rows) if rows else "No comparison has two cells with a common seed yet.", ""]
+    rows = comparisons(records, min_seed=1)
+    if rows:
+        lines += [
+            "Sensitivity, seeds ≥ 1 only (seed 0 chose the learning rate on the same held-out split):",
+            "",
+            md_table(header, rows),
+            "",
         ]
-        lines += [md_table(["variant", "seq len", "tokens/s", "MFU", "step ms"], rows), ""]
+    table = diagnostics_table(records)
+    if table:
+        lines += ["## Diagnostics: step 0, end, change (mean over seeds at the chosen LR)", "", table, ""]
+        control = wr_vs_wq(records)
+        if control:
+            lines += ["W_Q as the control for W_R (C4), per run then over seeds:", "", *control, ""]
+    pending = next_runs(records)
+    lines += ["## Runs the protocol still needs", ""]
+    lines += [("`" + " ".join(pending) + "`") if pending else "None (n = 3 per cell reached).", ""]
     if figures:
-        lines += ["## Figures", ""]
-        lines += [f"![{name}]({name})" for name in figures]
-        lines += [""]
-    if shot:
-        lines += ["## The runs side by side in the MLflow UI", "", f"![MLflow compare view]({shot})", ""]
+        lines += ["## Figures", "", *[f"![{name}]({name})" for name in figures], ""]
     return "\n".join(lines)
-
-
-def _screenshot_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_screenshot", HERE / "screenshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the MLflow store (sqlite:///...)")
-    p.add_argument("--experiment", default="paper-grid")
-    p.add_argument("--grid-id", default=None, help="which invocation of run_grid (default: the newest)")
+    p.add_argument("--runs-dir", default=str(HERE / "runs"), help="the export_runs.py records")
     p.add_argument("--out-dir", default=str(HERE), help="where RESULTS.md and the figures go")
-    p.add_argument("--min-gap", type=float, default=0.01, help="loss gaps within ±this many nats are inconclusive")
-    p.add_argument("--bench-json", default=None, help="benchmarks/bench_e2e.py's JSON, for the throughput section")
-    p.add_argument("--print-only", action="store_true", help="print the table and claims; write nothing")
-    p.add_argument("--screenshot", action="store_true", help="also capture the MLflow compare view (needs chromium)")
+    p.add_argument("--print-only", action="store_true", help="print the report; write nothing")
+    p.add_argument("--next-runs", action="store_true", help="print the run specs the protocol still needs")
+    p.add_argument("--seeds", type=int, default=SEEDS_MIN, help=f"seeds per cell for --next-runs (up to {SEEDS_FULL})")
     args = p.parse_args(argv)
-
-    grid_id, runs = load_runs(args.tracking_uri, args.experiment, args.grid_id)
-    bench = json.loads(Path(args.bench_json).read_text()) if args.bench_json else None
+    records = load_records(Path(args.runs_dir))
+    if args.next_runs:
+        print(" ".join(next_runs(records, args.seeds)))
+        return 0
     if args.print_only:
-        print(f"paper grid {grid_id} ({args.experiment})")
-        print(main_table(runs))
-        print()
-        print("\n".join(claims(runs, args.min_gap, bench)))
+        print(render(records, Path(args.runs_dir), []))
         return 0
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(runs, out_dir)
-    shot = None
-    if args.screenshot:  # only a capture of these runs made now: a stale one would show other runs
-        capture_compare_view = _screenshot_module().capture_compare_view
-        capture_compare_view(args.tracking_uri, args.experiment, [r.run_id for r in runs], out_dir / SCREENSHOT)
-        shot = SCREENSHOT
-    text = render(grid_id, runs, args.experiment, args.tracking_uri, args.min_gap, bench, figures, shot)
-    (out_dir / "RESULTS.md").write_text(text)
-    print(f"report: wrote {out_dir / 'RESULTS.md'} and {', '.join(figures)}" + (f", {shot}" if shot else ""))
+    figures = make_figures(records, out_dir) if ok(records) else []
+    (out_dir / "RESULTS.md").write_text(render(records, Path(args.runs_dir), figures))
+    print(f"report: wrote {out_dir / 'RESULTS.md'}" + (f" and {', '.join(figures)}" if figures else ""))
     return 0
 
 

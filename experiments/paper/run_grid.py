@@ -1,30 +1,37 @@
-"""Train the paper grid one run after another inside a wall-clock budget, each run logged to one MLflow store.
+"""Train a list of the paper campaign's runs, each a complete schedule, each exported to a JSON record.
 
 Called by experiments/paper/run_grid.sh (which unpacks the data first); usable on its own:
 
-    python experiments/paper/run_grid.py --data /tmp/paper_shards --out /tmp/grid            # the four cells
-    python experiments/paper/run_grid.py --data /tmp/paper_shards --out /tmp/grid --tiny     # CPU dry run
-    python experiments/paper/run_grid.py ... --controls        # + param-matched softmax, compute-matched Parallax
+    python experiments/paper/run_grid.py --data /tmp/paper_shards --out /tmp/campaign \\
+        --runs softmax-muon:0.02:0 parallax-muon:0.02:0 --concurrent 2 --deadline-s 520
+    python experiments/paper/run_grid.py ... --runs $(python experiments/paper/report.py --next-runs)
+    python experiments/paper/run_grid.py ... --tiny --runs parallax-muon:0.02:0                # CPU dry run
 
-Every run is `python -m parallax_lightning fit` over grid.yaml + the cell's attention and optimizer files
-(+ tiny.yaml) + a generated file that points the data at --data, the store at <out>/mlflow.db, names the run
-after its cell and tags it with the grid id, so report.py can find the runs of one invocation.
+A run is `cell:lr:seed[:muon_lr]` (PROTOCOL.md §5): the cell names its config files (CELLS), lr is the learning
+rate of the cell's optimizer (Muon's `lr` for Muon cells, `adamw_lr` for AdamW cells), seed the model seed index
+(`seed_everything` = --seed-base + seed; the data order is grid.yaml's fixed data seed), muon_lr the Muon lr of
+W_R in swap_wr_muon. Weight decay follows from the protocol's effective decay rate κ (--decay-rate): every decayed
+group gets λ = κ / its lr. The run is named `<cell>_lr<lr>_s<seed>` (plus `_mlr<muon_lr>`).
 
-Budget: before each run the time left is shared among the runs still to go; a run's Lightning `max_time` is
-min(--run-max-time-s, its share − --reserve-s) (the reserve covers start-up and tear-down, which max_time does
-not count). A run that max_time stops has seen fewer tokens: report.py flags it. When a share is below
---min-run-s the remaining runs are skipped rather than started and killed. A failed run does not stop the grid.
+Every run is `python -m parallax_lightning fit` over grid.yaml + the cell's files (+ tiny.yaml) + a generated
+file (data, its own MLflow store <out>/stores/<run>/mlflow.db, run name, tags, optimizer settings, seed), with no
+max_time: the schedule always completes (grid.yaml's max_steps). Runs go --concurrent at a time, one process
+each, each logging to <out>/logs/<run>.log. A run is started only if its estimated wall time (--est-run-s ×
+--concurrent, no concurrency gain assumed) fits before --deadline-s; a started run is never stopped. A finished
+run is tagged (exit code, wall time) and exported to <out>/runs/<run>.json (export_runs.py), and runs already
+exported complete (status ok) under --skip-done folders are skipped, so one command resumes a campaign.
 
-Leaves in --out: mlflow.db (the store), grid.log (every run's output), grid_status.tsv (one line per run),
-artifacts.tar.gz (the runs' MLflow artifacts: resolved configs and figures).
+Leaves in --out: runs/*.json (the records to commit), stores/<run>/mlflow.db, logs/<run>.log,
+grid_status.tsv (one line per run), artifacts.tar.gz (the runs' MLflow artifacts: configs and figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,29 +43,76 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
-# cell -> (attention file, optimizer file); the order is the order of training (Muon first: the paper's claim).
+# cell -> its config files after grid.yaml; the optimizer its files select (whose lr the run spec sets)
 CELLS = {
-    "softmax-muon": ("softmax.yaml", "muon.yaml"),
-    "parallax-muon": ("parallax.yaml", "muon.yaml"),
-    "softmax-adamw": ("softmax.yaml", "adamw.yaml"),
-    "parallax-adamw": ("parallax.yaml", "adamw.yaml"),
-}
-CONTROLS = {
-    "softmax_pm-muon": ("softmax_param_matched.yaml", "muon.yaml"),
-    "parallax_cm-muon": ("parallax_compute_matched.yaml", "muon.yaml"),
+    "softmax-muon": (("softmax.yaml", "muon.yaml"), "muon"),
+    "parallax-muon": (("parallax.yaml", "muon.yaml"), "muon"),
+    "softmax-adamw": (("softmax.yaml", "adamw.yaml"), "adamw"),
+    "parallax-adamw": (("parallax.yaml", "adamw.yaml"), "adamw"),
+    "softmax_pm-muon": (("softmax_param_matched.yaml", "muon.yaml"), "muon"),
+    "parallax_cm-muon": (("parallax_compute_matched.yaml", "muon.yaml"), "muon"),
+    "swap_wr_adamw": (("swap_wr_adamw.yaml",), "muon"),
+    "swap_wr_muon": (("swap_wr_muon.yaml",), "adamw"),
 }
 # The controls' preset names (for --tiny, whose shapes come from the tiny preset rather than the files).
 CONTROL_PRESETS = {
     "softmax_param_matched.yaml": "softmax-param-matched",
     "parallax_compute_matched.yaml": "parallax-compute-matched",
 }
-TIME_LIMIT_LINE = "Time limit reached"
+DEFAULT_LR = {"muon": 0.02, "adamw": 2e-3}
+STATUS_HEADER = "run\tcell\tlr\tseed\tstate\twall_s\tnote\n"
 
 
-def max_time_string(seconds: float) -> str:
-    """Lightning's DD:HH:MM:SS."""
-    s = max(1, int(seconds))
-    return f"00:{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    cell: str
+    lr: float
+    seed: int
+    muon_lr: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell}_lr{self.lr:g}_s{self.seed}" + (f"_mlr{self.muon_lr:g}" if self.muon_lr else "")
+
+    @property
+    def optimizer(self) -> str:
+        return CELLS[self.cell][1]
+
+
+def parse_spec(text: str) -> RunSpec:
+    """'cell:lr:seed[:muon_lr]' (a bare cell: its optimizer's default lr, seed 0)."""
+    parts = text.split(":")
+    cell = parts[0]
+    if cell not in CELLS:
+        raise ValueError(f"run {text!r}: unknown cell {cell!r}; known: {', '.join(CELLS)}")
+    if len(parts) > 4 or len(parts) == 2:
+        raise ValueError(f"run {text!r}: expected cell:lr:seed[:muon_lr]")
+    try:
+        lr = float(parts[1]) if len(parts) > 1 else DEFAULT_LR[CELLS[cell][1]]
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        muon_lr = float(parts[3]) if len(parts) > 3 else None
+    except ValueError as err:
+        raise ValueError(f"run {text!r}: lr and muon_lr must be numbers, seed an integer ({err})") from err
+    if not lr > 0 or seed < 0 or (muon_lr is not None and not muon_lr > 0):
+        raise ValueError(f"run {text!r}: lr and muon_lr must be positive, seed >= 0")
+    if muon_lr is not None and CELLS[cell][1] != "adamw":
+        raise ValueError(f"run {text!r}: muon_lr is for AdamW cells that route a parameter to Muon (swap_wr_muon)")
+    return RunSpec(cell, lr, seed, muon_lr)
+
+
+def optimizer_overrides(spec: RunSpec, args) -> dict:
+    """lr and the weight decays λ = κ / lr of every group (PROTOCOL.md §4)."""
+    kappa = args.decay_rate
+    if spec.optimizer == "muon":
+        adamw_lr = args.muon_adamw_lr
+        return {
+            "lr": spec.lr,
+            "weight_decay": kappa / spec.lr,
+            "adamw_lr": adamw_lr,
+            "adamw_weight_decay": kappa / adamw_lr,
+        }
+    muon_lr = spec.muon_lr or DEFAULT_LR["muon"]
+    return {"adamw_lr": spec.lr, "adamw_weight_decay": kappa / spec.lr, "lr": muon_lr, "weight_decay": kappa / muon_lr}
 
 
 def tiny_control_model(control_file: str) -> dict:
@@ -70,35 +124,43 @@ def tiny_control_model(control_file: str) -> dict:
     return {k: dataclasses.asdict(config)[k] for k in keys}
 
 
-def run_overrides(args, cell: str, grid_id: str, max_time_s: float, control_file: str | None) -> dict:
+def run_overrides(args, spec: RunSpec) -> dict:
     data = Path(args.data).resolve()
+    store = Path(args.out).resolve() / "stores" / spec.name
     logger_args = {
-        "tracking_uri": f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}",
-        "run_name": cell,
-        # Artifacts stay out of --out (only a few files travel back); run_grid packs them into one archive.
-        "artifact_location": str(Path(args.scratch).resolve() / "mlruns"),
+        "tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+        "run_name": spec.name,
+        # Artifacts stay out of --out's stores; run_grid packs them into one archive.
+        "artifact_location": str(Path(args.scratch).resolve() / "mlruns" / spec.name),
         "tags": {
-            "paper.grid_id": grid_id,
-            "paper.cell": cell,
-            "paper.max_time_s": str(int(max_time_s)),
+            "paper.run": spec.name,
+            "paper.cell": spec.cell,
+            "paper.lr": repr(spec.lr),
+            "paper.seed": str(spec.seed),
+            "paper.decay_rate": repr(args.decay_rate),
             "paper.tiny": str(args.tiny).lower(),
-            "paper.steps_rule": args.steps_rule,
+            "paper.concurrent": str(args.concurrent),
         },
     }
+    if spec.muon_lr:
+        logger_args["tags"]["paper.muon_lr"] = repr(spec.muon_lr)
     if args.experiment:
         logger_args["experiment_name"] = args.experiment
     overrides: dict = {
+        "seed_everything": args.seed_base + spec.seed,
+        "model": {"init_args": {"optimizer": optimizer_overrides(spec, args)}},
         "trainer": {
-            "default_root_dir": str(Path(args.scratch).resolve() / "runs" / cell),
-            "max_time": max_time_string(max_time_s),
+            "default_root_dir": str(Path(args.scratch).resolve() / "runs" / spec.name),
+            "max_time": None,  # the schedule always completes
             "logger": {"init_args": logger_args},
         },
         "data": {"init_args": {"train_files": str(data / "*_train_*.bin"), "val_files": str(data / "*_val_*.bin")}},
     }
     if args.max_steps:
         overrides["trainer"]["max_steps"] = args.max_steps
-    if args.tiny and control_file is not None:
-        overrides["model"] = {"init_args": {"model": tiny_control_model(control_file)}}
+    control = next((f for f in CELLS[spec.cell][0] if f in CONTROL_PRESETS), None)
+    if args.tiny and control is not None:
+        overrides["model"]["init_args"]["model"] = tiny_control_model(control)
     for item in args.set:
         _set_dotted(overrides, item)
     return overrides
@@ -123,9 +185,8 @@ def base_files(args) -> list[Path]:
     return [HERE / "grid.yaml"] + ([HERE / "tiny.yaml"] if args.tiny else [])
 
 
-def config_files(args, cell: str, plan: dict) -> list[Path]:
-    attention, optimizer = plan[cell]
-    return [*base_files(args), HERE / attention, HERE / optimizer]
+def config_files(args, spec: RunSpec) -> list[Path]:
+    return [*base_files(args), *(HERE / f for f in CELLS[spec.cell][0])]
 
 
 def _merge(base: dict, update: dict) -> None:
@@ -137,8 +198,7 @@ def _merge(base: dict, update: dict) -> None:
 
 
 def shared_config(args) -> dict:
-    """What every cell's run sees of the base files, --experiment and --set, merged in the order the CLI
-    applies them (the files, then run_overrides, in which --set comes last)."""
+    """What every run sees of the base files, --experiment and --set, merged in the order the CLI applies them."""
     merged: dict = {}
     for path in base_files(args):
         _merge(merged, yaml.safe_load(path.read_text()) or {})
@@ -149,142 +209,95 @@ def shared_config(args) -> dict:
     return merged
 
 
-def stream(cmd: list[str], log, env: dict) -> tuple[int, bool]:
-    """Run cmd, copying its output to stdout and the log with carriage returns (progress bars) as newlines.
-    Returns (exit code, whether Lightning said the time limit was reached)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    time_limited = False
-    assert proc.stdout is not None
-    for raw in iter(proc.stdout.readline, b""):
-        text = raw.decode(errors="replace").replace("\r", "\n")
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            time_limited = time_limited or TIME_LIMIT_LINE in line
-            print(line, flush=True)
-            log.write(line + "\n")
-        log.flush()
-    return proc.wait(), time_limited
-
-
-def tag_run(tracking_uri: str, experiment: str, grid_id: str, cell: str, tags: dict[str, str]) -> bool:
-    """Add tags to the run of this grid and cell (after the process ended); False if there is no such run."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return False
-    runs = client.search_runs(
-        [exp.experiment_id], f"tags.`paper.grid_id` = '{grid_id}' and tags.`paper.cell` = '{cell}'", max_results=5
-    )
-    for run in runs:
-        for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
-    return bool(runs)
-
-
-STATUS_HEADER = "grid_id\tcell\tstate\twall_s\tstopped_by_max_time\tmax_time_s\tnote\n"
-
-
-def write_status(out: Path, grid_id: str, rows) -> None:
-    """Append to grid_status.tsv after every run, so a grid killed from outside still says what it did."""
-    path = out / "grid_status.tsv"
-    with open(path, "a") as f:
-        if f.tell() == 0:
-            f.write(STATUS_HEADER)
-        for row in rows:
-            f.write("\t".join([grid_id, *row]) + "\n")
-
-
-def _tidy_spool(out: Path) -> Path | None:
-    """The platform's logger may keep a write-ahead spool (`mlflow_spool/` beside the SQLite store) of records
-    the store has not confirmed. Empty, it goes; with records left it moves into the artifact archive (only a
-    few files travel back from the GPU machine), and the loss is said out loud: the store lacks them."""
-    spool = out / "mlflow_spool"
-    if not spool.is_dir():
-        return None
-    leftovers = [p for p in spool.rglob("*") if p.is_file() and p.stat().st_size > 0]
-    if not leftovers:
-        shutil.rmtree(spool)
-        return None
-    moved = out.resolve().parent / f"{out.resolve().name}_scratch_spool"
-    if moved.exists():
-        shutil.rmtree(moved)
-    shutil.move(str(spool), moved)
-    print(
-        f"WARNING: {len(leftovers)} spool file(s) hold records the MLflow store did not take; they are in "
-        f"artifacts.tar.gz under mlflow_spool/ (replay them with parallax_lightning.tracking_outbox.replay_spool)",
-        flush=True,
-    )
-    return moved
-
-
 def _data_settings(args) -> dict:
     """The runs' data.init_args (batch size and sequence length)."""
     return shared_config(args).get("data", {}).get("init_args", {})
 
 
-def steps_from_bench(args) -> int | None:
-    """max_steps that fill --target-train-s at the Parallax throughput bench_e2e.py measured on this machine
-    (its slowest cell), times --lightning-efficiency for what the trainer adds (a sync per step for the NaN
-    guard, logging, the data loader); rounded down to whole validation intervals so the last validation
-    falls on the last step. None (keep the config's max_steps) when the file has no usable number."""
-    import json
-
-    try:
-        bench = json.loads(Path(args.steps_from_bench).read_text())
-    except (OSError, ValueError) as err:
-        print(
-            f"run_grid: --steps-from-bench: cannot read {args.steps_from_bench} ({err}); keeping max_steps", flush=True
-        )
-        return None
-    data = _data_settings(args)
-    seq_len, batch = int(data["seq_len"]), int(data["batch_size"])
-    rows = [r for r in bench.get("results", []) if r.get("name") == "parallax" and r.get("seq_len") == seq_len]
-    if not rows:
-        print(f"run_grid: --steps-from-bench: no Parallax result at T={seq_len}; keeping max_steps", flush=True)
-        return None
-    tokens_per_s = rows[0]["tokens_per_s"] * args.lightning_efficiency
-    interval = args.steps_multiple
-    steps = int(args.target_train_s * tokens_per_s / (seq_len * batch) // interval * interval)
-    clamped = max(args.min_steps, min(args.max_auto_steps, steps))
-    args.steps_from_bench_note = (
-        f"sized from bench_e2e's {rows[0]['tokens_per_s']:,.0f} Parallax tokens/s x {args.lightning_efficiency} "
-        f"for {args.target_train_s:.0f} s of training"
-    )
-    print(
-        f"run_grid: max_steps {clamped} (from {rows[0]['tokens_per_s']:,.0f} Parallax tokens/s in bench_e2e x "
-        f"{args.lightning_efficiency} for {args.target_train_s:.0f} s of training at {batch}x{seq_len} tokens/step"
-        + (f"; {steps} clamped to [{args.min_steps}, {args.max_auto_steps}]" if clamped != steps else "")
-        + ")",
-        flush=True,
-    )
-    return clamped
-
-
 def experiment_name(args) -> str:
-    """The MLflow experiment the runs go to (where tag_run looks for them)."""
+    """The MLflow experiment the runs go to."""
     return shared_config(args).get("trainer", {}).get("logger", {}).get("init_args", {}).get("experiment_name")
+
+
+def _export_module():
+    spec = importlib.util.spec_from_file_location("paper_export_runs", HERE / "export_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("paper_export_runs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def already_done(spec: RunSpec, folders: list[Path]) -> Path | None:
+    for folder in folders:
+        path = folder / f"{spec.name}.json"
+        if path.is_file():
+            try:
+                if json.loads(path.read_text()).get("status") == "ok":
+                    return path
+            except ValueError:
+                continue
+    return None
+
+
+def finish_run(args, spec: RunSpec, rc: int, wall: float) -> tuple[str, str]:
+    """Tag the run's store with its outcome and export its record; returns (state, note)."""
+    store = Path(args.out).resolve() / "stores" / spec.name
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    note = ""
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        runs = [
+            r
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], f"tags.`paper.run` = '{spec.name}'", max_results=5)
+        ]
+        for run in runs:
+            client.set_tag(run.info.run_id, "paper.exit_code", str(rc))
+            client.set_tag(run.info.run_id, "paper.wall_s", f"{wall:.1f}")
+        if not runs:
+            note = "no MLflow run found"
+        written = _export_module().export_store(uri, Path(args.out) / "runs")
+        status = json.loads(written[0].read_text())["status"] if written else "not exported"
+    except Exception as err:  # the store's trouble must not cost the runs still to come
+        status, note = "not exported", f"{type(err).__name__}: {err}"
+    spool = store / "mlflow_spool"
+    if spool.is_dir() and any(p.is_file() and p.stat().st_size for p in spool.rglob("*")):
+        note = (note + "; " if note else "") + f"records left in {spool} (the store lacks them)"
+    state = ("ok" if rc == 0 else f"exit {rc}") + f", record {status}"
+    return state, note
+
+
+def write_status(out: Path, row) -> None:
+    path = out / "grid_status.tsv"
+    with open(path, "a") as f:
+        if f.tell() == 0:
+            f.write(STATUS_HEADER)
+        f.write("\t".join(row) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, help="folder of the token shards (with meta.json and tokenizer.json)")
-    p.add_argument("--out", required=True, help="folder for mlflow.db, grid.log, grid_status.tsv, artifacts.tar.gz")
-    p.add_argument(
-        "--scratch", default=None, help="checkpoint/artifact scratch folder (default: <out>/../grid_scratch)"
-    )
+    p.add_argument("--out", required=True, help="folder for runs/, stores/, logs/, grid_status.tsv, artifacts")
+    p.add_argument("--scratch", default=None, help="checkpoint/artifact scratch folder (default: <out>_scratch)")
+    p.add_argument("--runs", nargs="+", required=True, help="cell:lr:seed[:muon_lr] ...; cells: " + ", ".join(CELLS))
     p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, a few steps")
-    p.add_argument("--controls", action="store_true", help="also the parameter- and compute-matched controls")
-    p.add_argument(
-        "--runs",
-        nargs="+",
-        default=None,
-        help=f"a subset of cells (default: all); known: {', '.join([*CELLS, *CONTROLS])}",
-    )
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: grid.yaml's, paper-grid)")
-    p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps for every run")
+    p.add_argument("--concurrent", type=int, default=1, help="runs at a time on the one GPU (one process each)")
+    p.add_argument("--deadline-s", type=float, default=None, help="start no run that would end after this")
+    p.add_argument("--est-run-s", type=float, default=110.0, help="wall time of one run running alone")
+    p.add_argument("--decay-rate", type=float, default=1e-3, help="κ = lr·λ of every decayed group")
+    p.add_argument("--muon-adamw-lr", type=float, default=2e-3, help="AdamW lr of embeddings/norms under Muon")
+    p.add_argument("--seed-base", type=int, default=1234, help="seed_everything = this + the run's seed")
+    p.add_argument(
+        "--skip-done",
+        action="append",
+        default=None,
+        help="skip runs with a complete record here (default: experiments/paper/runs and <out>/runs)",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps (dry runs only)")
     p.add_argument(
         "--set",
         action="append",
@@ -292,110 +305,92 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key of every run, e.g. trainer.val_check_interval=50 (repeatable)",
     )
-    p.add_argument("--steps-from-bench", default=None, help="bench_e2e.json: size max_steps from its Parallax tokens/s")
-    p.add_argument("--target-train-s", type=float, default=60.0, help="with --steps-from-bench: seconds of training")
-    p.add_argument("--lightning-efficiency", type=float, default=0.85, help="trainer tokens/s / bench tokens/s")
-    p.add_argument("--steps-multiple", type=int, default=100, help="round max_steps down to this (the val interval)")
-    p.add_argument("--min-steps", type=int, default=300, help="with --steps-from-bench: at least this many steps")
-    p.add_argument("--max-auto-steps", type=int, default=1500, help="with --steps-from-bench: at most this many")
-    p.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget of the whole grid")
-    p.add_argument("--run-max-time-s", type=float, default=100.0, help="Lightning max_time of one run (at most)")
-    p.add_argument("--reserve-s", type=float, default=25.0, help="start-up + tear-down outside max_time, per run")
-    p.add_argument("--min-run-s", type=float, default=30.0, help="skip a run whose max_time would be shorter")
     return p
 
 
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-
+    try:
+        specs = [parse_spec(s) for s in args.runs]
+    except ValueError as err:
+        p.error(str(err))
+    if args.concurrent < 1:
+        p.error(f"--concurrent must be >= 1, got {args.concurrent}")
+    if not args.decay_rate >= 0:
+        p.error(f"--decay-rate must be >= 0, got {args.decay_rate}")
     if not (Path(args.data) / "meta.json").is_file():
         p.error(f"--data {args.data}: no meta.json there (expected the folder prepare_shards.py wrote)")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        p.error(f"--runs names a run twice: {sorted(n for n in names if names.count(n) > 1)}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("runs", "stores", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     args.scratch = args.scratch or str(out.resolve().parent / f"{out.resolve().name}_scratch")
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
+    skip = [Path(d) for d in (args.skip_done if args.skip_done is not None else [HERE / "runs", out / "runs"])]
 
-    plan = dict(CELLS)
-    if args.controls:
-        plan.update(CONTROLS)
-    if args.runs:
-        unknown = [r for r in args.runs if r not in CELLS and r not in CONTROLS]
-        if unknown:
-            p.error(f"--runs: unknown cell(s) {unknown}; known: {', '.join([*CELLS, *CONTROLS])}")
-        plan = {r: {**CELLS, **CONTROLS}[r] for r in args.runs}
-
-    args.steps_rule = f"--max-steps {args.max_steps}" if args.max_steps else "the config's max_steps"
-    if args.steps_from_bench and not args.max_steps:
-        args.max_steps = steps_from_bench(args)
-        if args.max_steps:
-            args.steps_rule = args.steps_from_bench_note
-    grid_id = time.strftime("%Y%m%d-%H%M%S") + ("-tiny" if args.tiny else "")
-    tracking_uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
-    experiment = experiment_name(args)
+    queue = []
+    for spec in specs:
+        done = already_done(spec, skip)
+        if done is not None:
+            print(f"=== {spec.name}: already complete ({done}); skipped", flush=True)
+        else:
+            queue.append(spec)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    status_rows = []
-    print(f"paper grid {grid_id}: {len(plan)} runs, budget {args.budget_s:.0f} s, store {tracking_uri}", flush=True)
-    with open(out / "grid.log", "a") as log:
-        log.write(f"=== paper grid {grid_id}: {', '.join(plan)}\n")
-        for i, cell in enumerate(plan):
-            remaining = args.budget_s - (time.perf_counter() - t0)
-            share = remaining / (len(plan) - i) - args.reserve_s
-            max_time_s = min(args.run_max_time_s, share)
-            if max_time_s < args.min_run_s:
-                msg = f"skipped: {remaining:.0f} s of the grid budget left for {len(plan) - i} runs"
-                print(f"=== {cell}: {msg}", flush=True)
-                log.write(f"=== {cell}: {msg}\n")
-                status_rows.append((cell, "skipped", "", "", f"{max_time_s:.0f}", msg))
-                write_status(out, grid_id, status_rows[-1:])
-                continue
-            attention, _ = plan[cell]
-            control = attention if attention in CONTROL_PRESETS else None
-            override = Path(args.scratch) / f"{grid_id}_{cell}.yaml"
-            override.write_text(yaml.safe_dump(run_overrides(args, cell, grid_id, max_time_s, control)))
-            files = [*config_files(args, cell, plan), override]
+    print(f"paper runs: {len(queue)} to train, {args.concurrent} at a time, out {out}", flush=True)
+    running: list[tuple[RunSpec, subprocess.Popen, float, object]] = []
+    results = []
+    while queue or running:
+        while queue and len(running) < args.concurrent:
+            elapsed = time.perf_counter() - t0
+            needed = args.est_run_s * args.concurrent
+            if args.deadline_s is not None and elapsed + needed > args.deadline_s:
+                for spec in queue:
+                    msg = f"not started: {args.deadline_s - elapsed:.0f} s to the deadline, a run needs ~{needed:.0f}"
+                    print(f"=== {spec.name}: {msg}", flush=True)
+                    write_status(out, (spec.name, spec.cell, f"{spec.lr:g}", str(spec.seed), "not started", "", msg))
+                    results.append("not started")
+                queue = []
+                break
+            spec = queue.pop(0)
+            override = Path(args.scratch) / f"{spec.name}.override.yaml"
+            override.write_text(yaml.safe_dump(run_overrides(args, spec)))
             cmd = [sys.executable, "-m", "parallax_lightning", "fit"]
-            for f in files:
+            for f in [*config_files(args, spec), override]:
                 cmd += ["--config", str(f)]
-            header = f"=== {cell}: max_time {max_time_s:.0f} s; " + " ".join(str(Path(f).name) for f in files)
-            print(header, flush=True)
-            log.write(header + "\n")
-            start = time.perf_counter()
-            rc, time_limited = stream(cmd, log, env)
+            log = open(out / "logs" / f"{spec.name}.log", "w")  # noqa: SIM115 (closed when the run ends)
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+            print(f"=== {spec.name}: started at {time.perf_counter() - t0:.0f} s", flush=True)
+            running.append((spec, proc, time.perf_counter(), log))
+        time.sleep(0.5 if args.tiny else 2.0)
+        for item in list(running):
+            spec, proc, start, log = item
+            rc = proc.poll()
+            if rc is None:
+                continue
+            running.remove(item)
+            log.close()
             wall = time.perf_counter() - start
-            state = "ok" if rc == 0 else f"exit {rc}"
-            note = "stopped by max_time" if time_limited else ""
-            outcome = {
-                "paper.exit_code": str(rc),
-                "paper.wall_s": f"{wall:.1f}",
-                "paper.stopped_by_max_time": str(time_limited).lower(),
-            }
-            try:
-                found = tag_run(tracking_uri, experiment, grid_id, cell, outcome)
-            except Exception as err:  # the store's trouble must not cost the runs still to come
-                found, note = True, (note + "; " if note else "") + f"tagging failed: {type(err).__name__}: {err}"
-            if not found:
-                note = (note + "; " if note else "") + "no MLflow run found"
-            line = f"=== {cell}: {state} in {wall:.1f} s" + (f" ({note})" if note else "")
+            state, note = finish_run(args, spec, rc, wall)
+            line = f"=== {spec.name}: {state} in {wall:.1f} s" + (f" ({note})" if note else "")
             print(line, flush=True)
-            log.write(line + "\n")
-            status_rows.append((cell, state, f"{wall:.1f}", str(time_limited).lower(), f"{max_time_s:.0f}", note))
-            write_status(out, grid_id, status_rows[-1:])
+            if rc != 0:
+                tail = (out / "logs" / f"{spec.name}.log").read_text(errors="replace").splitlines()[-15:]
+                print("\n".join("    " + t for t in tail), flush=True)
+            write_status(out, (spec.name, spec.cell, f"{spec.lr:g}", str(spec.seed), state, f"{wall:.1f}", note))
+            results.append(state)
 
-    spool = _tidy_spool(out)
     artifacts = Path(args.scratch) / "mlruns"
-    if artifacts.is_dir() or spool is not None:
+    if artifacts.is_dir():
         with tarfile.open(out / "artifacts.tar.gz", "w:gz") as tar:
-            if artifacts.is_dir():
-                tar.add(artifacts, arcname="mlruns")
-            if spool is not None:
-                tar.add(spool, arcname="mlflow_spool")
-    total = time.perf_counter() - t0
-    print(f"paper grid {grid_id}: done in {total:.0f} s", flush=True)
-    for row in status_rows:
-        print("  " + "  ".join(x for x in row if x), flush=True)
-    return 0 if all(r[1] == "ok" for r in status_rows) else 1
+            tar.add(artifacts, arcname="mlruns")
+    print(f"paper runs: done in {time.perf_counter() - t0:.0f} s: {len(results)} run(s)", flush=True)
+    return 0 if all(r.startswith("ok, record ok") for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# The paper grid in one command: unpack the shards if needed, train {softmax, parallax} x {muon, adamw}
-# one after another into one MLflow store, print the results table last.
+# The paper campaign's runs in one command: unpack the shards if needed, train the given runs (run_grid.py),
+# export each to OUT/runs/<run>.json, print the report over those records last.
 #
-#   experiments/paper/run_grid.sh [OUT] [--tiny] [--controls] [run_grid.py options...]
+#   experiments/paper/run_grid.sh [OUT] --runs cell:lr:seed ... [--concurrent N] [--deadline-s S] [--tiny]
 #
 # On the GPU machine (repository root as working folder, .gpu-wheels/ and .gpu-data/ carried):
-#   source benchmarks/gpu_env.sh && bash experiments/paper/run_grid.sh "$OUT"
+#   source benchmarks/gpu_env.sh && bash experiments/paper/run_grid.sh "$OUT" --runs ...
 # CPU dry run (tiny model, a few steps, same data and code path):
-#   bash experiments/paper/run_grid.sh /tmp/grid_tiny --tiny
+#   bash experiments/paper/run_grid.sh /tmp/grid_tiny --tiny --runs parallax-muon:0.02:0 --max-steps 20
 #
-# OUT (default: $OUT, else ./paper_out) receives mlflow.db, grid.log, grid_status.tsv, artifacts.tar.gz.
+# OUT (default: $OUT, else ./paper_out) receives runs/, stores/, logs/, grid_status.tsv, artifacts.tar.gz.
 # Data, first found: $PAPER_DATA (a shard folder), .gpu-data/paper_shards.tar.xz (unpacked into
 # $PAPER_SCRATCH, default /tmp/paper_grid, and checked against its SHA256SUMS when it has one), /tmp/paper_shards.
-# The grid's wall-clock budget is run_grid.py's --budget-s (420 s by default, shared by the 4 runs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -81,17 +80,7 @@ EOF
 status=0
 "$py" experiments/paper/run_grid.py --data "$data" --out "$out" --scratch "$scratch" "$@" || status=$?
 
-# The report reads the experiment the runs went to (grid.yaml's, tiny.yaml's, or --experiment NAME).
-experiment=(--experiment paper-grid)
-args=("$@")
-for ((i = 0; i < ${#args[@]}; i++)); do
-    case ${args[i]} in
-        --tiny) [[ ${experiment[1]} == paper-grid ]] && experiment=(--experiment paper-grid-tiny) ;;
-        --experiment) experiment=(--experiment "${args[i + 1]:-}") ;;
-        --experiment=*) experiment=(--experiment "${args[i]#--experiment=}") ;;
-    esac
-done
 echo
-"$py" experiments/paper/report.py --tracking-uri "sqlite:///$(cd "$out" && pwd)/mlflow.db" "${experiment[@]}" --print-only \
-    || echo "run_grid: report.py failed (the store is still in $out)" >&2
+"$py" experiments/paper/report.py --runs-dir "$out/runs" --print-only \
+    || echo "run_grid: report.py failed (the records are still in $out/runs)" >&2
 exit $status

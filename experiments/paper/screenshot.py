@@ -4,7 +4,7 @@
         [--out experiments/paper/mlflow_compare.png]
 
 Starts `mlflow server` on 127.0.0.1 (a free port) over the SQLite store, opens
-`/#/compare-runs?runs=[...]&experiments=[...]` for the runs of the newest grid (or --run-ids) in headless
+`/#/compare-runs?runs=[...]&experiments=[...]` for the experiment's runs (or --run-ids) in headless
 Chromium, saves a PNG, checks that the rendered page names every run (Chromium's --dump-dom after the same
 virtual-time budget, from the same call), and stops the server's process group by its id. Needs the Debian package `chromium`.
 """
@@ -192,16 +192,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tracking-uri", required=True)
     p.add_argument("--experiment", default="paper-grid")
-    p.add_argument("--run-ids", nargs="+", default=None, help="default: the runs of the newest paper grid")
+    p.add_argument("--run-ids", nargs="+", default=None, help="default: every run of the experiment")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "mlflow_compare.png"))
     args = p.parse_args(argv)
     run_ids = args.run_ids
     if run_ids is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from report import load_runs
+        from mlflow import MlflowClient
 
-        _, runs = load_runs(args.tracking_uri, args.experiment)
-        run_ids = [r.run_id for r in runs]
+        client = MlflowClient(args.tracking_uri)
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            p.error(f"no experiment {args.experiment!r} in {args.tracking_uri}")
+        run_ids = [r.info.run_id for r in client.search_runs([exp.experiment_id], max_results=50)]
     path = capture_compare_view(args.tracking_uri, args.experiment, run_ids, Path(args.out))
     print(f"screenshot: {path}")
     return 0

@@ -171,7 +171,7 @@ def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
     assert history(client, rid, "perf/tokens_per_s")
     assert history(client, rid, "train/lr")
     for stat in ("correction_ratio", "r_norm", "stable_rank_w_r", "stable_rank_w_q", "stable_rank_w_k"):
-        assert [s for s, _ in history(client, rid, f"diag/layer0/{stat}")] == [3, 6]
+        assert [s for s, _ in history(client, rid, f"diag/layer0/{stat}")] == [0, 3, 6]  # 0: before any update
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
     assert checkpoints and all(rid in str(p) for p in checkpoints)
     assert torch.load(checkpoints[0], weights_only=True)["mlflow"]["run_id"] == rid

@@ -102,3 +102,31 @@ def test_stable_rank():
 def test_bad_input():
     with pytest.raises(ValueError, match="input_ids"):
         parallax_layer_stats(make_model(), torch.zeros(8, dtype=torch.long))
+
+
+def test_callback_measures_the_initial_weights_before_the_first_update(tmp_path, corpus):
+    """Step 0 is the baseline every diagnostic is reported against: it must be the untrained model's."""
+    import lightning.pytorch as pl
+
+    from parallax_lightning.callbacks import ParallaxDiagnostics
+    from parallax_lightning.data import TextDataModule
+    from parallax_lightning.lm_module import LanguageModelModule
+    from parallax_lightning.optim import OptimizerConfig
+
+    config = DecoderConfig(vocab_size=320, max_seq_len=16, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
+    module = LanguageModelModule(config, optimizer=OptimizerConfig(name="muon", lr=0.05))
+    initial = {name: stable_rank(p.detach().clone()) for name, p in module.model.named_parameters() if p.ndim == 2}
+    diagnostics = ParallaxDiagnostics(every_n_steps=2, batch_size=1, seq_len=16, figure=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, callbacks=[diagnostics],
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        trainer.fit(module, TextDataModule(source=str(corpus), seq_len=16, batch_size=2))
+    history = diagnostics.history
+    assert [s for s, _ in history["diag/layer0/stable_rank_w_r"]] == [0, 2]
+    for w in ("q", "k", "r"):
+        step0 = history[f"diag/layer0/stable_rank_w_{w}"][0][1]
+        assert step0 == pytest.approx(float(initial[f"blocks.0.attn.{w}_proj.weight"]), rel=1e-6), w
+    assert history["diag/layer0/stable_rank_w_r"][1][1] != history["diag/layer0/stable_rank_w_r"][0][1]

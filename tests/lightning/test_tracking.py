@@ -55,6 +55,20 @@ def test_flatten_config_drops_init_args():
     }
 
 
+def test_a_mapping_keyed_by_data_is_one_json_param_that_mlflow_accepts(tmp_path):
+    """optimizer.route's keys are regexes: as parameter names MLflow refuses them (a run failed at its start)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    route = {r"\.r_proj\.weight$": "muon"}
+    flat = flatten_config({"model": {"init_args": {"optimizer": {"route": route, "lr": 0.02}}}})
+    assert flat == {"model.optimizer.route": json.dumps(route), "model.optimizer.lr": "0.02"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("route"))
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])
+    assert json.loads(client.get_run(run.info.run_id).data.params["model.optimizer.route"]) == route
+
+
 def test_git_state_and_environment_tags(tmp_path, monkeypatch):
     monkeypatch.delenv("PARALLAX_GIT_COMMIT", raising=False)
     state = git_state()
