@@ -213,8 +213,17 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, verbose: bool = T
         from parallax_muon import Muon, muon_param_groups
     except ImportError as err:
         raise ImportError(f"optimizer.name='muon' needs parallax_muon.Muon and muon_param_groups: {err}") from err
+
+    def groups_for(module: nn.Module, extra_overrides=None, verbose: bool = False) -> list[dict]:
+        return muon_param_groups(
+            module, overrides=extra_overrides, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
+        )
+
+    # A fused q | r | k | v weight (DecoderConfig.fused_qkvr) is routed as its parts would be, segment by segment.
+    muon_overrides = getattr(model, "muon_overrides", None)
+    fused = muon_overrides(groups_for) if callable(muon_overrides) else {}
     return Muon(
-        muon_param_groups(model, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose),
+        groups_for(model, fused or None, verbose),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
