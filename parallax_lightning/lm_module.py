@@ -63,7 +63,10 @@ class LanguageModelModule(pl.LightningModule):
         model: the decoder's configuration (`vocab_size` and `max_seq_len` are linked from the data by the CLI).
         optimizer: Muon (with AdamW for embeddings/head/norms) or AdamW, see OptimizerConfig.
         schedule: cosine / WSD / constant learning rate with optional weight-decay annealing, see ScheduleConfig.
-        compile: torch.compile the decoder (in place; checkpoints keep the plain parameter names).
+        compile: torch.compile the decoder in place, as one graph (checkpoints keep the plain parameter names, so
+            a run resumes with compile on or off). None (default) = on when training on CUDA, off on CPU, where
+            compiling a small model costs more time than it saves. Generation with the KV cache runs eagerly.
+            The first training step's time, compilation included, is logged as perf/compile_s (SpeedMonitor).
         max_new_tokens, temperature, top_k: how `predict` continues prompts.
         nonfinite: what a NaN/inf training loss or gradient does: "stop" (save the state before the step and
             exit with status 3) or "skip" (drop that optimizer step and go on).
@@ -76,7 +79,7 @@ class LanguageModelModule(pl.LightningModule):
         model: DecoderConfig = DecoderConfig(),  # noqa: B008 - dataclass defaults are what jsonargparse shows
         optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
         schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
-        compile: bool = False,
+        compile: bool | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_k: int | None = 50,
@@ -88,6 +91,8 @@ class LanguageModelModule(pl.LightningModule):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if max_nonfinite_skips < 1:
             raise ValueError(f"max_nonfinite_skips must be >= 1, got {max_nonfinite_skips}")
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be true, false or null (auto: on CUDA only), got {compile!r}")
         self.model_config = _as_config(DecoderConfig, model)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
         self.schedule_config = _as_config(ScheduleConfig, schedule)
@@ -128,8 +133,20 @@ class LanguageModelModule(pl.LightningModule):
         return flops_per_token(self.model_config, int(seq_len or self.model_config.max_seq_len))
 
     # -- model ---------------------------------------------------------------------------------------
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoder has been compiled (in place, by `configure_model`)."""
+        return self._compiled
+
+    def _compile_wanted(self) -> bool:
+        if self.compile_model is not None:
+            return self.compile_model
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def configure_model(self) -> None:
-        if self.compile_model and not self._compiled:
+        if not self._compiled and self._compile_wanted():
             self.model.compile()
             self._compiled = True
 
