@@ -180,7 +180,10 @@ class KVCache:
 
 class Attention(nn.Module):
     """Qwen3-style attention: projections straight to (B, T, H, D), per-head RMSNorm on q, k and r,
-    RoPE on q, k and r (the same cos/sin), no output gate, no biases."""
+    RoPE on q, k and r (the same cos/sin), no output gate, no biases.
+
+    With ``fused_qkvr`` the projections are one ``qrkv_proj`` (rows q | r | k | v, those the kind has),
+    normed and rotated in one pass each; :meth:`projection_weights` gives each projection's rows either way."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -320,6 +323,7 @@ def _convert_projection_layout(module: Attention, state_dict, prefix, local_meta
     part_keys = {name: f"{prefix}{name}_proj.weight" for name, _ in module.segments}
     if module.fused and fused_key not in state_dict and any(k in state_dict for k in part_keys.values()):
         current = module.projection_weights()
+        loaded = next(state_dict[k] for k in part_keys.values() if k in state_dict)
         parts = []
         for name, key in part_keys.items():
             if key in state_dict:
@@ -327,7 +331,7 @@ def _convert_projection_layout(module: Attention, state_dict, prefix, local_meta
             else:
                 parts.append(current[name].detach())
                 missing_keys.append(key)
-        state_dict[fused_key] = torch.cat([p.to(parts[0].dtype) for p in parts])
+        state_dict[fused_key] = torch.cat([p.to(device=loaded.device, dtype=loaded.dtype) for p in parts])
     elif not module.fused and fused_key in state_dict:
         fused = state_dict.pop(fused_key)
         sizes = [heads * module.head_dim for _, heads in module.segments]

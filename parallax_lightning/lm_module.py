@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from .model import Decoder, DecoderConfig, count_params, flops_per_token
-from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
+from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer, muon_groups
 
 IGNORE_INDEX = -100
 
@@ -102,6 +102,8 @@ class LanguageModelModule(pl.LightningModule):
             if dataclasses.is_dataclass(value):
                 self.hparams[key] = dataclasses.asdict(value)
         self.model = Decoder(self.model_config)
+        if self.optimizer_config.name == "muon" and self.model_config.fused_qkvr:
+            muon_groups(self.model, self.optimizer_config)  # a routing the fused weight cannot follow fails here
         self.compile_model = compile
         self._compiled = False
         self.val_loss = MeanMetric()
@@ -346,3 +348,19 @@ class LanguageModelModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._skips_total = int(checkpoint.get("nonfinite_skips", 0))
+        self._check_projection_layout(checkpoint)
+
+    def _check_projection_layout(self, checkpoint: dict) -> None:
+        """The weights load into either projection layout (the attention converts them), but the optimizer
+        state of one layout cannot be restored into the other: refuse resuming training across them by name."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or "optimizer_states" not in checkpoint:
+            return
+        saved_fused = any(k.endswith("qrkv_proj.weight") for k in checkpoint.get("state_dict", {}))
+        if saved_fused != self.model_config.fused_qkvr:
+            raise ValueError(
+                f"the checkpoint was trained with model.model.fused_qkvr={str(saved_fused).lower()}, this run sets "
+                f"{str(self.model_config.fused_qkvr).lower()}: its optimizer state cannot be resumed in the other "
+                "projection layout. Resume with the checkpoint's setting (the weights alone load into either "
+                "layout, e.g. LanguageModelModule.load_from_checkpoint)"
+            )

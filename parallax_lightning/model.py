@@ -235,7 +235,7 @@ class Decoder(nn.Module):
         fused = self.fused_weights()
         if not fused:
             return {}
-        with torch.device("meta"):
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):  # building the twin draws no numbers
             twin = Decoder(dataclasses.replace(self.config, fused_qkvr=False))
         names = {id(p): n for n, p in twin.named_parameters()}
         options_of = {}
@@ -357,20 +357,20 @@ def check_fused_routing(fused: dict[str, list[tuple[str, int]]], options_of: dic
         for part, _ in parts:
             if part not in options_of:
                 raise ValueError(
-                    f"model.fused_qkvr=true: {part} (rows of {fused_name}) is in no optimizer group while other "
-                    "parts of that weight are; set model.fused_qkvr=false to optimize the projections apart"
+                    f"model.model.fused_qkvr=true: {part} (rows of {fused_name}) is in no optimizer group while other "
+                    "parts of that weight are; set model.model.fused_qkvr=false to optimize the projections apart"
                 )
             opts = dict(options_of[part])
             if opts.get("split_sizes") is not None:
                 raise ValueError(
-                    f"model.fused_qkvr=true: the optimizer settings give {part} split_sizes={opts['split_sizes']}, "
-                    "which cannot be nested inside the fused weight's segments; set model.fused_qkvr=false"
+                    f"model.model.fused_qkvr=true: the optimizer settings give {part} split_sizes={opts['split_sizes']}, "
+                    "which cannot be nested inside the fused weight's segments; set model.model.fused_qkvr=false"
                 )
             n_heads = opts.get("num_heads")
             if n_heads is not None and not isinstance(n_heads, int):
                 raise ValueError(
-                    f"model.fused_qkvr=true: the optimizer settings give {part} num_heads={n_heads}; a fused "
-                    "segment takes one head count; set model.fused_qkvr=false"
+                    f"model.model.fused_qkvr=true: the optimizer settings give {part} num_heads={n_heads}; a fused "
+                    "segment takes one head count; set model.model.fused_qkvr=false"
                 )
             heads.append(1 if n_heads is None else n_heads)
             opts.setdefault("lr_mult", 1.0)
@@ -381,10 +381,10 @@ def check_fused_routing(fused: dict[str, list[tuple[str, int]]], options_of: dic
             for key in sorted(set(common) | set(kept)):
                 if common.get(key) != kept.get(key):
                     raise ValueError(
-                        f"model.fused_qkvr=true puts W_Q, W_R, W_K, W_V of a layer in one weight ({fused_name}), "
+                        f"model.model.fused_qkvr=true puts W_Q, W_R, W_K, W_V of a layer in one weight ({fused_name}), "
                         f"which one optimizer group updates, but the optimizer settings give {part} "
                         f"{key}={kept.get(key)!r} and {first} {key}={common.get(key)!r} (W_R's own settings: "
-                        "optimizer.r_proj_lr_mult, optimizer.route). Set model.fused_qkvr=false, or route and "
+                        "model.optimizer.r_proj_lr_mult, model.optimizer.route). Set model.model.fused_qkvr=false, or route and "
                         "scale W_R like W_Q, W_K and W_V"
                     )
         options = dict(common)

@@ -199,6 +199,22 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def muon_groups(model: nn.Module, config: OptimizerConfig, verbose: bool = False) -> list[dict]:
+    """`muon_param_groups` as configured. A fused q | r | k | v weight (DecoderConfig.fused_qkvr) is routed as
+    its separate parts would be, one Newton-Schulz block per part; a routing that the parts do not share
+    raises ValueError (call this before a run starts to fail early)."""
+    from parallax_muon import muon_param_groups
+
+    def groups_for(module: nn.Module, extra_overrides=None, verbose: bool = False) -> list[dict]:
+        return muon_param_groups(
+            module, overrides=extra_overrides, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
+        )
+
+    muon_overrides = getattr(model, "muon_overrides", None)
+    fused = muon_overrides(groups_for) if callable(muon_overrides) else {}
+    return groups_for(model, fused or None, verbose)
+
+
 def build_optimizer(model: nn.Module, config: OptimizerConfig, verbose: bool = True) -> torch.optim.Optimizer:
     """The configured optimizer over `model`'s parameters (`verbose`: print Muon's routing summary)."""
     if config.name == "adamw":
@@ -210,20 +226,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, verbose: bool = T
             fused=config.fused,
         )
     try:
-        from parallax_muon import Muon, muon_param_groups
+        from parallax_muon import Muon
     except ImportError as err:
         raise ImportError(f"optimizer.name='muon' needs parallax_muon.Muon and muon_param_groups: {err}") from err
-
-    def groups_for(module: nn.Module, extra_overrides=None, verbose: bool = False) -> list[dict]:
-        return muon_param_groups(
-            module, overrides=extra_overrides, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
-        )
-
-    # A fused q | r | k | v weight (DecoderConfig.fused_qkvr) is routed as its parts would be, segment by segment.
-    muon_overrides = getattr(model, "muon_overrides", None)
-    fused = muon_overrides(groups_for) if callable(muon_overrides) else {}
     return Muon(
-        groups_for(model, fused or None, verbose),
+        muon_groups(model, config, verbose),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,

@@ -275,6 +275,20 @@ def test_compiled_training_resumes_uncompiled_and_reports_compile_time(tmp_path,
     t2.fit(again, dm, ckpt_path=tmp_path / "compiled.ckpt")
     assert t2.global_step == 3 and not again.compiled
     assert math.isfinite(t2.callback_metrics["train/loss"])
+    # the weights load into the other projection layout, but its optimizer state cannot resume there
+    other = LanguageModelModule(tiny(fused_qkvr=False))
+    with pytest.raises(ValueError, match=r"fused_qkvr=true.*sets false"):
+        trainer(tmp_path, steps=4).fit(other, dm, ckpt_path=tmp_path / "compiled.ckpt")
+    loaded = LanguageModelModule.load_from_checkpoint(tmp_path / "compiled.ckpt", model=tiny(), weights_only=True)
+    ids = torch.randint(0, 320, (1, 8))
+    module.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(ids), module(ids))
+
+
+def test_fused_block_refuses_a_separate_w_r_learning_rate_when_built():
+    with pytest.raises(ValueError, match=r"fused_qkvr.*r_proj_lr_mult"):
+        LanguageModelModule(tiny(fused_qkvr=True), optimizer=OptimizerConfig(r_proj_lr_mult=2.0))
+    LanguageModelModule(tiny(fused_qkvr=True), optimizer=OptimizerConfig(name="adamw", r_proj_lr_mult=2.0))
 
 
 def test_speed_monitor_logs_tokens_per_second_and_mfu(tmp_path, corpus):

@@ -329,7 +329,17 @@ def test_count_params_matches_matmul_params_plus_norms():
     assert count_params(model) == matmul_params(c) - c.d_model * c.vocab_size + norms
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention": "softmax", "fused_qkvr": True}, {"fused_qkvr": True}], ids=str)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"attention": "softmax", "fused_qkvr": True},
+        {"fused_qkvr": True},
+        # the custom ops (interpreted Triton on CPU) with the fused block's strided views: the CUDA path
+        {"fused_qkvr": True, "attn_backend": "triton", "n_layers": 1},
+    ],
+    ids=str,
+)
 def test_compiles_into_one_graph(overrides):
     """torch.compile traces the training forward and backward without graph breaks (fullgraph), the
     fused block's strided views included; aot_eager checks the capture without paying for code generation."""
