@@ -180,7 +180,10 @@ class KVCache:
 
 class Attention(nn.Module):
     """Qwen3-style attention: projections straight to (B, T, H, D), per-head RMSNorm on q, k and r,
-    RoPE on q, k and r (the same cos/sin), no output gate, no biases."""
+    RoPE on q, k and r (the same cos/sin), no output gate, no biases.
+
+    With ``fused_qkvr`` the projections are one ``qrkv_proj`` (rows q | r | k | v, those the kind has),
+    normed and rotated in one pass each; :meth:`projection_weights` gives each projection's rows either way."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -191,17 +194,40 @@ class Attention(nn.Module):
         self.window_size = c.window_size
         self.lla_ridge = c.lla_ridge
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.kv_heads, c.dim_head
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q_width = self.n_heads * self.head_dim
+        self.fused = bool(getattr(c, "fused_qkvr", False))
+        # (name, heads) of each projection in the fused row order q | r | k | v
+        self.segments = (
+            (("q", self.n_heads),) * (self.kind in QUERY_KINDS)
+            + (("r", self.n_heads),) * (self.kind in PROBE_KINDS)
+            + (("k", self.n_kv_heads), ("v", self.n_kv_heads))
+        )
+        if self.fused:
+            rows = sum(h for _, h in self.segments) * self.head_dim
+            self.qrkv_proj = nn.Linear(c.d_model, rows, bias=False)
+        else:
+            for name, heads in self.segments:
+                setattr(self, f"{name}_proj", nn.Linear(c.d_model, heads * self.head_dim, bias=False))
+        # The per-head norms keep their own modules (and checkpoint names) in both layouts.
         if self.kind in QUERY_KINDS:
-            self.q_proj = nn.Linear(c.d_model, q_width, bias=False)
             self.q_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
         if self.kind in PROBE_KINDS:
-            self.r_proj = nn.Linear(c.d_model, q_width, bias=False)
             self.r_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
-        self.k_proj = nn.Linear(c.d_model, kv_width, bias=False)
-        self.v_proj = nn.Linear(c.d_model, kv_width, bias=False)
         self.k_norm = RMSNorm(self.head_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(q_width, c.d_model, bias=False)
+        self.register_load_state_dict_pre_hook(_convert_projection_layout)
+
+    def projection_weights(self) -> dict[str, torch.Tensor]:
+        """{"q", "r", "k", "v"} -> the (out, d_model) weight of that projection (a row slice of the fused
+        weight when fused; writing into it writes the parameter). Only the kind's projections."""
+        if not self.fused:
+            return {name: getattr(self, f"{name}_proj").weight for name, _ in self.segments}
+        out, start = {}, 0
+        for name, heads in self.segments:
+            stop = start + heads * self.head_dim
+            out[name] = self.qrkv_proj.weight[start:stop]
+            start = stop
+        return out
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q, r, k, v in (B, T, H, D), normed and rotated (q or r is None where the kind has none).
@@ -209,6 +235,8 @@ class Attention(nn.Module):
         All four come out in v's dtype (the matmul dtype under autocast), which the ops require.
         """
         B, T, _ = x.shape
+        if self.fused:
+            return self._project_fused(x, cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         k = rotate(self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)), cos, sin).to(v.dtype)
         q = r = None
@@ -217,6 +245,27 @@ class Attention(nn.Module):
         if self.kind in PROBE_KINDS:
             r = rotate(self.r_norm(self.r_proj(x).view(B, T, self.n_heads, self.head_dim)), cos, sin).to(v.dtype)
         return q, r, k, v
+
+    def _project_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """One matmul for q | r | k | v, one per-head RMSNorm and one RoPE over the q | r | k heads;
+        q, r, k, v are strided views of those two tensors (no copies). The same math as the separate
+        projections: RMSNorm normalises each head on its own, so a norm over all heads followed by
+        each head's own gain is the three norms."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        y = self.qrkv_proj(x).view(B, T, -1, D)
+        n_qrk = y.shape[2] - self.n_kv_heads
+        qrk, v = y[:, :, :n_qrk], y[:, :, n_qrk:]
+        norms = {"q": getattr(self, "q_norm", None), "r": getattr(self, "r_norm", None), "k": self.k_norm}
+        dtype = torch.promote_types(qrk.dtype, torch.float32)
+        gain = torch.cat([norms[name].weight.to(dtype).expand(heads, D) for name, heads in self.segments[:-1]])
+        normed = (F.rms_norm(qrk.to(dtype), (D,), None, self.k_norm.eps) * gain).to(qrk.dtype)
+        qrk = rotate(normed, cos, sin).to(v.dtype)
+        views, start = {}, 0
+        for name, heads in self.segments[:-1]:
+            views[name] = qrk[:, :, start : start + heads]
+            start += heads
+        return views.get("q"), views.get("r"), views["k"], v
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, cache_seqlens: torch.Tensor | None = None):
         """x (B, T, d_model); cos, sin broadcastable to (B, T, 1, D/2). With a cache, this layer's
@@ -264,3 +313,32 @@ class Attention(nn.Module):
                 self._attend(None if q is None else q[sl], None if r is None else r[sl], kc[sl, :n], vc[sl, :n])
             )
         return torch.cat(outs, dim=0).to(out_dtype)
+
+
+def _convert_projection_layout(module: Attention, state_dict, prefix, local_metadata, strict, missing_keys, *_):
+    """Load either checkpoint layout into either model: separate q_proj / r_proj / k_proj / v_proj
+    weights are concatenated into a fused model's ``qrkv_proj`` and a fused weight is split for a
+    separate model, so checkpoints move freely between ``fused_qkvr`` settings. Loading a subset
+    of the parts into a fused model (a softmax checkpoint into Parallax) keeps the rows of the
+    absent parts and reports those parts as missing, as the separate layout would."""
+    fused_key = prefix + "qrkv_proj.weight"
+    part_keys = {name: f"{prefix}{name}_proj.weight" for name, _ in module.segments}
+    if module.fused and fused_key not in state_dict and any(k in state_dict for k in part_keys.values()):
+        current = module.projection_weights()
+        loaded = next(state_dict[k] for k in part_keys.values() if k in state_dict)
+        parts = []
+        for name, key in part_keys.items():
+            if key in state_dict:
+                parts.append(state_dict.pop(key))
+            else:
+                parts.append(current[name].detach())
+                missing_keys.append(key)
+        state_dict[fused_key] = torch.cat([p.to(device=loaded.device, dtype=loaded.dtype) for p in parts])
+    elif not module.fused and fused_key in state_dict:
+        fused = state_dict.pop(fused_key)
+        sizes = [heads * module.head_dim for _, heads in module.segments]
+        if fused.shape[0] != sum(sizes):
+            state_dict[fused_key] = fused  # reported as unexpected; the size mismatch is the message
+            return
+        for (name, _), part in zip(module.segments, fused.split(sizes)):
+            state_dict[part_keys[name]] = part

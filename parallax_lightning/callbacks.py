@@ -61,7 +61,9 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
 class SpeedMonitor(Callback):
     """Logs perf/tokens_per_s (all devices), perf/step_time_s and perf/mfu every `log_every_n_steps`.
 
-    Time spent in validation is excluded; the first step (compilation, warm-up) starts the clock.
+    Time spent in validation is excluded; the first step (compilation, warm-up) starts the clock. When the
+    module compiled its model (`pl_module.compiled`), that first step's wall time, compilation included, is
+    logged once as perf/compile_s.
 
     Args:
         peak_flops: peak FLOP/s of ONE device. None = the table entry for the GPU when training in 16-bit
@@ -82,6 +84,7 @@ class SpeedMonitor(Callback):
         self._steps = 0
         self._paused = 0.0
         self._val_t0: float | None = None
+        self._first_t0: float | None = None
 
     def on_train_start(self, trainer, pl_module):
         self._reset()
@@ -99,11 +102,17 @@ class SpeedMonitor(Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None and self._first_t0 is None:
+            self._first_t0 = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._t0 is None:  # the first step compiles and warms up: start the clock after it
             self._sync(trainer)
             self._t0 = time.perf_counter()
             self._last_step = trainer.global_step
+            if getattr(pl_module, "compiled", False) and self._first_t0 is not None:
+                _log(trainer, {"perf/compile_s": self._t0 - self._first_t0}, trainer.global_step)
             return
         self._tokens += batch["input_ids"].numel()
         if trainer.global_step == self._last_step:  # inside gradient accumulation

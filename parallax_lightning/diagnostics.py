@@ -77,7 +77,8 @@ def _capture_layer_inputs(model, input_ids):
 
         hooks.append(block.attn.register_forward_pre_hook(hook))
     try:
-        model(input_ids)
+        # forward, not __call__: eager even when the decoder is compiled in place (the hooks would recompile it)
+        model.forward(input_ids)
     finally:
         for h in hooks:
             h.remove()
@@ -102,9 +103,10 @@ def parallax_layer_stats(model, input_ids: torch.Tensor) -> list[dict]:
     for i, (block, (x, cos, sin)) in enumerate(zip(model.blocks, inputs)):
         attn = block.attn
         entry: dict = {"layer": i}
-        for name in ("q_proj", "k_proj", "r_proj"):
-            if hasattr(attn, name):
-                entry[f"stable_rank_w_{name[0]}"] = _stable_rank(getattr(attn, name).weight)
+        weights = attn.projection_weights()  # the rows of the fused weight when fused_qkvr
+        for name in ("q", "k", "r"):
+            if name in weights:
+                entry[f"stable_rank_w_{name}"] = _stable_rank(weights[name])
         if attn.kind in PROBE_KINDS:
             q, r, k, v = attn.project(x, cos, sin)
             v_bar, corr = correction_terms(q, r, k, v, attn.window_size, uniform=attn.kind == "affine_linear")

@@ -27,7 +27,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from .model import Decoder, DecoderConfig, count_params, flops_per_token
-from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
+from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer, muon_groups
 
 IGNORE_INDEX = -100
 
@@ -63,7 +63,10 @@ class LanguageModelModule(pl.LightningModule):
         model: the decoder's configuration (`vocab_size` and `max_seq_len` are linked from the data by the CLI).
         optimizer: Muon (with AdamW for embeddings/head/norms) or AdamW, see OptimizerConfig.
         schedule: cosine / WSD / constant learning rate with optional weight-decay annealing, see ScheduleConfig.
-        compile: torch.compile the decoder (in place; checkpoints keep the plain parameter names).
+        compile: torch.compile the decoder in place, as one graph (checkpoints keep the plain parameter names, so
+            a run resumes with compile on or off). None (default) = on when training on CUDA, off on CPU, where
+            compiling a small model costs more time than it saves. Generation with the KV cache runs eagerly.
+            The first training step's time, compilation included, is logged as perf/compile_s (SpeedMonitor).
         max_new_tokens, temperature, top_k: how `predict` continues prompts.
         nonfinite: what a NaN/inf training loss or gradient does: "stop" (save the state before the step and
             exit with status 3) or "skip" (drop that optimizer step and go on).
@@ -76,7 +79,7 @@ class LanguageModelModule(pl.LightningModule):
         model: DecoderConfig = DecoderConfig(),  # noqa: B008 - dataclass defaults are what jsonargparse shows
         optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
         schedule: ScheduleConfig = ScheduleConfig(),  # noqa: B008
-        compile: bool = False,
+        compile: bool | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_k: int | None = 50,
@@ -88,6 +91,8 @@ class LanguageModelModule(pl.LightningModule):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if max_nonfinite_skips < 1:
             raise ValueError(f"max_nonfinite_skips must be >= 1, got {max_nonfinite_skips}")
+        if compile is not None and not isinstance(compile, bool):
+            raise ValueError(f"compile must be true, false or null (auto: on CUDA only), got {compile!r}")
         self.model_config = _as_config(DecoderConfig, model)
         self.optimizer_config = _as_config(OptimizerConfig, optimizer)
         self.schedule_config = _as_config(ScheduleConfig, schedule)
@@ -97,6 +102,8 @@ class LanguageModelModule(pl.LightningModule):
             if dataclasses.is_dataclass(value):
                 self.hparams[key] = dataclasses.asdict(value)
         self.model = Decoder(self.model_config)
+        if self.optimizer_config.name == "muon" and self.model_config.fused_qkvr:
+            muon_groups(self.model, self.optimizer_config)  # a routing the fused weight cannot follow fails here
         self.compile_model = compile
         self._compiled = False
         self.val_loss = MeanMetric()
@@ -128,8 +135,20 @@ class LanguageModelModule(pl.LightningModule):
         return flops_per_token(self.model_config, int(seq_len or self.model_config.max_seq_len))
 
     # -- model ---------------------------------------------------------------------------------------
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoder has been compiled (in place, by `configure_model`)."""
+        return self._compiled
+
+    def _compile_wanted(self) -> bool:
+        if self.compile_model is not None:
+            return self.compile_model
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def configure_model(self) -> None:
-        if self.compile_model and not self._compiled:
+        if not self._compiled and self._compile_wanted():
             self.model.compile()
             self._compiled = True
 
@@ -333,3 +352,19 @@ class LanguageModelModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._skips_total = int(checkpoint.get("nonfinite_skips", 0))
+        self._check_projection_layout(checkpoint)
+
+    def _check_projection_layout(self, checkpoint: dict) -> None:
+        """The weights load into either projection layout (the attention converts them), but the optimizer
+        state of one layout cannot be restored into the other: refuse resuming training across them by name."""
+        trainer = self._trainer
+        if trainer is None or not trainer.training or "optimizer_states" not in checkpoint:
+            return
+        saved_fused = any(k.endswith("qrkv_proj.weight") for k in checkpoint.get("state_dict", {}))
+        if saved_fused != self.model_config.fused_qkvr:
+            raise ValueError(
+                f"the checkpoint was trained with model.model.fused_qkvr={str(saved_fused).lower()}, this run sets "
+                f"{str(self.model_config.fused_qkvr).lower()}: its optimizer state cannot be resumed in the other "
+                "projection layout. Resume with the checkpoint's setting (the weights alone load into either "
+                "layout, e.g. LanguageModelModule.load_from_checkpoint)"
+            )

@@ -221,9 +221,23 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def _separate_names(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Trainable parameters by name; a fused q | r | k | v weight is listed under its parts' names (what routes
+    are written against), each part standing in with the fused tensor's dimensionality."""
+    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fused = model.fused_weights() if callable(getattr(model, "fused_weights", None)) else {}
+    if not fused:
+        return names
+    params = dict(names)
+    out = [(n, p) for n, p in names if n not in fused]
+    for fused_name, parts in fused.items():
+        out += [(part, params[fused_name]) for part, _ in parts]
+    return out
+
+
 def _check_route(model: nn.Module, route: dict[str, str]) -> None:
     """Every regex matches a parameter; nothing 1-D goes to Muon (it orthogonalizes matrices)."""
-    names = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = _separate_names(model)
     for pattern in route:
         hits = [(n, p) for n, p in names if re.search(pattern, n)]
         if not hits:
@@ -244,22 +258,40 @@ def _check_route(model: nn.Module, route: dict[str, str]) -> None:
             )
 
 
-def _routed_groups(model: nn.Module, config: OptimizerConfig, verbose: bool) -> list[dict]:
-    """Muon's param groups with config.route applied, AdamW groups split so that decay follows the layer type
-    exactly as under name="adamw" (linear and embedding weights at adamw_weight_decay, the rest at 0)."""
-    from parallax_muon import muon_param_groups
-
+def _route_overrides(config: OptimizerConfig) -> dict[str, dict]:
     overrides: dict[str, dict] = {}
     if config.name == "adamw":
         overrides[r"^"] = {"use_muon": False}  # everything on AdamW unless a route says Muon
     for pattern, target in (config.route or {}).items():
         overrides[pattern] = {"use_muon": target == "muon"}
-    groups = muon_param_groups(
-        model, overrides=overrides or None, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
-    )
+    return overrides
+
+
+def muon_groups(model: nn.Module, config: OptimizerConfig, verbose: bool = False) -> list[dict]:
+    """`muon_param_groups` as configured, routes applied. A fused q | r | k | v weight (DecoderConfig.fused_qkvr)
+    is routed as its separate parts would be, one Newton-Schulz block per part; a routing that the parts do not
+    share raises ValueError (call this before a run starts to fail early)."""
+    from parallax_muon import muon_param_groups
+
+    routes = _route_overrides(config)
+
+    def groups_for(module: nn.Module, extra_overrides=None, verbose: bool = False) -> list[dict]:
+        overrides = {**routes, **(extra_overrides or {})}  # later patterns win: the fused weight's own last
+        return muon_param_groups(
+            module, overrides=overrides or None, r_proj_lr_mult=config.r_proj_lr_mult, verbose=verbose
+        )
+
+    muon_overrides = getattr(model, "muon_overrides", None)
+    fused = muon_overrides(groups_for) if callable(muon_overrides) else {}
+    return groups_for(model, fused or None, verbose)
+
+
+def _routed_groups(model: nn.Module, config: OptimizerConfig, verbose: bool) -> list[dict]:
+    """Muon's param groups with config.route applied, AdamW groups split so that decay follows the layer type
+    exactly as under name="adamw" (linear and embedding weights at adamw_weight_decay, the rest at 0)."""
     decayed = _decayed_ids(model)
     out = []
-    for group in groups:
+    for group in muon_groups(model, config, verbose):
         if group["use_muon"]:
             out.append(group)
             continue

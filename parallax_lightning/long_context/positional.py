@@ -105,7 +105,9 @@ def per_position_loss(model, tokens, batch_size: int = 8, context=None) -> torch
         for i in range(0, tokens.shape[0], batch_size):
             chunk = tokens[i : i + batch_size].to(device)
             with context() if context is not None else contextlib.nullcontext():
-                logits = dec(chunk[:, :-1])
+                # forward, not __call__: eager even in a compiled decoder, which would recompile for each
+                # evaluation length and for the config that beyond_max_seq_len swaps in
+                logits = dec.forward(chunk[:, :-1])
             loss = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (B, L)
             total += loss.double().sum(0).cpu()
     return (total / tokens.shape[0]).float()

@@ -221,8 +221,74 @@ def test_compile_flag_compiles_the_decoder_in_place(monkeypatch):
     monkeypatch.setattr(module.model, "compile", lambda *a, **k: calls.append(1))
     module.configure_model()
     module.configure_model()
-    assert calls == [1]
+    assert calls == [1] and module.compiled
     assert all(not k.startswith("model._orig_mod") for k in module.state_dict())
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", False), ("cuda", True)])
+def test_compile_defaults_to_on_for_cuda_only(monkeypatch, device, expected):
+    module = LanguageModelModule(tiny())
+    assert module.hparams.compile is None
+    calls = []
+    monkeypatch.setattr(module.model, "compile", lambda *a, **k: calls.append(1))
+    fake_trainer = type("T", (), {"strategy": type("S", (), {"root_device": torch.device(device)})()})()
+    monkeypatch.setattr(module, "_trainer", fake_trainer)
+    module.configure_model()
+    assert module.compiled is expected and calls == ([1] if expected else [])
+    with pytest.raises(ValueError, match="compile"):
+        LanguageModelModule(tiny(), compile="yes")
+
+
+def test_compiled_training_resumes_uncompiled_and_reports_compile_time(tmp_path, corpus):
+    """A run trained with compile on (a real torch.compile; aot_eager skips code generation on CPU) saves
+    plain parameter names and resumes, optimizer state included, with compile off; the first step's time,
+    compilation included, is logged as perf/compile_s."""
+    import functools
+
+    logged = []
+
+    class Recorder(pl.loggers.logger.Logger):
+        name, version = "rec", "0"
+
+        def log_metrics(self, metrics, step=None):
+            logged.append(dict(metrics))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    config = tiny(fused_qkvr=True)
+    module = LanguageModelModule(config, compile=True)
+    module.model.compile = functools.partial(type(module.model).compile, module.model, backend="aot_eager")
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=2, logger=Recorder(), callbacks=[SpeedMonitor()])
+    t.fit(module, dm)
+    assert module.compiled and module.model._compiled_call_impl is not None
+    [compile_s] = [m["perf/compile_s"] for m in logged if "perf/compile_s" in m]
+    assert compile_s > 0
+    t.save_checkpoint(tmp_path / "compiled.ckpt")
+    ckpt = torch.load(tmp_path / "compiled.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == set(LanguageModelModule(config).state_dict())
+
+    again = LanguageModelModule(config, compile=False)
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t2 = trainer(tmp_path, steps=3)
+    t2.fit(again, dm, ckpt_path=tmp_path / "compiled.ckpt")
+    assert t2.global_step == 3 and not again.compiled
+    assert math.isfinite(t2.callback_metrics["train/loss"])
+    # the weights load into the other projection layout, but its optimizer state cannot resume there
+    other = LanguageModelModule(tiny(fused_qkvr=False))
+    with pytest.raises(ValueError, match=r"fused_qkvr=true.*sets false"):
+        trainer(tmp_path, steps=4).fit(other, dm, ckpt_path=tmp_path / "compiled.ckpt")
+    loaded = LanguageModelModule.load_from_checkpoint(tmp_path / "compiled.ckpt", model=tiny(), weights_only=True)
+    ids = torch.randint(0, 320, (1, 8))
+    module.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(ids), module(ids))
+
+
+def test_fused_block_refuses_a_separate_w_r_learning_rate_when_built():
+    with pytest.raises(ValueError, match=r"fused_qkvr.*r_proj_lr_mult"):
+        LanguageModelModule(tiny(fused_qkvr=True), optimizer=OptimizerConfig(r_proj_lr_mult=2.0))
+    LanguageModelModule(tiny(fused_qkvr=True), optimizer=OptimizerConfig(name="adamw", r_proj_lr_mult=2.0))
 
 
 def test_speed_monitor_logs_tokens_per_second_and_mfu(tmp_path, corpus):

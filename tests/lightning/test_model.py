@@ -329,13 +329,37 @@ def test_count_params_matches_matmul_params_plus_norms():
     assert count_params(model) == matmul_params(c) - c.d_model * c.vocab_size + norms
 
 
-def test_compiles_into_one_graph():
-    """torch.compile traces the training forward and backward without graph breaks (fullgraph);
-    aot_eager checks the capture without paying for code generation."""
-    model = Decoder(small_config(n_kv_heads=1, window_size=7))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"attention": "softmax", "fused_qkvr": True},
+        {"fused_qkvr": True},
+        # the custom ops (interpreted Triton on CPU) with the fused block's strided views: the CUDA path
+        {"fused_qkvr": True, "attn_backend": "triton", "n_layers": 1},
+    ],
+    ids=str,
+)
+def test_compiles_into_one_graph(overrides):
+    """torch.compile traces the training forward and backward without graph breaks (fullgraph), the
+    fused block's strided views included; aot_eager checks the capture without paying for code generation."""
+    model = Decoder(small_config(n_kv_heads=1, window_size=7, **overrides))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = torch.randint(0, 64, (2, 16))
     out = compiled(ids)
     out.logsumexp(-1).sum().backward()
     torch.testing.assert_close(out, model(ids))
-    assert model.blocks[0].attn.r_proj.weight.grad is not None
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compiled_model_generates_eagerly_with_the_cache():
+    """Generation with the KV cache runs outside the compiled graph (the cache's lengths change every
+    token): a model compiled in place generates what the eager model generates, compiling its entry at
+    most twice (the prefill's and the one-token steps' input shapes), not once per token."""
+    model = Decoder(small_config(init_std=0.2, fused_qkvr=True))
+    prompt = torch.randint(0, 64, (2, 5))
+    expected = model.generate(prompt, max_new_tokens=6, temperature=0.0)
+    model.compile(backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0.0), expected)
