@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from . import class_paths
 from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor, TrainingInterrupted
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .tracking import (
@@ -65,6 +65,14 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "log_every_n_steps": 10,
 }
+
+
+def _is_local_file_path(ckpt_path: str) -> bool:
+    """Not a name Lightning resolves itself ("best", "last", "hpc", "registry[:...]") nor a remote URL."""
+    lowered = ckpt_path.lower()
+    named = lowered in ("best", "last", "hpc", "registry") or lowered.startswith("registry:")
+    return not named and "://" not in ckpt_path
+
 
 # Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
 # an endless stream has no length by design.
@@ -238,12 +246,40 @@ class ParallaxCLI(LightningCLI):
                 client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
 
     def _check_before_run(self, stage: str) -> None:
-        """Load the data and build the schedule now: a sequence longer than the data, a vocabulary too small
-        for a shard, a warmup longer than training fail here, before an MLflow run is opened."""
+        """Check what would otherwise fail only once training starts: trainer settings Lightning divides by,
+        a missing checkpoint or one that does not fit the model, a sequence longer than the data, a vocabulary
+        too small for a shard, a warmup longer than training. All of it fails here, before an MLflow run is
+        opened or a finished run is continued (a failed start must not change a run's record)."""
+        if stage == "fit":
+            self._check_trainer_settings()
+        ckpt_path = self._ckpt_path()
+        if ckpt_path and _is_local_file_path(ckpt_path):
+            check_checkpoint_fits(ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True))
+        if stage == "predict":
+            return
         if isinstance(self.datamodule, TokenDataModule):
             self.datamodule.setup(stage)
         if stage == "fit" and hasattr(self.model, "schedule_for"):
             self.model.schedule_for(self.trainer)
+
+    def _check_trainer_settings(self) -> None:
+        trainer = self.trainer
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+            raise ValueError(
+                f"trainer.val_check_interval={interval}: validation runs every that many training batches, so it "
+                "must be a positive integer (to validate never, set trainer.limit_val_batches=0)"
+            )
+        if trainer.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be a positive integer "
+                "(1 = an optimizer step after every batch)"
+            )
+        if trainer.loggers and trainer.log_every_n_steps < 1:
+            raise ValueError(
+                f"trainer.log_every_n_steps={trainer.log_every_n_steps}: must be a positive integer (to log "
+                "nothing, set trainer.logger=false)"
+            )
 
     def before_fit(self) -> None:
         self._check_before_run("fit")
@@ -256,6 +292,9 @@ class ParallaxCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_before_run("test")
         self._prepare_run(resume=False)
+
+    def before_predict(self) -> None:
+        self._check_before_run("predict")
 
     def predict(self, model, datamodule=None, **kwargs):
         results = self.trainer.predict(model, datamodule=datamodule, **kwargs) or []

@@ -1,0 +1,116 @@
+"""A run's record across failed starts: bad settings, a missing or mismatched checkpoint and an inconsistent
+tokenizer are refused before an MLflow run is opened or a finished run is continued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .platform_utils import WORDS, mlflow_client, only_run, run_cli, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _runs(store: Path, experiment: str) -> list:
+    client = mlflow_client(store)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def _record(store: Path, experiment: str) -> tuple:
+    """Everything a failed start must leave alone: status, times, tags, parameters, metrics, artifacts."""
+    client = mlflow_client(store)
+    run = only_run(client, experiment)
+    rid = run.info.run_id
+    return (
+        run.info.status,
+        run.info.start_time,
+        run.info.end_time,
+        dict(run.data.tags),
+        dict(run.data.params),
+        dict(run.data.metrics),
+        sorted(a.path for a in client.list_artifacts(rid)),
+    )
+
+
+def _finished_run(tmp_path: Path, corpus: Path, store: Path, experiment: str) -> tuple[Path, Path]:
+    config = tiny_config(
+        tmp_path,
+        corpus,
+        experiment=experiment,
+        store=store,
+        trainer={"max_steps": 2, "val_check_interval": 2, "logger": {"init_args": {"system_metrics": False}}},
+        diagnostics={"every_n_steps": 0},
+    )
+    run_cli(["fit", "--config", str(config)], tmp_path)
+    assert only_run(mlflow_client(store), experiment).info.status == "FINISHED"
+    [ckpt] = list((tmp_path / "runs").rglob("last.ckpt"))
+    return config, ckpt
+
+
+# -- resuming a finished run ---------------------------------------------------------------------------------
+def test_a_mismatched_resume_names_the_parameter_and_leaves_the_finished_run_alone(tmp_path, corpus, store):
+    config, ckpt = _finished_run(tmp_path, corpus, store, "mismatched-resume")
+    before = _record(store, "mismatched-resume")
+    args = ["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--model.model.d_model", "64"]
+    with pytest.raises(ValueError) as info:
+        run_cli([*args, "--trainer.max_steps", "4"], tmp_path)
+    message = str(info.value)
+    assert "model.embed.weight has shape (320, 32) in the checkpoint but (320, 64) in the model" in message
+    assert "d_model 32 (now 64)" in message and str(ckpt) in message
+    assert _record(store, "mismatched-resume") == before  # status, end time, tags: all as they were
+
+
+# -- refused before a run is opened ---------------------------------------------------------------------------
+def _inconsistent_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer.json whose 'fox' has id 5000 in a vocabulary of 28 ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1}
+    vocab.update({w: i + 2 for i, w in enumerate(sorted(set(WORDS)))})
+    vocab["fox"] = 5000
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    assert json.loads(path.read_text())["model"]["vocab"]["fox"] == 5000
+    return path
+
+
+EARLY = {
+    "missing checkpoint": (lambda d: ["--ckpt_path", str(d / "gone.ckpt")], "gone.ckpt' does not exist"),
+    "Muon momentum of 1": (lambda d: ["--model.optimizer.momentum", "1.0"], "momentum must be in [0, 1), got 1.0"),
+    "unknown adjust_lr": (lambda d: ["--model.optimizer.adjust_lr", "rms"], "adjust_lr must be one of"),
+    "zero Newton-Schulz steps": (lambda d: ["--model.optimizer.ns_steps", "0"], "ns_steps must be an integer >= 1"),
+    "unknown coefficients": (lambda d: ["--model.optimizer.ns_coefficients", "x"], "'jordan', 'polar_express'"),
+    "validation every 0 batches": (lambda d: ["--trainer.val_check_interval", "0"], "val_check_interval=0"),
+    "accumulating 0 batches": (lambda d: ["--trainer.accumulate_grad_batches", "0"], "accumulate_grad_batches=0"),
+    "logging every 0 steps": (lambda d: ["--trainer.log_every_n_steps", "0"], "log_every_n_steps=0"),
+    "tokenizer ids beyond its vocabulary": (
+        lambda d: [f"--data.tokenizer={_inconsistent_tokenizer(d)}"],
+        "maps token 'fox' to id 5000, outside its vocabulary of 28 ids",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+def test_bad_settings_are_refused_before_a_run_is_opened(case, tmp_path, corpus, store, capsys):
+    args, names = EARLY[case]
+    experiment = "early-" + case.replace(" ", "-")
+    config = tiny_config(tmp_path, corpus, experiment=experiment, store=store)
+    with pytest.raises((ValueError, FileNotFoundError, SystemExit)) as info:
+        run_cli(["fit", "--config", str(config), *args(tmp_path)], tmp_path)
+    message = str(info.value) + capsys.readouterr().err  # jsonargparse prints some errors, then exits
+    assert names in message, message[-2000:]
+    assert _runs(store, experiment) == []  # no run was opened, so none is left FAILED
+    assert not (tmp_path / "runs").exists()
+
+
+def test_optimizer_choices_are_the_ones_muon_accepts():
+    from parallax_lightning import optim
+    from parallax_muon.layout import ADJUST_LR
+    from parallax_muon.newton_schulz import PRESETS
+
+    assert optim.ADJUST_LR == ADJUST_LR and optim.NS_COEFFICIENTS == PRESETS
