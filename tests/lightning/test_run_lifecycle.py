@@ -1,5 +1,6 @@
 """A run's record across failed starts: bad settings, a missing or mismatched checkpoint and an inconsistent
-tokenizer are refused before an MLflow run is opened or a finished run is continued."""
+tokenizer are refused before an MLflow run is opened or a finished run is continued; a resume that fails for
+another reason before its first step leaves the run it meant to continue as it was."""
 
 from __future__ import annotations
 
@@ -61,6 +62,26 @@ def test_a_mismatched_resume_names_the_parameter_and_leaves_the_finished_run_alo
     assert "model.embed.weight has shape (320, 32) in the checkpoint but (320, 64) in the model" in message
     assert "d_model 32 (now 64)" in message and str(ckpt) in message
     assert _record(store, "mismatched-resume") == before  # status, end time, tags: all as they were
+
+
+def test_a_resume_that_fails_before_its_first_step_keeps_the_runs_status(tmp_path, corpus, store, monkeypatch):
+    """A failure no check foresaw (here: restoring the module's state raises) still must not turn a finished
+    run into a failed one, nor move its end time."""
+    from parallax_lightning.lm_module import LanguageModelModule
+
+    config, ckpt = _finished_run(tmp_path, corpus, store, "failed-resume")
+    before = only_run(mlflow_client(store), "failed-resume")
+
+    def on_load_checkpoint(self, checkpoint):
+        raise RuntimeError("restore failed")
+
+    monkeypatch.setattr(LanguageModelModule, "on_load_checkpoint", on_load_checkpoint)
+    with pytest.raises(RuntimeError, match="restore failed"), pytest.warns(UserWarning, match="keeps its status"):
+        run_cli(["fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "4"], tmp_path)
+    after = only_run(mlflow_client(store), "failed-resume")
+    assert after.info.run_id == before.info.run_id
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert after.data.tags.get("parallax.resumes", "0") == "0"  # the attempt is not counted as a resume
 
 
 # -- refused before a run is opened ---------------------------------------------------------------------------
