@@ -18,16 +18,18 @@ Safety and faults (SECURITY.md): `class_path` values are limited to this project
 namespaces unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS) widens them; checkpoints are
 written atomically and read weights-only (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit
 with 128 + the signal number; a NaN/inf stop exits with 3. `python -m parallax_lightning ui` starts the MLflow
-UI on 127.0.0.1.
+UI on 127.0.0.1; Ctrl+C, SIGTERM or SIGHUP stop it together with the server's whole process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -323,15 +325,68 @@ def ui_main(args: list[str]) -> int:
     warning = exposure_warning(opts.host)
     if warning:
         print(f"parallax_lightning ui: WARNING: {warning}", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # printed above
-        proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
-    print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
+    proc = None
+    # The server runs in its own process group (its workers too) so that it can be stopped as a whole: any
+    # signal that would end this process stops that group first, or the server would outlive it.
+    # A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
+    previous = {
+        signum: signal.signal(signum, _raise_ui_stopped)
+        for signum in _UI_STOP_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # printed above
+            proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
+        print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
         return proc.wait()
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server forks workers: stop its whole process group
-        return proc.wait()
+    except _UiStopped as stop:
+        print(f"parallax_lightning ui: {signal.Signals(stop.signum).name}: stopping the MLflow server", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        if proc is not None:
+            for signum in _UI_STOP_SIGNALS:  # a second Ctrl+C must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
+            stop_process_group(proc)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class _UiStopped(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_ui_stopped(signum, frame) -> None:
+    raise _UiStopped(signum)
+
+
+def stop_process_group(proc, timeout: float = 20.0) -> None:
+    """SIGTERM the process group led by `proc`, wait for all of it, SIGKILL whatever is left after `timeout`."""
+    pgid = proc.pid
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                return
+            time.sleep(0.05)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(args=None) -> None:

@@ -1,10 +1,18 @@
 """A run's record across failed starts: bad settings, a missing or mismatched checkpoint and an inconsistent
 tokenizer are refused before an MLflow run is opened or a finished run is continued; a resume that fails for
-another reason before its first step leaves the run it meant to continue as it was."""
+another reason before its first step leaves the run it meant to continue as it was;
+`python -m parallax_lightning ui` takes its MLflow server down with it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +143,123 @@ def test_optimizer_choices_are_the_ones_muon_accepts():
     from parallax_muon.newton_schulz import PRESETS
 
     assert optim.ADJUST_LR == ADJUST_LR and optim.NS_COEFFICIENTS == PRESETS
+
+
+# -- the MLflow UI ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _wait_for(condition, seconds: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _members(psutil, pid: int) -> list[tuple]:
+    """(process, process group) of `pid`'s descendants still alive now."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(ProcessLookupError):  # a short-lived helper already gone
+            found.append((p, os.getpgid(p.pid)))
+    return found
+
+
+def _gone(psutil, p) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE  # exited, only waiting to be reaped
+    except psutil.NoSuchProcess:
+        return True
+
+
+# A stand-in for `mlflow server`: a process group of a leader and a worker, as start_ui makes it.
+_FAKE_SERVER = """
+import signal, subprocess, sys, time
+import parallax_lightning.cli as cli
+
+# As started from a terminal (a test runner in the background may pass these signals on ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+def start_ui(*args, **kwargs):
+    worker = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
+    return subprocess.Popen([sys.executable, "-c", worker], start_new_session=True)
+
+cli.start_ui = start_ui
+sys.exit(cli.ui_main(["--port", "5999"]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
+    psutil = pytest.importorskip("psutil")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+    ui = subprocess.Popen([sys.executable, "-c", _FAKE_SERVER], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    members: list = []
+    try:
+        assert _wait_for(lambda: len(_members(psutil, ui.pid)) >= 2 or ui.poll() is not None, 120)
+        members = _members(psutil, ui.pid)
+        [group] = {g for _, g in members}
+        assert group != os.getpgid(ui.pid)  # the server has a group of its own
+        ui.send_signal(signum)
+        assert ui.wait(timeout=60) == 128 + signum, ui.stderr.read().decode()[-2000:]
+        assert _wait_for(lambda: all(_gone(psutil, p) for p, _ in members), 30)
+        assert _wait_for(lambda: not _group_alive(group), 30)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+        for group in {g for _, g in members}:
+            if _group_alive(group):
+                os.killpg(group, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_ui_stopped_with_sigterm_leaves_no_mlflow_server_listening(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "parallax_lightning", "ui", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'ui.db'}"]
+    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115 - closed below; a file, not a pipe the server could hold
+    ui = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    members: list = []
+    try:
+        started = _wait_for(lambda: ui.poll() is not None or _listening(port), 240)
+        assert started and ui.poll() is None, f"the UI did not start: {(tmp_path / 'ui.log').read_text()[-2000:]}"
+        members = _members(psutil, ui.pid)
+        [group] = {g for _, g in members}  # the server and its workers: one group
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(timeout=120) == 128 + signal.SIGTERM
+        assert _wait_for(lambda: all(_gone(psutil, p) for p, _ in members), 60)
+        assert _wait_for(lambda: not _group_alive(group), 60)
+        assert not _listening(port)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+        for group in {g for _, g in members}:
+            if _group_alive(group):
+                os.killpg(group, signal.SIGKILL)
+        log.close()
