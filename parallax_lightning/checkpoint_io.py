@@ -108,15 +108,17 @@ def _shape(value: Any) -> tuple[int, ...] | None:
 
 
 def check_checkpoint_fits(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
-    """Raise before anything is restored when a local checkpoint cannot load into `module`: the file is
-    missing or not a Lightning checkpoint, a tensor's shape differs (the first one is named with both shapes),
-    or (with `strict`, Lightning's default) keys are missing or extra. Loading a mismatched checkpoint later
-    fails only after the trainer has set up (and an MLflow run been opened or continued).
+    """Raise before anything is restored when a local checkpoint cannot load into `module`: the path is
+    missing, the file is not a Lightning checkpoint, a tensor's shape differs (the first one is named with
+    both shapes), or (with `strict`, Lightning's default) keys are missing or extra. Loading a mismatched
+    checkpoint later fails only after the trainer has set up (and an MLflow run been opened or continued).
 
     The file is memory-mapped: only the shapes are read."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist (or is not a file)")
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist")
+    if path.is_dir():  # a sharded checkpoint (FSDP, DeepSpeed): its strategy reads and checks it
+        return
     checkpoint = load_weights_only(path, mmap=True)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):

@@ -92,6 +92,33 @@ def test_a_resume_that_fails_before_its_first_step_keeps_the_runs_status(tmp_pat
     assert after.data.tags.get("parallax.resumes", "0") == "0"  # the attempt is not counted as a resume
 
 
+def test_checkpoint_check_names_shapes_and_keys(tmp_path):
+    import torch
+
+    from parallax_lightning.checkpoint_io import check_checkpoint_fits
+
+    module = torch.nn.Linear(2, 3)
+    path = tmp_path / "x.ckpt"
+
+    def check(state, **kwargs):
+        torch.save(state, path)
+        check_checkpoint_fits(path, module, **kwargs)
+
+    check({"state_dict": {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}})
+    with pytest.raises(ValueError, match=r"weight has shape \(3, 4\) in the checkpoint but \(3, 2\) in the model"):
+        check({"state_dict": {"weight": torch.zeros(3, 4), "bias": torch.zeros(3)}})
+    with pytest.raises(ValueError, match="the checkpoint lacks bias"):
+        check({"state_dict": {"weight": torch.zeros(3, 2)}})
+    check({"state_dict": {"weight": torch.zeros(3, 2)}}, strict=False)  # what strict_loading=False allows
+    with pytest.raises(ValueError, match="the model has no extra"):
+        check({"state_dict": {"weight": torch.zeros(3, 2), "bias": torch.zeros(3), "extra": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="holds no 'state_dict'"):
+        check({"weight": torch.zeros(3, 2)})
+    with pytest.raises(FileNotFoundError, match=r"gone\.ckpt' does not exist"):
+        check_checkpoint_fits(tmp_path / "gone.ckpt", module)
+    check_checkpoint_fits(tmp_path, module)  # a folder (a sharded checkpoint) is left to its strategy
+
+
 # -- refused before a run is opened ---------------------------------------------------------------------------
 def _inconsistent_tokenizer(folder: Path) -> Path:
     """A word-level tokenizer.json whose 'fox' has id 5000 in a vocabulary of 28 ids."""
@@ -215,7 +242,8 @@ sys.exit(cli.ui_main(["--port", "5999"]))
 def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
     psutil = pytest.importorskip("psutil")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
-    ui = subprocess.Popen([sys.executable, "-c", _FAKE_SERVER], cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    log = open(tmp_path / "ui.log", "w")  # noqa: SIM115 - closed below; a file, not a pipe a leaked server could hold
+    ui = subprocess.Popen([sys.executable, "-c", _FAKE_SERVER], cwd=tmp_path, env=env, stdout=log, stderr=log)
     members: list = []
     try:
         assert _wait_for(lambda: len(_members(psutil, ui.pid)) >= 2 or ui.poll() is not None, 120)
@@ -223,7 +251,7 @@ def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
         [group] = {g for _, g in members}
         assert group != os.getpgid(ui.pid)  # the server has a group of its own
         ui.send_signal(signum)
-        assert ui.wait(timeout=60) == 128 + signum, ui.stderr.read().decode()[-2000:]
+        assert ui.wait(timeout=60) == 128 + signum, (tmp_path / "ui.log").read_text()[-2000:]
         assert _wait_for(lambda: all(_gone(psutil, p) for p, _ in members), 30)
         assert _wait_for(lambda: not _group_alive(group), 30)
     finally:
@@ -233,6 +261,7 @@ def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
         for group in {g for _, g in members}:
             if _group_alive(group):
                 os.killpg(group, signal.SIGKILL)
+        log.close()
 
 
 @pytest.mark.slow
