@@ -107,18 +107,20 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def check_checkpoint_fits(path: str | os.PathLike, module: torch.nn.Module, strict: bool = True) -> None:
+def check_checkpoint_fits(
+    path: str | os.PathLike, module: torch.nn.Module, strict: bool = True
+) -> dict[str, Any] | None:
     """Raise before anything is restored when a local checkpoint cannot load into `module`: the path is
     missing, the file is not a Lightning checkpoint, a tensor's shape differs (the first one is named with
     both shapes), or (with `strict`, Lightning's default) keys are missing or extra. Loading a mismatched
     checkpoint later fails only after the trainer has set up (and an MLflow run been opened or continued).
 
-    The file is memory-mapped: only the shapes are read."""
+    The file is memory-mapped: only the shapes are read. Returns the checkpoint (None for a folder)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist")
     if path.is_dir():  # a sharded checkpoint (FSDP, DeepSpeed): its strategy reads and checks it
-        return
+        return None
     checkpoint = load_weights_only(path, mmap=True)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
@@ -132,7 +134,7 @@ def check_checkpoint_fits(path: str | os.PathLike, module: torch.nn.Module, stri
     missing = [key for key in expected if key not in state] if strict else []
     extra = [key for key in state if key not in expected] if strict else []
     if not (mismatched or missing or extra):
-        return
+        return checkpoint
     problems = []
     if mismatched:
         key, saved, built = mismatched[0]

@@ -76,6 +76,20 @@ def _is_local_file_path(ckpt_path: str) -> bool:
     return not named and "://" not in ckpt_path
 
 
+def _check_same_optimizer(ckpt_path: str, checkpoint: dict, model) -> None:
+    """Resuming restores the optimizer's state, which only the optimizer that wrote it can take (another one
+    fails inside Lightning with 'a different number of parameter groups')."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
+    saved = saved.get("name") if isinstance(saved, dict) else None
+    now = getattr(getattr(model, "optimizer_config", None), "name", None)
+    if saved and now and saved != now and checkpoint.get("optimizer_states"):
+        raise ValueError(
+            f"ckpt_path {ckpt_path!r} was trained with model.optimizer.name={saved!r} but the config says {now!r}: "
+            f"resuming restores the optimizer's state, which {now!r} cannot take. Resume with "
+            f"--model.optimizer.name {saved}"
+        )
+
+
 # Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
 # an endless stream has no length by design.
 _QUIET = (
@@ -256,7 +270,11 @@ class ParallaxCLI(LightningCLI):
             self._check_trainer_settings()
         ckpt_path = self._ckpt_path()
         if ckpt_path and _is_local_file_path(ckpt_path):
-            check_checkpoint_fits(ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True))
+            checkpoint = check_checkpoint_fits(
+                ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True)
+            )
+            if stage == "fit" and checkpoint is not None:
+                _check_same_optimizer(ckpt_path, checkpoint, self.model)
         if stage == "predict":
             return
         if isinstance(self.datamodule, TokenDataModule):

@@ -135,8 +135,29 @@ def _inconsistent_tokenizer(folder: Path) -> Path:
     return path
 
 
+def _adamw_checkpoint(folder: Path) -> Path:
+    """A checkpoint that fits the tiny config's model but was written by AdamW (the config says Muon)."""
+    import torch
+
+    from parallax_lightning.lm_module import LanguageModelModule
+    from parallax_lightning.model import DecoderConfig
+
+    config = DecoderConfig(
+        vocab_size=320, max_seq_len=16, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64, attention="parallax"
+    )
+    module = LanguageModelModule(model=config)
+    path = folder / "adamw.ckpt"
+    hparams = {"optimizer": {"name": "adamw"}}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "optimizer_states": [{}]}, path)
+    return path
+
+
 EARLY = {
     "missing checkpoint": (lambda d: ["--ckpt_path", str(d / "gone.ckpt")], "gone.ckpt' does not exist"),
+    "checkpoint of another optimizer": (
+        lambda d: ["--ckpt_path", str(_adamw_checkpoint(d))],
+        "was trained with model.optimizer.name='adamw' but the config says 'muon'",
+    ),
     "Muon momentum of 1": (lambda d: ["--model.optimizer.momentum", "1.0"], "momentum must be in [0, 1), got 1.0"),
     "unknown adjust_lr": (lambda d: ["--model.optimizer.adjust_lr", "rms"], "adjust_lr must be one of"),
     "zero Newton-Schulz steps": (lambda d: ["--model.optimizer.ns_steps", "0"], "ns_steps must be an integer >= 1"),
