@@ -12,6 +12,7 @@ data (configs are stored as dicts).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -100,3 +101,67 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 return super().load_checkpoint(path, map_location=map_location, weights_only=True)
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         return load_weights_only(path, map_location=map_location if map_location is not None else "cpu")
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def check_checkpoint_fits(
+    path: str | os.PathLike, module: torch.nn.Module, strict: bool = True
+) -> dict[str, Any] | None:
+    """Raise before anything is restored when a local checkpoint cannot load into `module`: the path is
+    missing, the file is not a Lightning checkpoint, a tensor's shape differs (the first one is named with
+    both shapes), or (with `strict`, Lightning's default) keys are missing or extra. Loading a mismatched
+    checkpoint later fails only after the trainer has set up (and an MLflow run been opened or continued).
+
+    The file is memory-mapped: only the shapes are read. Returns the checkpoint (None for a folder)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist")
+    if path.is_dir():  # a sharded checkpoint (FSDP, DeepSpeed): its strategy reads and checks it
+        return None
+    checkpoint = load_weights_only(path, mmap=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"ckpt_path {str(path)!r} is not a Lightning checkpoint: it holds no 'state_dict'")
+    expected = module.state_dict()
+    mismatched = [
+        (key, _shape(state[key]), _shape(value))
+        for key, value in expected.items()
+        if key in state and _shape(state[key]) != _shape(value)
+    ]
+    missing = [key for key in expected if key not in state] if strict else []
+    extra = [key for key in state if key not in expected] if strict else []
+    if not (mismatched or missing or extra):
+        return checkpoint
+    problems = []
+    if mismatched:
+        key, saved, built = mismatched[0]
+        more = f" ({len(mismatched) - 1} more tensors differ too)" if len(mismatched) > 1 else ""
+        problems.append(f"parameter {key} has shape {saved} in the checkpoint but {built} in the model{more}")
+    if missing:
+        problems.append(f"the checkpoint lacks {_some(missing)}")
+    if extra:
+        problems.append(f"the model has no {_some(extra)}")
+    raise ValueError(
+        f"ckpt_path {str(path)!r} does not fit the model: {'; '.join(problems)}."
+        + _config_differences(checkpoint, module)
+        + " Use the model settings the checkpoint was trained with."
+    )
+
+
+def _some(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def _config_differences(checkpoint: dict, module: torch.nn.Module) -> str:
+    """' The checkpoint's model config differs in: d_model 64 (now 128).' when both configs are known."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
+    config = getattr(module, "model_config", None)
+    if not isinstance(saved, dict) or not dataclasses.is_dataclass(config):
+        return ""
+    now = dataclasses.asdict(config)
+    diffs = [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now if k in saved and saved[k] != now[k]]
+    return f" The checkpoint's model config differs in: {', '.join(diffs)}." if diffs else ""

@@ -19,16 +19,19 @@ components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or
 widens them, and plain-data values never become objects; credentials are redacted from what is stored (the
 run's parameters, tags, config.yaml, checkpoints); checkpoints are written atomically and read weights-only
 (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number; a NaN/inf stop
-exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1.
+exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1; Ctrl+C, SIGTERM or SIGHUP
+stop it together with the server's whole process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from . import class_paths
 from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor, TrainingInterrupted
-from .checkpoint_io import AtomicCheckpointIO
+from .checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .redaction import has_credentials, redact
@@ -68,6 +71,28 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "log_every_n_steps": 10,
 }
+
+
+def _is_local_file_path(ckpt_path: str) -> bool:
+    """Not a name Lightning resolves itself ("best", "last", "hpc", "registry[:...]") nor a remote URL."""
+    lowered = ckpt_path.lower()
+    named = lowered in ("best", "last", "hpc", "registry") or lowered.startswith("registry:")
+    return not named and "://" not in ckpt_path
+
+
+def _check_same_optimizer(ckpt_path: str, checkpoint: dict, model) -> None:
+    """Resuming restores the optimizer's state, which only the optimizer that wrote it can take (another one
+    fails inside Lightning with 'a different number of parameter groups')."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
+    saved = saved.get("name") if isinstance(saved, dict) else None
+    now = getattr(getattr(model, "optimizer_config", None), "name", None)
+    if saved and now and saved != now and checkpoint.get("optimizer_states"):
+        raise ValueError(
+            f"ckpt_path {ckpt_path!r} was trained with model.optimizer.name={saved!r} but the config says {now!r}: "
+            f"resuming restores the optimizer's state, which {now!r} cannot take. Resume with "
+            f"--model.optimizer.name {saved}"
+        )
+
 
 # Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
 # an endless stream has no length by design.
@@ -268,12 +293,44 @@ class ParallaxCLI(LightningCLI):
                 client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
 
     def _check_before_run(self, stage: str) -> None:
-        """Load the data and build the schedule now: a sequence longer than the data, a vocabulary too small
-        for a shard, a warmup longer than training fail here, before an MLflow run is opened."""
+        """Check what would otherwise fail only once training starts: trainer settings Lightning divides by,
+        a missing checkpoint or one that does not fit the model, a sequence longer than the data, a vocabulary
+        too small for a shard, a warmup longer than training. All of it fails here, before an MLflow run is
+        opened or a finished run is continued (a failed start must not change a run's record)."""
+        if stage == "fit":
+            self._check_trainer_settings()
+        ckpt_path = self._ckpt_path()
+        if ckpt_path and _is_local_file_path(ckpt_path):
+            checkpoint = check_checkpoint_fits(
+                ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True)
+            )
+            if stage == "fit" and checkpoint is not None:
+                _check_same_optimizer(ckpt_path, checkpoint, self.model)
+        if stage == "predict":
+            return
         if isinstance(self.datamodule, TokenDataModule):
             self.datamodule.setup(stage)
         if stage == "fit" and hasattr(self.model, "schedule_for"):
             self.model.schedule_for(self.trainer)
+
+    def _check_trainer_settings(self) -> None:
+        trainer = self.trainer
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+            raise ValueError(
+                f"trainer.val_check_interval={interval}: validation runs every that many training batches, so it "
+                "must be a positive integer (to validate never, set trainer.limit_val_batches=0)"
+            )
+        if trainer.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be a positive integer "
+                "(1 = an optimizer step after every batch)"
+            )
+        if trainer.loggers and trainer.log_every_n_steps < 1:
+            raise ValueError(
+                f"trainer.log_every_n_steps={trainer.log_every_n_steps}: must be a positive integer (to log "
+                "nothing, set trainer.logger=false)"
+            )
 
     def before_fit(self) -> None:
         self._check_before_run("fit")
@@ -286,6 +343,9 @@ class ParallaxCLI(LightningCLI):
     def before_test(self) -> None:
         self._check_before_run("test")
         self._prepare_run(resume=False)
+
+    def before_predict(self) -> None:
+        self._check_before_run("predict")
 
     def predict(self, model, datamodule=None, **kwargs):
         results = self.trainer.predict(model, datamodule=datamodule, **kwargs) or []
@@ -314,15 +374,68 @@ def ui_main(args: list[str]) -> int:
     warning = exposure_warning(opts.host)
     if warning:
         print(f"parallax_lightning ui: WARNING: {warning}", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # printed above
-        proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
-    print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
+    proc = None
+    # The server runs in its own process group (its workers too) so that it can be stopped as a whole: any
+    # signal that would end this process stops that group first, or the server would outlive it.
+    # A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
+    previous = {
+        signum: signal.signal(signum, _raise_ui_stopped)
+        for signum in _UI_STOP_SIGNALS
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    }
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # printed above
+            proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
+        print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
         return proc.wait()
-    except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server forks workers: stop its whole process group
-        return proc.wait()
+    except _UiStopped as stop:
+        print(f"parallax_lightning ui: {signal.Signals(stop.signum).name}: stopping the MLflow server", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        if proc is not None:
+            for signum in _UI_STOP_SIGNALS:  # a second Ctrl+C must not cut the clean-up short
+                signal.signal(signum, signal.SIG_IGN)
+            stop_process_group(proc)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+_UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+class _UiStopped(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_ui_stopped(signum, frame) -> None:
+    raise _UiStopped(signum)
+
+
+def stop_process_group(proc, timeout: float = 20.0) -> None:
+    """SIGTERM the process group led by `proc`, wait for all of it, SIGKILL whatever is left after `timeout`."""
+    pgid = proc.pid
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                return
+            time.sleep(0.05)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tool_main(name: str, args: list[str]) -> int:

@@ -18,6 +18,13 @@ OPTIMIZERS = ("muon", "adamw")
 ROUTES = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
+# What parallax_muon.Muon accepts by name (its presets and learning-rate adjustments).
+NS_COEFFICIENTS = ("jordan", "polar_express")
+ADJUST_LR = ("original", "match_rms_adamw", "none")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -59,10 +66,28 @@ class OptimizerConfig:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"OptimizerConfig.{field} must be a finite positive number, got {value!r}")
-        for field in ("weight_decay", "adamw_weight_decay"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"OptimizerConfig.{field} must be >= 0, got {getattr(self, field)!r}")
-        self.adamw_betas = tuple(self.adamw_betas)
+        for field in ("weight_decay", "adamw_weight_decay", "adamw_eps", "r_proj_lr_mult"):
+            value = getattr(self, field)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"OptimizerConfig.{field} must be a finite number >= 0, got {value!r}")
+        # Muon checks its hyper-parameters only when it is built, inside the trainer; checked here, a bad
+        # value fails before any run starts.
+        if not (_is_number(self.momentum) and 0.0 <= self.momentum < 1.0):
+            raise ValueError(f"OptimizerConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"OptimizerConfig.nesterov must be true or false, got {self.nesterov!r}")
+        if not (isinstance(self.ns_steps, int) and not isinstance(self.ns_steps, bool) and self.ns_steps >= 1):
+            raise ValueError(f"OptimizerConfig.ns_steps must be an integer >= 1, got {self.ns_steps!r}")
+        if self.ns_coefficients not in NS_COEFFICIENTS:
+            raise ValueError(
+                f"OptimizerConfig.ns_coefficients must be one of {NS_COEFFICIENTS}, got {self.ns_coefficients!r}"
+            )
+        if self.adjust_lr not in ADJUST_LR:
+            raise ValueError(f"OptimizerConfig.adjust_lr must be one of {ADJUST_LR}, got {self.adjust_lr!r}")
+        betas = tuple(self.adamw_betas)
+        if len(betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"OptimizerConfig.adamw_betas must be two numbers in [0, 1), got {self.adamw_betas!r}")
+        self.adamw_betas = betas
         if self.route is not None:
             if not isinstance(self.route, dict):
                 raise ValueError(f"OptimizerConfig.route must map regexes to 'muon'/'adamw', got {self.route!r}")

@@ -11,7 +11,8 @@
 
 Once a run is open, metrics, artifacts and the final status go through a `TrackingOutbox` (a background
 writer with a write-ahead spool): a locked, unreachable or full store delays them but never stops training
-or loses them; one warning says so. A run stopped by SIGTERM/SIGINT ends with status KILLED.
+or loses them; one warning says so. A run stopped by SIGTERM/SIGINT ends with status KILLED. A resume that
+fails before its first step (nothing new logged) leaves the run's earlier status and end time as they were.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         self.retry_s = retry_s
         self._outbox: TrackingOutbox | None = None
         self._step_values: tuple[int | None, dict[str, float]] = (None, {})  # the latest step's logged values
+        self._before_resume: tuple[str, int | None, str] | None = None  # (status, end_time, resumes) when resumed
+        self._logged_metrics = False
         self.interrupted: str | None = None
 
     @property
@@ -215,8 +218,10 @@ class ParallaxMLFlowLogger(MLFlowLogger):
     def _on_run_start(self, client) -> None:
         run_id = self._run_id
         if self.resumed:
+            run = client.get_run(run_id)
+            previous = run.data.tags.get(TAG_PREFIX + "resumes", "0")
+            self._before_resume = (run.info.status, run.info.end_time, previous)
             client.update_run(run_id, status="RUNNING")
-            previous = client.get_run(run_id).data.tags.get(TAG_PREFIX + "resumes", "0")
             client.set_tag(run_id, TAG_PREFIX + "resumes", str(int(previous) + 1))
         for key, value in environment_tags().items():
             client.set_tag(run_id, key, value)
@@ -270,6 +275,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         stalls training for as long as the store does). A metric logged again at the same step with the same
         value is skipped: `ParallaxCheckpoint` logs a checkpoint step's metrics before Lightning does."""
         step = int(step or 0)
+        self._logged_metrics = True
         if self._step_values[0] != step:
             self._step_values = (step, {})
         seen = self._step_values[1]
@@ -318,8 +324,26 @@ class ParallaxMLFlowLogger(MLFlowLogger):
                 self._scan_and_log_checkpoints(self._checkpoint_callback)
             except Exception as err:
                 warnings.warn(f"checkpoints were not logged to MLflow: {err}", stacklevel=2)
-        self._outbox.submit_status(status)
+        if status == "FAILED" and self._failed_before_first_step():
+            status, end_time, resumes = self._before_resume
+            # A resume that fails before it trained anything leaves the run's record as it was: a finished
+            # run stays finished (its end time too), a killed one stays resumable.
+            warnings.warn(
+                f"run {self._run_id}: this resume failed before its first step; the run keeps its status {status}",
+                stacklevel=2,
+            )
+            self._outbox.submit_tag(TAG_PREFIX + "resumes", resumes)
+            self._outbox.submit_status(status, end_time=end_time)
+        else:
+            self._outbox.submit_status(status)
         self._outbox.close(self.flush_timeout_s)
+
+    def _failed_before_first_step(self) -> bool:
+        return (
+            self._before_resume is not None
+            and self._before_resume[0] in ("FINISHED", "KILLED", "FAILED")
+            and not self._logged_metrics
+        )
 
 
 def log_params(client, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:

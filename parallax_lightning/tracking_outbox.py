@@ -125,8 +125,10 @@ class TrackingOutbox:
         write(local)
         self._submit({"kind": "artifact", "file": str(local), "path": artifact_file})
 
-    def submit_status(self, status: str) -> None:
-        self._submit({"kind": "status", "status": status, "end_time": int(time.time() * 1000)})
+    def submit_status(self, status: str, end_time: int | None = None) -> None:
+        """End the run with `status` at `end_time` (ms since the epoch; default now)."""
+        end_time = int(time.time() * 1000) if end_time is None else int(end_time)
+        self._submit({"kind": "status", "status": status, "end_time": end_time})
 
     def submit_tag(self, key: str, value: str) -> None:
         self._submit({"kind": "tag", "key": key, "value": value})

@@ -494,6 +494,34 @@ CASES = [
         ValueError,
         "Muon.load_state_dict: group 'muon_0': lr=inf",
     ),
+    # refused before an MLflow run is opened (Muon checks these only when the trainer builds it)
+    Case("config", "Muon momentum of 1", optim_config("OptimizerConfig", momentum=1.0), ValueError, "got 1.0"),
+    Case("config", "Muon ns_steps of 0", optim_config("OptimizerConfig", ns_steps=0), ValueError, "got 0"),
+    Case("config", "fractional ns_steps", optim_config("OptimizerConfig", ns_steps=2.5), ValueError, "got 2.5"),
+    Case("config", "unknown adjust_lr", optim_config("OptimizerConfig", adjust_lr="rms"), ValueError, "'rms'"),
+    Case("config", "unknown ns_coefficients", optim_config("OptimizerConfig", ns_coefficients="x"), ValueError, "'x'"),
+    Case("config", "nesterov as text", optim_config("OptimizerConfig", nesterov="yes"), ValueError, "got 'yes'"),
+    Case("config", "AdamW beta of 1", optim_config("OptimizerConfig", adamw_betas=(0.9, 1.0)), ValueError, "1.0)"),
+    Case("cli", "missing ckpt_path", cli("--ckpt_path", "gone.ckpt"), FileNotFoundError, "gone.ckpt"),
+    Case(
+        "cli",
+        "checkpoint of another width",
+        lambda d: cli("--ckpt_path", str(_narrow_ckpt(d)))(d),
+        ValueError,
+        "(320, 8)",
+    ),
+    Case(
+        "cli", "validation every 0 batches", cli(trainer={"val_check_interval": 0}), ValueError, "val_check_interval=0"
+    ),
+    Case("cli", "accumulating 0 batches", cli(trainer={"accumulate_grad_batches": 0}), ValueError, "batches=0"),
+    Case("data", "tokenizer ids beyond its vocabulary", lambda d: _gappy_tokenizer(d), ValueError, "id 700"),
+    Case(
+        "data",
+        "binary file refused",
+        lambda d: text_data(d, source=str(_binary(d)), binary_files="error"),
+        ValueError,
+        "NUL byte",
+    ),
 ]
 
 
@@ -501,6 +529,27 @@ def _laughs(folder: Path) -> Path:
     lines = ["a0: &a0 [lol]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
     path = folder / "laughs.yaml"
     path.write_text("\n".join(lines) + "\nbomb: *a9\n")
+    return path
+
+
+def _narrow_ckpt(folder: Path) -> Path:
+    path = folder / "narrow.ckpt"
+    torch.save({"state_dict": {"model.embed.weight": torch.zeros(320, 8)}}, path)
+    return path
+
+
+def _gappy_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models
+
+    from parallax_lightning.data.tokenizers import load_tokenizer
+
+    Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 700}, unk_token="[UNK]")).save(str(folder / "gappy.json"))
+    return load_tokenizer(str(folder / "gappy.json"))
+
+
+def _binary(folder: Path) -> Path:
+    path = folder / "blob.bin"
+    path.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
     return path
 
 

@@ -3,14 +3,23 @@
 
 Every source is a list of documents (one per file or dataset row). Nothing here imports lightning, so
 `experiments/prepare_shards.py` starts fast.
+
+Files are read as UTF-8 with undecodable bytes replaced (one stray byte does not stop a run). A file that
+is not text at all (an image, an archive, a .pyc, UTF-16) would still be trained on that way, as noise, so
+local files are sniffed first: a NUL byte, or more than 30% undecodable bytes, in the first 8 KB marks a file
+as binary. `binary_files` says what then happens: "warn" (the default: one warning naming the files, which
+are still read as text), "skip" (leave them out, with that warning) or "error" (refuse, naming them). A
+folder that mixes text and other files is best narrowed with `suffixes`.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +85,28 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+BINARY_FILES = ("warn", "skip", "error")
+SNIFF_BYTES = 8192
+UNDECODABLE_SHARE = 0.3
+
+
+def binary_reason(path: str | os.PathLike) -> str | None:
+    """Why the start of `path` looks binary rather than text ('a NUL byte at offset 12'), or None."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if not head:
+        return None
+    nul = head.find(b"\0")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}"
+    # final=False: a character cut at the end of the sample is not counted as undecodable.
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    bad = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and bad / len(text) > UNDECODABLE_SHARE:
+        return f"{bad / len(text):.0%} of its first {len(head)} bytes are not UTF-8"
+    return None
+
+
 def read_text(path: Path) -> str:
     # Corpora in the wild hold stray bytes; replacing them keeps one bad byte from stopping a run.
     return Path(path).read_bytes().decode("utf-8", errors="replace")
@@ -100,6 +131,7 @@ class TextSource:
     Local: `paths` is one or more paths / folders / globs / "stdlib". HF: `hf_dataset` names the dataset
     (`hf_config`, `hf_split`, `text_field` pick the part and column); it wins over `paths`.
     `max_documents` / `max_bytes` cap the corpus (the order is stable, so the cap is reproducible).
+    `binary_files`: what a local file that looks binary does, "warn", "skip" or "error" (module docstring).
     """
 
     paths: str | list[str] = STDLIB
@@ -110,6 +142,7 @@ class TextSource:
     text_field: str = "text"
     max_documents: int | None = None
     max_bytes: int | None = None
+    binary_files: str = "warn"
     _files: list[Path] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -117,6 +150,8 @@ class TextSource:
             raise ValueError(f"max_documents must be positive, got {self.max_documents}")
         if self.max_bytes is not None and self.max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        if self.binary_files not in BINARY_FILES:
+            raise ValueError(f"binary_files must be one of {BINARY_FILES}, got {self.binary_files!r}")
 
     @property
     def is_hf(self) -> bool:
@@ -127,13 +162,41 @@ class TextSource:
         if self.is_hf:
             return []
         if self._files is None:
-            files = expand_paths(self.paths, self.suffixes)
+            files = self._sniff(expand_paths(self.paths, self.suffixes))
             if self.max_documents is not None:
                 files = files[: self.max_documents]
             if sum(f.stat().st_size for f in files) == 0:
                 raise ValueError(f"data source {self.describe()} is empty: its {len(files)} file(s) hold no bytes")
             self._files = files
         return self._files
+
+    def _sniff(self, files: list[Path]) -> list[Path]:
+        """Apply `binary_files` to the files that look binary."""
+        binary = {}
+        for path in files:
+            reason = binary_reason(path)
+            if reason:
+                binary[path] = reason
+        if not binary:
+            return files
+        named = "; ".join(f"{p} ({why})" for p, why in list(binary.items())[:5])
+        more = f" and {len(binary) - 5} more" if len(binary) > 5 else ""
+        what = f"data source {self.describe()}: {len(binary)} file(s) look binary, not text: {named}{more}"
+        fix = "Pick text files with data.suffixes (or a narrower path or glob)"
+        if self.binary_files == "error":
+            raise ValueError(f"{what}. {fix}, or set data.binary_files=skip to leave them out")
+        if self.binary_files == "skip":
+            kept = [p for p in files if p not in binary]
+            if not kept:
+                raise ValueError(f"{what}: no text is left (data.binary_files=skip). {fix}")
+            warnings.warn(f"{what}; left out (data.binary_files=skip)", stacklevel=3)
+            return kept
+        warnings.warn(
+            f"{what}; they are read as text, undecodable bytes replaced. {fix}, or set data.binary_files=skip "
+            "to leave them out (error: refuse)",
+            stacklevel=3,
+        )
+        return files
 
     def check(self) -> None:
         """Raise now, before any work, if the source is missing or empty."""

@@ -5,6 +5,12 @@ Documents are split into train / validation by a hash of their index (`val_fract
 joined with the end-of-document token. Tokenizers: "byte" (default), "bpe" (a byte-level BPE trained on the
 training documents with `tokenizers`, saved in `cache_dir` and reused by the next run with the same data),
 or a path to a Hugging Face tokenizer.json.
+
+Binary files: a local file whose first 8 KB hold a NUL byte or are more than 30% undecodable as UTF-8 is
+not text. By default (`binary_files="warn"`) it is still read as text (undecodable bytes replaced) and one
+warning names it; `"skip"` leaves such files out, `"error"` refuses the source. It warns rather than refuses
+by default because the test is a heuristic (a text file in a legacy encoding can trip it); the warning names
+the files and how to narrow the source.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class TextDataModule(TokenDataModule):
         hf_dataset: a Hugging Face dataset name (needs the `datasets` package); used instead of `source`.
         hf_config / hf_split / text_field: which configuration, split and column of that dataset.
         max_documents / max_bytes: cap the corpus (stable order, so the cap is reproducible).
+        binary_files: what a file that looks binary does: "warn" (read it as text, with a warning naming it),
+            "skip" (leave it out) or "error" (refuse). See the module docstring.
         tokenizer: "byte", "bpe" (train a byte-level BPE of `bpe_vocab_size`), or a tokenizer.json path.
         cache_dir: where a trained BPE and token caches are kept. Default: a `.parallax_cache` folder
             beside the data (inside a source folder, or next to a source file), else in the working folder.
@@ -49,6 +57,7 @@ class TextDataModule(TokenDataModule):
         text_field: str = "text",
         max_documents: int | None = None,
         max_bytes: int | None = None,
+        binary_files: str = "warn",
         tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
         cache_dir: str | None = None,
@@ -81,6 +90,7 @@ class TextDataModule(TokenDataModule):
             text_field=text_field,
             max_documents=max_documents,
             max_bytes=max_bytes,
+            binary_files=binary_files,
         )
         # Missing paths, empty corpora and a missing `datasets` package fail here, before any work.
         self.source.check()

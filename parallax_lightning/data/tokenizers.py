@@ -46,6 +46,22 @@ class HFTokenizer:
         # get_vocab_size(with_added_tokens=True) counts special tokens: the model must have a row for each.
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_id = tokenizer.token_to_id(EOS)
+        self._check_ids()
+
+    def _check_ids(self) -> None:
+        """Every id the tokenizer can emit must be below its vocabulary size: the model gets that many
+        embedding rows, and a larger id would only fail deep inside training (an IndexError in the embedding)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        bad = sorted(((i, t) for t, i in vocab.items() if not 0 <= i < self.vocab_size), reverse=True)
+        if bad:
+            top, token = bad[0]
+            where = f"tokenizer file {str(self.path)!r}" if self.path else f"tokenizer {self.name!r}"
+            raise ValueError(
+                f"{where} maps token {token!r} to id {top}, outside its vocabulary of {self.vocab_size} ids "
+                f"(0..{self.vocab_size - 1}; {len(bad)} token(s) out of range), so the model would have no "
+                "embedding row for it. The file is inconsistent: renumber its vocab and added_tokens from 0 "
+                "without gaps"
+            )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:

@@ -164,6 +164,61 @@ def test_hf_tokenizer_json_by_path(tmp_path, corpus):
         HFTokenizer.from_file(tmp_path / "bad.json")
 
 
+def test_tokenizer_ids_beyond_its_vocabulary_are_named(tmp_path):
+    """A tokenizer.json whose ids skip past its size would give ids the model has no embedding row for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 700}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "gappy.json"))
+    with pytest.raises(ValueError, match=r"gappy\.json' maps token 'b' to id 700, outside its vocabulary of 3 ids"):
+        HFTokenizer.from_file(tmp_path / "gappy.json")
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "dense.json"))
+    assert HFTokenizer.from_file(tmp_path / "dense.json").vocab_size == 3
+
+
+# ------------------------------------------------------------------------------------------ binary files
+def _mixed_corpus(tmp_path):
+    """Text files, a binary one (NUL bytes), random bytes without NULs, and a Latin-1 text file."""
+    folder = write_corpus(tmp_path / "mixed", n_docs=3, words_per_doc=100)
+    (folder / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    noise = np.random.default_rng(0).integers(1, 256, 4000, dtype=np.uint8).tobytes()  # no NUL byte
+    (folder / "noise.bin").write_bytes(noise)
+    (folder / "latin1.txt").write_bytes("Café crème, déjà vu: à la française. ".encode("latin-1") * 40)
+    return folder
+
+
+def test_binary_files_are_named_in_a_warning_by_default(tmp_path):
+    folder = _mixed_corpus(tmp_path)
+    with pytest.warns(UserWarning, match=r"2 file\(s\) look binary") as caught:
+        files = TextSource(paths=str(folder)).files()
+    message = str(caught[0].message)
+    assert "image.png (a NUL byte at offset 8)" in message and "noise.bin (" in message and "not UTF-8" in message
+    assert "latin1.txt" not in message  # text in another encoding: a few undecodable bytes, not binary
+    assert "data.binary_files=skip" in message and "data.suffixes" in message
+    assert len(files) == 6  # still read, as before
+
+
+def test_binary_files_skip_and_error(tmp_path):
+    folder = _mixed_corpus(tmp_path)
+    with pytest.warns(UserWarning, match="left out"):
+        kept = TextSource(paths=str(folder), binary_files="skip").files()
+    assert sorted(p.name for p in kept) == ["doc00.txt", "doc01.txt", "doc02.txt", "latin1.txt"]
+    with pytest.raises(ValueError, match=r"image\.png \(a NUL byte at offset 8\)"):
+        TextDataModule(source=str(folder), binary_files="error")
+    with pytest.raises(ValueError, match="binary_files must be one of"):
+        TextSource(paths=str(folder), binary_files="ignore")
+    with pytest.raises(ValueError, match="no text is left"):
+        TextSource(paths=str(folder / "image.png"), binary_files="skip").files()
+
+
+def test_text_corpora_raise_no_binary_warning(corpus, recwarn):
+    TextSource(paths=str(corpus)).files()
+    TextSource(paths="stdlib", max_documents=200).files()
+    assert not [w for w in recwarn if "binary" in str(w.message)]
+
+
 # ------------------------------------------------------------------------------------------- shards
 
 
