@@ -203,8 +203,10 @@ def test_mqar_cpu_config_learns_through_the_cli(tmp_path, monkeypatch):
             "fit",
             "--config", str(REPO / "experiments/long_context/mqar_cpu.yaml"),
             "--model.model.attention", "softmax",
-            "--trainer.max_steps", "70",
-            "--trainer.val_check_interval", "70",
+            # MQAR leaves its plateau abruptly, at a step that depends on the initial weights: 100 steps leave
+            # a margin at this seed (seed 1234 was still on the plateau at step 70 with the current init)
+            "--trainer.max_steps", "100",
+            "--trainer.val_check_interval", "100",
             "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
             "--trainer.enable_checkpointing", "false",
