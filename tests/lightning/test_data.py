@@ -49,11 +49,11 @@ def test_missing_data_named(tmp_path, kind):
 def test_empty_corpus_is_an_error(tmp_path):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text("")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"is empty: its 2 file\(s\) hold no bytes"):
         TextDataModule(source=str(tmp_path))
     (tmp_path / "c.txt").write_text("   \n\n  ")
     dm = TextDataModule(source=str(tmp_path))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="is empty: no text in any document"):
         dm.setup()
 
 

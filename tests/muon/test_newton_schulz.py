@@ -78,7 +78,11 @@ def test_presets_and_user_lists():
 
 @pytest.mark.parametrize(
     "bad, match",
-    [("newton", "unknown Newton–Schulz coefficient preset 'newton'"), ([(1.0, 2.0)], "list of"), ([], "empty")],
+    [
+        ("newton", "unknown Newton–Schulz coefficient preset 'newton'"),
+        ([(1.0, 2.0)], r"a list of \(a, b, c\) tuples, got \[\(1\.0, 2\.0\)\]"),
+        ([], "coefficient list is empty"),
+    ],
 )
 def test_bad_coefficients_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
