@@ -133,3 +133,18 @@ def test_same_bits_as_torch_muon_internal_ns():
         ours = newton_schulz(G, 5, "jordan")
         theirs = _zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7)
         assert torch.equal(ours, theirs), f"{shape}: differs from torch.optim.Muon's Newton–Schulz"
+
+
+@pytest.mark.parametrize(
+    ("coefficients", "norm_scale", "divisor"), [("jordan", 4.0, 4.0), ("polar_express", None, 1.02)]
+)
+def test_input_is_divided_by_norm_scale_times_its_norm(coefficients, norm_scale, divisor):
+    """One float64 step written out: X = G / (divisor·‖G‖_F), then a·X + (b·A + c·A²)·X with A = X Xᵀ. The
+    divisor is the explicit norm_scale, or Polar Express's default 1.02 (ignoring it passed every other test)."""
+    G = torch.randn(6, 10, dtype=torch.float64)
+    a, b, c = resolve_coefficients(coefficients, 1)[0][0]
+    X = G / (divisor * G.norm())
+    A = X @ X.T
+    want = a * X + (b * A + c * A @ A) @ X
+    got = newton_schulz(G, 1, coefficients, norm_scale=norm_scale, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
