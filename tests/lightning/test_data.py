@@ -316,6 +316,9 @@ def test_datamodule_state_restores_the_stream_position(corpus):
     fresh = TextDataModule(source=str(corpus), seq_len=16, batch_size=2, seed=21)
     fresh.load_state_dict(state)
     assert torch.equal(next(iter(fresh.train_dataloader()))["input_ids"], expected)
+    # The restored position is used once: a later reload follows the trainer (here none: batch 0), instead of
+    # replaying the resume point's batches.
+    assert fresh.train_stream().start == 0
     other = TextDataModule(source=str(corpus), seq_len=16, batch_size=2, seed=22)
     with pytest.warns(UserWarning, match="seed: 21 -> 22"):
         other.load_state_dict(state)
