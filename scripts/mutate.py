@@ -75,6 +75,17 @@ MUTANTS = [
         "for a, b in itertools.pairwise(offsets[::-1])",
         T_REF,
     ),
+    # ---- dispatch: float64 must take the reference
+    (
+        "dispatch/float64-to-kernel",
+        "kernels/parallax/op.py",
+        'if backend_for(q) != "triton" or q.dtype == torch.float64:',
+        'if backend_for(q) != "triton":',
+        [
+            "tests/kernels/test_parallax_train.py::test_float64_goes_to_the_reference",
+            "tests/test_properties.py::test_float64_takes_the_reference_and_float32_the_kernel",
+        ],
+    ),
     # ---- the Triton training kernels (a handful: each costs interpreter minutes)
     (
         "train/fwd-cov-sign",
