@@ -110,6 +110,8 @@ def closed_form(q, r, k, v, do, scale=None, window_size=None, broken=None, dtype
     p, t = parallax_weights(q, r, k, causal=True, scale=scale, window_size=window_size)  # (B, H, Tq, Tk)
     Q, R, K, V, dO = _heads(q), _heads(r), _heads(k, G), _heads(v, G), _heads(do)
     aQ, aR, aK, aV, adO = Q.abs(), R.abs(), K.abs(), V.abs(), dO.abs()
+    # 16-bit inputs: matrix-product operands and the saved o, v̄ are rounded to the input dtype
+    k16 = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps if dtype.itemsize < 4 else 0.0
     s = scale * Q @ K.mT
     live = p > 0
     m = s.masked_fill(~live, float("-inf")).amax(-1, keepdim=True).abs()
@@ -131,7 +133,7 @@ def closed_form(q, r, k, v, do, scale=None, window_size=None, broken=None, dtype
         w = 1 - tbar + t
     ew = etbar + et + 1 + tbar.abs() + at
     vbar = p @ V
-    evbar = ep_fwd @ aV + p @ aV  # v̄ and t̄ are the forward's, saved for the backward
+    evbar = ep_fwd @ aV + p @ aV + k16 * (p @ V).abs()  # v̄ and t̄ are the forward's, saved for the backward
     o = vbar * (1 + tbar) - (p * t) @ V if broken != "cov" else vbar * (1 - tbar) + (p * t) @ V
     eo = (ep_fwd * w.abs() + p * ew) @ aV + (p * w.abs()) @ aV
     dv = (p * w).mT @ dO
@@ -140,7 +142,8 @@ def closed_form(q, r, k, v, do, scale=None, window_size=None, broken=None, dtype
     edp = (adO @ aV.mT) * (ew + w.abs()) + (et + at) * (adO * vbar.abs()).sum(-1, keepdim=True)
     edp = edp + at * (adO * evbar).sum(-1, keepdim=True)
     Dsum = (p * dp).sum(-1, keepdim=True)
-    eD = (ep * dp.abs() + p * edp + p * dp.abs()).sum(-1, keepdim=True) + (adO * eo).sum(-1, keepdim=True)
+    eD = (ep * dp.abs() + p * edp + p * dp.abs()).sum(-1, keepdim=True)
+    eD = eD + (adO * (eo + k16 * o.abs())).sum(-1, keepdim=True)  # D = dO·o from the saved o
     dS = p * (dp - Dsum)
     edS = ep * (dp - Dsum).abs() + p * (edp + eD + dp.abs() + Dsum.abs())
     diff = (dO * vbar).sum(-1, keepdim=True) - dO @ V.mT
@@ -154,7 +157,6 @@ def closed_form(q, r, k, v, do, scale=None, window_size=None, broken=None, dtype
     edr = (edt + dt.abs()) @ aK
     dk = sS * scale * dS.mT @ Q + st * dt.mT @ R
     edk = scale * (edS + dS.abs()).mT @ aQ + (edt + dt.abs()).mT @ aR
-    k16 = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps if dtype.itemsize < 4 else 0.0
     wa = 1 + tbar.abs() + at  # w's terms before they cancel: the kernels round p·t and p apart
     eo = eo + k16 * (p * wa) @ aV
     edv = edv + k16 * (p * wa).mT @ adO
