@@ -2,9 +2,10 @@
 public ops return the right shape; every invalid call is refused with a ValueError/TypeError before any
 kernel or reference computation is launched.
 
-Valid calls use float64 (the public ops run the PyTorch reference for it: fast, no interpreter). Invalid
-calls use float32, which on this machine would take the Triton path; the launchers are replaced by a
-tripwire, so a call that got past validation fails the test instead of running.
+Valid calls run twice: in float64 (the public ops run the PyTorch reference for it: fast, no interpreter),
+and in float32 and float16 on the Triton path (the interpreter on CPU machines; fewer examples), where a spy
+proves the kernel ran and the result is compared with the float64 reference. Invalid calls use float32; the
+launchers are replaced by a tripwire, so a call that got past validation fails the test instead of running.
 """
 
 from __future__ import annotations
@@ -16,11 +17,25 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parallax_kernels import AttnShape, check_attn_inputs, parallax_attn, parallax_decode
+from parallax_kernels import (
+    AttnShape,
+    backend_for,
+    check_attn_inputs,
+    parallax_attn,
+    parallax_attn_reference,
+    parallax_decode,
+    parallax_decode_reference,
+)
 from parallax_kernels.parallax import decode as decode_mod
 from parallax_kernels.parallax import op as op_mod
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Interpreted kernels cost about a second a call: fewer examples.
+KERNEL_SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TRITON = backend_for(torch.empty(0)) == "triton"
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 with triton (or CUDA)")
+# Relative error vs the float64 reference: fp32 math on inputs rounded to the dtype (Frobenius norm).
+KERNEL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 
 @st.composite
@@ -76,6 +91,65 @@ def test_valid_attention_calls_pass_validation_and_run(c):
     assert shape == AttnShape(c["B"], c["Tq"], c["Tk"], c["H"], c["Hkv"], c["D"])
     out = parallax_attn(**args)
     assert out.shape == args["q"].shape and out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@contextlib.contextmanager
+def spies():
+    """Counts of calls that reach the Triton forward, the attention reference, and new decode launch plans."""
+    from parallax_kernels.parallax import triton_decode
+
+    calls = {"fwd": 0, "reference": 0, "decode_plan": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(op_mod, "parallax_fwd", counted("fwd", op_mod.parallax_fwd))
+        mp.setattr(op_mod, "_reference", counted("reference", op_mod._reference))
+        mp.setattr(triton_decode, "launch_plan", counted("decode_plan", triton_decode.launch_plan))
+        mp.setattr(decode_mod, "_PLANS", {})
+        yield calls
+
+
+def _rel(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@needs_triton
+@KERNEL_SETTINGS
+@given(attn_calls(), st.sampled_from([torch.float32, torch.float16]))
+def test_valid_attention_calls_run_the_kernel_and_match_the_reference(c, dtype):
+    args = _tensors(c, torch.float64)
+    args.update({n: args[n].to(dtype) for n in "qrkv"})
+    with spies() as calls:
+        out = parallax_attn(**args)
+    assert calls == {"fwd": 1, "reference": 0, "decode_plan": 0}, calls
+    want = parallax_attn_reference(**{**args, **{n: args[n].double() for n in "qrkv"}})
+    assert out.shape == want.shape and out.dtype == dtype
+    assert _rel(out, want) <= KERNEL_TOL[dtype], f"relative error {_rel(out, want):.2e}"
+
+
+@needs_triton
+def test_float64_takes_the_reference_and_float32_the_kernel():
+    """The float64 dispatch, proven by which path ran (not by comparing the reference with itself)."""
+    c = {"B": 1, "Tq": 3, "Tk": 3, "H": 2, "Hkv": 1, "D": 4, "causal": True, "window": None, "scale": None}
+    with spies() as calls:
+        parallax_attn(**_tensors(c, torch.float64))
+    assert calls == {"fwd": 0, "reference": 1, "decode_plan": 0}
+    with spies() as calls:
+        parallax_attn(**_tensors(c, torch.float32))
+    assert calls == {"fwd": 1, "reference": 0, "decode_plan": 0}
+    d = {"B": 2, "H": 2, "Hkv": 1, "D": 4, "L": 5, "lens": [2, 5], "window": None}
+    with spies() as calls:
+        parallax_decode(**_decode_args(d, torch.float64))
+    assert calls["decode_plan"] == 0
+    with spies() as calls:
+        parallax_decode(**_decode_args(d, torch.float32))
+    assert calls["decode_plan"] == 1
 
 
 # Each mutation turns a valid call into an invalid one (None: not applicable to that call).
@@ -155,6 +229,20 @@ def test_valid_decode_calls_run(c):
     args = _decode_args(c, torch.float64)
     out = parallax_decode(**args)
     assert out.shape == args["q"].shape and torch.isfinite(out).all()
+
+
+@needs_triton
+@KERNEL_SETTINGS
+@given(decode_calls(), st.sampled_from([torch.float32, torch.float16]))
+def test_valid_decode_calls_run_the_kernel_and_match_the_reference(c, dtype):
+    args = _decode_args(c, torch.float64)
+    args.update({n: args[n].to(dtype) for n in ("q", "r", "k_cache", "v_cache")})
+    want = parallax_decode_reference(**{**args, **{n: args[n].double() for n in ("q", "r", "k_cache", "v_cache")}})
+    with spies() as calls:
+        out = parallax_decode(**args)
+    assert calls["decode_plan"] == 1, calls
+    assert out.shape == want.shape and out.dtype == dtype
+    assert _rel(out, want) <= KERNEL_TOL[dtype], f"relative error {_rel(out, want):.2e}"
 
 
 @SETTINGS

@@ -265,9 +265,19 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     assert_close_rel(got[:, 4:], parallax_attn_reference(q[:, 4:], r[:, 4:], k[:, 4:], v[:, 4:]), 1e-6)
 
 
-def test_float64_goes_to_the_reference():
+def test_float64_goes_to_the_reference(monkeypatch):
+    """Proven by which path runs: the kernel launcher is a tripwire, the reference is counted."""
+    calls = []
+
+    def launched(*args, **kwargs):
+        raise AssertionError("float64 reached the Triton kernel")
+
+    reference = parallax_op._reference
+    monkeypatch.setattr(parallax_op, "parallax_fwd", launched)
+    monkeypatch.setattr(parallax_op, "_reference", lambda *a: calls.append(1) or reference(*a))
     leaves, do = _inputs(1, 9, 9, 2, 1, 8, torch.float64)
     o = parallax_attn(*leaves)
+    assert calls == [1]
     grads = torch.autograd.grad(o, leaves, do)
     _check(o, grads, leaves, do, True, None, 1e-12)
 

@@ -151,6 +151,47 @@ def check_plan_mismatch_is_an_error(rank, world):
         raise AssertionError("a plan that differs between ranks was not reported")
 
 
+def check_against_the_float64_oracle(rank, world):
+    """Split work (replicated tensors) and row-sharded DTensors against the oracle of test_oracle.py, which
+    shares no code with Muon: the comparisons above only show that several processes end where one ends."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from tests.muon.test_oracle import TOL, oracle_step
+
+    mesh = init_device_mesh("cpu", (world,))
+    base = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1.0}
+    specs = [  # (shape, group options, sharded)
+        ((12, 16), {"num_heads": 3, "lr_mult": 0.5}, False),
+        ((12, 16), {"num_heads": 3, "lr_mult": 0.5}, False),
+        ((24, 6), {"split_sizes": [16, 8], "num_heads": [2, 1]}, False),
+        ((17, 8), {"lr_mult": 2.0}, True),
+        ((32, 6), {"split_sizes": [24, 8], "num_heads": [2, 1], "lr_mult": 0.5}, True),
+    ]
+    gen = torch.Generator().manual_seed(21)
+    full = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _, _ in specs]
+    params = [
+        nn.Parameter(distribute_tensor(t.clone(), mesh, [Shard(0)]) if sharded else t.clone())
+        for t, (_, _, sharded) in zip(full, specs)
+    ]
+    groups = [{"params": [p], **base, **opts} for p, (_, opts, _) in zip(params, specs)]
+    opt = Muon(groups, lr=base["lr"], momentum=base["momentum"])
+    bufs = [torch.zeros_like(t) for t in full]
+    for step in range(2):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s, _, _ in specs]
+        before = [p.full_tensor().detach() if sh else p.detach().clone() for p, (_, _, sh) in zip(params, specs)]
+        for p, g, (_, _, sharded) in zip(params, grads, specs):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]) if sharded else g.clone()
+        opt.step()
+        for i, (p, g, (_, opts, sharded)) in enumerate(zip(params, grads, specs)):
+            group = {**base, **opts}
+            want, bufs[i] = oracle_step(before[i], g, bufs[i], group)
+            got = p.full_tensor().detach() if sharded else p.detach()
+            decayed = before[i] * (1 - group["lr"] * opts.get("lr_mult", 1.0) * group["weight_decay"])
+            err = ((got - want).norm() / (want - decayed).norm()).item()
+            assert err <= TOL, f"rank {rank}, step {step}: param {i} differs from the float64 oracle by {err:.3f}"
+
+
 def run(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -161,6 +202,7 @@ def run(rank: int, world: int, port: int) -> None:
         check_dtensor(rank, world)
         check_fsdp2(rank, world)
         check_plan_mismatch_is_an_error(rank, world)
+        check_against_the_float64_oracle(rank, world)
         # Both ranks done with every collective before either tears gloo down: a rank that destroys its group
         # while the other still talks to it can abort in gloo's threads ("terminate called without an active
         # exception", seen once in CI).
