@@ -314,6 +314,9 @@ class TrainingInterrupted(SystemExit):
         return self.message
 
 
+_FINAL_LOGGING_STEP = "parallax_final_logging_step"
+
+
 class ParallaxCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that writes `last` at the end of training when the final step was not saved yet
     (Lightning's writes it only if no `last` exists at all), so `--ckpt_path .../last.ckpt` with a larger
@@ -334,6 +337,8 @@ class ParallaxCheckpoint(ModelCheckpoint):
         self._trainer = None
         self._in_batch_end = False
         self._presubmitted_step: int | None = None
+        self._final_logging_step: int | None = None  # written by the save at the end of training
+        self._resume_logging_step: int | None = None  # read back from such a checkpoint
 
     # -- signals ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -389,6 +394,8 @@ class ParallaxCheckpoint(ModelCheckpoint):
         metrics go to the MLflow logger now, before the file is written (its outbox's write-ahead spool keeps
         them through a kill); the logger skips Lightning's own logging of the same values a moment later."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._final_logging_step is not None:
+            checkpoint[_FINAL_LOGGING_STEP] = self._final_logging_step
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         loggers = [logger for logger in trainer.loggers if isinstance(logger, ParallaxMLFlowLogger)]
         if not self._in_batch_end or not loggers or self._presubmitted_step == step or trainer.global_rank != 0:
@@ -432,6 +439,16 @@ class ParallaxCheckpoint(ModelCheckpoint):
         if self._interruption is not None:
             self._restore_signals()
             raise self._interruption
+        if self._resume_logging_step is not None:
+            # Lightning re-derives its logging-step counter on restart from where in an accumulation cycle the
+            # save happened, which a save at the end of training does not fit; the counter it had then is
+            # exact, so it is set here, after Lightning's own restart arithmetic ran.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self._resume_logging_step
+            self._resume_logging_step = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._resume_logging_step = checkpoint.get(_FINAL_LOGGING_STEP)
 
     def on_exception(self, trainer, pl_module, exception):
         self._restore_signals()
@@ -481,11 +498,13 @@ class ParallaxCheckpoint(ModelCheckpoint):
             # adds one on restart; by now the counter has moved, so undo that here (as its fit loop does for
             # epoch-end logging), or a resumed run would log its steps one too high.
             loop = trainer.fit_loop.epoch_loop
+            self._final_logging_step = loop._batches_that_stepped  # restored exactly on resume
             loop._batches_that_stepped -= 1
             try:
                 self._save_last_now(trainer)
             finally:
                 loop._batches_that_stepped += 1
+                self._final_logging_step = None
             self._last_global_step_saved = trainer.global_step
         else:
             super().on_train_end(trainer, pl_module)

@@ -74,12 +74,6 @@ def test_resume_with_accumulation_continues_the_data_metrics_and_weights(runs):
         torch.testing.assert_close(got["state_dict"][name], w, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (callbacks.py ParallaxCheckpoint.on_train_end): the final save lowers Lightning's logging "
-    "counter by one, expecting Lightning to add it back on restart, which Lightning does not do with "
-    "accumulate_grad_batches > 1: the resumed run logs every step one too low",
-)
 def test_resume_with_accumulation_logs_at_the_uninterrupted_steps(runs):
     client, ref_id, res_id, _, _ = runs
     for key in ("train/loss", "train/lr"):
