@@ -88,7 +88,7 @@ def _source_text(path: Path) -> str:
         try:
             rows = []
             for table in ("metrics", "params", "tags"):
-                rows += [" ".join(map(str, r)) for r in con.execute(f"SELECT * FROM {table}")]  # noqa: S608
+                rows += [" ".join(map(str, r)) for r in con.execute(f"SELECT * FROM {table}")]
             return "\n".join(rows)
         finally:
             con.close()
