@@ -1,8 +1,8 @@
 """Parallax decode on the GPU: bf16 correctness first, then speed against the peers in the same run.
 
-    python benchmarks/bench_decode.py            # correctness + timing over the anchors grid (~2 min)
-    python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only (< 40 s)
-    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape (~2 min)
+    python benchmarks/bench_decode.py            # correctness + timing over the anchors grid
+    python benchmarks/bench_decode.py --quick    # the 5 anchor shapes only
+    python benchmarks/bench_decode.py --sweep    # time kernel configs and split counts per shape
     python benchmarks/bench_decode.py --host     # no GPU needed: the Python host cost of one call
 
 Peers (each optional; one that is missing or fails is reported, never fatal): torch SDPA softmax decode
@@ -12,7 +12,7 @@ imports), and fla's `parallax_decode_one_step`.
 
 Timings, µs per call:
 - `eager`: triton.testing.do_bench's median of single calls. The L2 is flushed before each call, and
-  that flush (~60 µs of device work) gives the host a head start: host cost shows only where it
+  that flush (device work of its own) gives the host a head start: host cost shows only where it
   exceeds the flush.
 - `graph`: replay of a CUDA graph of back-to-back calls cycling through enough copies of the cache
   to defeat the L2 (a decode loop under CUDA graphs): the device time. TB/s uses it.

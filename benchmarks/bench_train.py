@@ -1,11 +1,11 @@
 """Parallax training kernels on one GPU: bf16 correctness, then speed against the peers in the same run.
 
-    python benchmarks/bench_train.py              # correctness + the anchors grid (~5 min on an H200)
+    python benchmarks/bench_train.py              # correctness + the anchors grid
     python benchmarks/bench_train.py --quick      # fewer correctness shapes + the main shape only
     python benchmarks/bench_train.py --sweep      # time explicit kernel configs, print the best per kernel
     python benchmarks/bench_train.py --host       # host time per call beside SDPA flash, and CUDA-graph replay
     python benchmarks/bench_train.py --authors-all  # also time the authors' kernel off the main shape
-                                                    # (their autotuning costs ~2 min per new shape)
+                                                    # (their autotuning outlasted every kept call's timeout)
 
 Peers: torch SDPA (FLASH_ATTENTION and CUDNN_ATTENTION backends, softmax), the paper authors' Triton kernel
 (`parallax.parallax_func`, PyPI parallax-kernel, layout (B, H, T, D)) and fla's `parallel_parallax`
@@ -222,7 +222,7 @@ def timing(grid, peers, authors_all, on_progress=lambda results: None):
             if si == 0 or authors_all:
                 impls["authors"] = (peers["authors"], (bhtd(q), bhtd(r), bhtd(k), bhtd(v)), bhtd(do))
             else:
-                impls["authors"] = ("skipped off the main shape (autotuning ~2 min per shape; --authors-all)",)
+                impls["authors"] = ("skipped off the main shape (autotuning takes minutes per shape; --authors-all)",)
         f_fwd, f_fb = flops(B, H, T, D)
         row = {"shape": shape_name, "ours_peak_mb": "-", "flash_peak_mb": "-"}
         results.append(row)

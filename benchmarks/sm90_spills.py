@@ -8,7 +8,7 @@
 Triton compiles for a target GPU without one being present, and its wheel ships ptxas and nvdisasm. The report
 gives registers, spilled bytes, spill instructions inside each tile loop (a spill there costs local-memory
 traffic on every tile; outside, once per program) and shared memory (a config over the limit fails at launch).
-Use it to rule out configs before spending GPU time, not to rank them: on the H200, tiles that spill ~50
+Use it to rule out configs before spending GPU time, not to rank them: on the H200, tiles that spill some
 registers were faster than narrower spill-free ones (benchmarks/RESULTS.md); only timing ranks configs.
 It reads Triton's compiler API, which is not stable across releases (written against Triton 3.7), and must
 run without TRITON_INTERPRET.
