@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 D = 128
 DTYPE = torch.bfloat16
-# (B, H_q, H_kv, L): the anchors grid of ../shared/anchors.md, then GQA 32:8, then extra batch/length rows
+# (B, H_q, H_kv, L): the anchor shapes of the project's targets, then GQA 32:8, then extra batch/length rows
 ANCHORS = [(1, 8, 8, 4096), (1, 8, 8, 16384), (32, 8, 8, 4096), (32, 8, 8, 16384), (8, 32, 32, 32768)]
 GQA = [(1, 32, 8, 16384), (32, 32, 8, 16384)]
 EXTRA = [(8, 8, 8, 16384), (1, 8, 8, 32768), (32, 8, 8, 32768)]

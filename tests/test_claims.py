@@ -3,10 +3,12 @@
 The convention: a line `<!-- source: PATH [PATH ...] -->` on its own line names the source files (or a folder:
 every file in it) of the block that follows it (the next lines up to a blank line: one table or one paragraph). PATH is relative to the
 repository root: a log or JSON under benchmarks/logs/, an MLflow sqlite store (`.db`), a test that checks the
-claim, or any other committed file. Inside a sourced block every number (fenced code, inline code, HTML
+claim, or any other committed file; a folder stands for every file in it, and `STORE.db#val/acc,perf/` for
+the store's metrics and params whose key starts so. Inside a sourced block every number (fenced code, inline code, HTML
 comments, dates and version strings left out; prose integers too, which are settings rather than results)
 must appear in one of the named sources, allowing rounding (0.751 matches 0.7510 or 0.75107), a thousands
-separator (504,389), a k/M suffix (1.12M), percent (21.7% matches 0.217) and ms/µs/s scaling (x 1e3).
+separator (504,389), a k/M suffix (1.12M matches 1123456 or 1.12), a percentage printed as a fraction (21.7%
+matches 0.217) and a time printed in another unit (0.91 ms matches 911 us).
 
 Coverage: in the documents below, every line outside code and headings that holds a result-like number (a
 decimal fraction, an exponent, a thousands separator or a k/M suffix) must lie in a sourced block, so a number
@@ -48,10 +50,12 @@ VERSION = re.compile(r"\d+\.\d+\.\d+\S*")
 # A number not glued to a word on its left (B4, T4096, d768, sm90 are names, not numbers).
 DOC_NUMBER = re.compile(
     r"(?<![\w.\-/])(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?P<frac>\.\d+)?(?:e(?P<exp>[+-]?\d+))?(?P<suffix>[kM](?![a-zA-Z]))?"
-    r"(?![\w.]\w)"
+    r"(?![\w.]\w)(?P<unit>\s*(?:%|ms\b|µs\b|us\b|s\b))?"
 )
 SOURCE_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
-SCALES = (1.0, 100.0, 0.01, 1e3, 1e-3, 1e6, 1e-6)
+# A source may print a percentage as a fraction, a time in another unit, and 1.12M as 1.12 (with an M beside it).
+UNIT_SCALES = {"%": (1.0, 100.0), "ms": (1.0, 1e3, 1e-3), "µs": (1.0, 1e3, 1e-3), "us": (1.0, 1e3, 1e-3)}
+UNIT_SCALES["s"] = UNIT_SCALES["ms"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class DocNumber:
     value: float
     tol: float  # half a unit in the last printed digit
     result_like: bool  # a fraction, exponent, thousands separator or k/M suffix
+    scales: tuple[float, ...] = (1.0,)  # the factors a source may print it with
 
 
 def doc_numbers(line: str) -> list[DocNumber]:
@@ -79,37 +84,57 @@ def doc_numbers(line: str) -> list[DocNumber]:
         decimals = len(frac) - 1 if frac else 0
         tol = 0.5 * 10.0 ** (-decimals) * 10.0**exp * mult
         result_like = bool(frac or m["exp"] or m["suffix"] or "," in m["int"])
-        out.append(DocNumber(m.group(0), value, tol, result_like))
+        scales = UNIT_SCALES.get((m["unit"] or "").strip(), (1.0,))
+        if mult != 1.0:
+            scales = (*scales, mult)
+        out.append(DocNumber(m.group(0).strip(), value, tol, result_like, scales))
     return out
 
 
-def _source_text(path: Path) -> str:
+def _source_text(path: Path, keys: tuple[str, ...] = ()) -> str:
+    """A file's text; of an MLflow sqlite store, its metrics (key, step, value) and params, system metrics left
+    out, and only the keys starting with one of `keys` when given."""
     if path.suffix == ".db":
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows = []
-            for table in ("metrics", "params", "tags"):
-                rows += [" ".join(map(str, r)) for r in con.execute(f"SELECT * FROM {table}")]
-            return "\n".join(rows)
+            rows = list(con.execute("SELECT key, step, value FROM metrics WHERE key NOT LIKE 'system/%'"))
+            rows += list(con.execute("SELECT key, value FROM params"))
         finally:
             con.close()
+        return "\n".join(" ".join(map(str, r)) for r in rows if not keys or str(r[0]).startswith(keys))
     return path.read_text(errors="replace")
 
 
-_CACHE: dict[Path, list[float]] = {}
+_CACHE: dict[tuple, list[float]] = {}
 
 
-def source_numbers(path: Path) -> list[float]:
+def source_numbers(path: Path, keys: tuple[str, ...] = ()) -> list[float]:
     """Every number in a source file, sorted (for bisection)."""
-    if path not in _CACHE:
-        vals = sorted(abs(float(t)) for t in SOURCE_NUMBER.findall(_source_text(path)))
-        _CACHE[path] = vals
-    return _CACHE[path]
+    if (path, keys) not in _CACHE:
+        vals = sorted(abs(float(t)) for t in SOURCE_NUMBER.findall(_source_text(path, keys)))
+        _CACHE[path, keys] = vals
+    return _CACHE[path, keys]
+
+
+def source_pools(root: Path, sources: list[str]) -> tuple[list[str], list[list[float]]]:
+    """The missing sources, and the sorted numbers of every file the sources name. A source is a file, a folder
+    (every file in it) or STORE.db#KEY1,KEY2 (only the store's metrics and params whose key starts so)."""
+    missing, pools = [], []
+    for s in sources:
+        name, _, keys = s.partition("#")
+        p = root / name
+        if not p.exists():
+            missing.append(s)
+            continue
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            if f.is_file():
+                pools.append(source_numbers(f, tuple(k for k in keys.split(",") if k)))
+    return missing, pools
 
 
 def found(num: DocNumber, pools: list[list[float]]) -> bool:
     eps = 1e-9 * max(1.0, num.value)
-    for scale in SCALES:
+    for scale in num.scales:
         lo, hi = (num.value - num.tol - eps) / scale, (num.value + num.tol + eps) / scale
         for vals in pools:
             i = bisect.bisect_left(vals, lo)
@@ -172,15 +197,12 @@ def check_text(doc: str, text: str, root: Path = ROOT, sections=None) -> list[st
     for no, line in unsourced:
         problems.append(f"{doc}:{no}: result-like number outside any sourced block: {line.strip()[:100]}")
     for block in blocks:
-        paths = [root / s for s in block.sources]
-        missing = [s for s, p in zip(block.sources, paths) if not p.exists()]
+        missing, pools = source_pools(root, block.sources)
         if missing:
             problems.append(f"{doc}:{block.first_line}: source not in the repository: {', '.join(missing)}")
             continue
         if not block.lines:
             problems.append(f"{doc}:{block.first_line}: source marker with no block after it")
-        files = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p]) if f.is_file()]
-        pools = [source_numbers(f) for f in files]
         for no, line in block.lines:
             is_table = line.lstrip().startswith("|")
             for num in doc_numbers(line):
@@ -208,8 +230,6 @@ def test_every_named_store_and_log_exists():
             if "*" in path or "<" in path or "{" in path:
                 continue
             p = ROOT / path.rstrip("/")
-            if path.endswith("-call6/"):  # "…/2026-12-03-call5/ and -call6/"
-                continue
             if not p.exists():
                 missing.append(f"{doc}: {path}")
     assert not missing, "\n".join(missing)
@@ -237,11 +257,11 @@ def test_paper_results_rebuild_from_the_run_records(tmp_path):
 
 
 def test_number_matching_allows_rounding_and_units():
-    pool = [sorted([0.75107, 504389.0, 1123456.0, 0.2171, 4447.0, 0.0026])]
-    for text in ("0.751", "0.7511", "504,389", "1.12M", "21.7%", "4.447", "2.6e-3"):
+    pool = [sorted([0.75107, 504389.0, 1123456.0, 0.2171, 4447.0, 0.0026, 13.9])]
+    for text in ("0.751", "0.7511", "504,389", "1.12M", "21.7%", "4.447 ms", "2.6e-3", "13.9M"):
         (num,) = doc_numbers(f"| {text} |")
         assert found(num, pool), text
-    for text in ("0.752", "504,388", "1.13M", "21.8%", "4.448", "2.7e-3"):
+    for text in ("0.752", "504,388", "1.13M", "21.8%", "4.448 ms", "2.7e-3", "4.447", "13.8M"):
         (num,) = doc_numbers(f"| {text} |")
         assert not found(num, pool), text
     assert [n.text for n in doc_numbers("B4 H16 T4096 D128, torch 2.11.0, 2026-12-03, `0.5`")] == []
