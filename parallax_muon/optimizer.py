@@ -96,7 +96,9 @@ class Muon(torch.optim.Optimizer):
         own: an int, or one per ``split_sizes`` segment), ``split_sizes`` (row sizes of a fused projection,
         e.g. q|k|v), ``per_slice`` (a >2-D parameter is a stack of ``shape[-2:]`` matrices instead of one
         ``(shape[0], -1)`` matrix), ``lr_mult``, ``name``.
-        AdamW groups (``use_muon=False``): ``lr``, ``betas``, ``eps``, ``weight_decay``, ``lr_mult``, ``name``.
+        AdamW groups (``use_muon=False``): ``lr``, ``betas``, ``eps``, ``weight_decay``, ``lr_mult``, ``name``, and
+        ``momentum``, which is β1 again: ``defaults`` names ``momentum`` so that torch's momentum-cycling schedulers
+        (OneCycleLR, CyclicLR) and monitors work; a change to either key reaches the other at the next step.
         ``lr_mult`` multiplies the group's (possibly scheduled) ``lr``.
     """
 
@@ -158,9 +160,12 @@ class Muon(torch.optim.Optimizer):
         self._layouts: dict[tuple, Layout] = {}
         self._update_rms: dict[str, Tensor] = {}
         self.last_step_info: dict[str, Any] = {}
-        # The optimizer's own `defaults` stay empty: each group is filled from the Muon or the AdamW defaults
-        # according to its kind (see add_param_group), which torch's single defaults dict cannot express.
-        super().__init__(params, {})
+        self._beta1_seen: dict[int, Any] = {}
+        # `defaults` holds the keys both kinds of group share (the Muon values): torch's schedulers and
+        # monitors look there for "momentum" (or "betas") before they cycle or log it. "betas" stays out, or
+        # they would write betas into Muon groups; an AdamW group carries its β1 as "momentum" too (see
+        # _sync_beta1). Each group's own defaults come from its kind (add_param_group).
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lr_mult": 1.0})
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,12 +174,19 @@ class Muon(torch.optim.Optimizer):
         use_muon = param_group.setdefault("use_muon", True)
         if not isinstance(use_muon, bool):
             raise ValueError(f"use_muon must be a bool, got {use_muon!r}")
+        if not use_muon and "momentum" in param_group and "betas" not in param_group:
+            beta2 = self._adamw_defaults["betas"][1] if isinstance(self._adamw_defaults["betas"], tuple) else None
+            param_group["betas"] = (param_group["momentum"], beta2)
         for key, value in (self._muon_defaults if use_muon else self._adamw_defaults).items():
             param_group.setdefault(key, value)
+        if not use_muon and isinstance(param_group["betas"], (tuple, list)) and len(param_group["betas"]) == 2:
+            param_group.setdefault("momentum", param_group["betas"][0])  # before torch fills in the Muon default
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
         group.setdefault("name", f"{'muon' if use_muon else 'adamw'}_{index}")
+        if not use_muon:
+            self._sync_beta1(index, group)
         self._validate_group(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
@@ -222,6 +234,33 @@ class Muon(torch.optim.Optimizer):
         from the file, and fail at a later step, if at all, without saying which group or parameter)."""
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        self._beta1_seen = {}
+        for index, group in enumerate(self.param_groups):
+            if not group["use_muon"]:
+                self._sync_beta1(index, group)  # a state dict saved before AdamW groups had "momentum" gets it
+
+    def _sync_beta1(self, index: int, group: dict[str, Any]) -> None:
+        """An AdamW group's β1 is both ``betas[0]`` (AdamW's key) and ``momentum`` (the key torch's schedulers
+        and Lightning's LearningRateMonitor use for every group, as ``defaults`` names it). Whichever of the two
+        changed since the last step (or construction) is copied to the other; both changed differently is an
+        error, not a silent choice."""
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            return  # _validate_group names the bad value
+        beta1 = betas[0]
+        momentum = group.setdefault("momentum", beta1)
+        if _differs(momentum, beta1):
+            seen = self._beta1_seen.get(index, _UNSEEN)
+            if not _differs(beta1, seen):  # momentum was changed (e.g. by OneCycleLR)
+                group["betas"] = (momentum, betas[1])
+            elif not _differs(momentum, seen):  # betas was changed
+                group["momentum"] = beta1
+            else:
+                raise ValueError(
+                    f"group {group['name']!r}: momentum={momentum!r} and betas[0]={beta1!r} are both this AdamW "
+                    "group's β1 and disagree; set one of them"
+                )
+        self._beta1_seen[index] = group["momentum"]
 
     def _check_loadable(self, state_dict) -> None:
         op = "Muon.load_state_dict"
@@ -314,6 +353,7 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("_update_rms", {})
         self.__dict__.setdefault("_compiled_ns", None)
         self.__dict__.setdefault("last_step_info", {})
+        self.__dict__.setdefault("_beta1_seen", {})
 
     def update_rms(self) -> dict[str, Tensor]:
         """Per group name, the RMS of the last step's update direction (``track_update_rms=True``).
@@ -334,6 +374,8 @@ class Muon(torch.optim.Optimizer):
             self._update_rms = {}
         jobs: list[_Job] = []
         for gi, group in enumerate(self.param_groups):
+            if not group["use_muon"]:
+                self._sync_beta1(gi, group)
             coefficients = self._validate_group(group)  # hyper-parameters may have been edited since construction
             if group["use_muon"]:
                 self._muon_prologue(gi, group, jobs, coefficients)
@@ -636,6 +678,18 @@ class Muon(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- helpers
 def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
     return iterate(X, per_step, backend="torch")
+
+
+_UNSEEN = object()
+
+
+def _differs(a, b) -> bool:
+    """Two hyper-parameter values differ (tensors by identity: comparing their values would sync the device)."""
+    if a is b:
+        return False
+    if isinstance(a, Tensor) or isinstance(b, Tensor) or a is _UNSEEN or b is _UNSEEN:
+        return True
+    return a != b
 
 
 def _scalar(v) -> float:
