@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw
 
 from parallax_muon import distributed as pdist
 from parallax_muon.layout import ADJUST_LR, Layout, adjust_lr_ratio, make_layout
@@ -371,7 +372,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.track_update_rms:
-            self._update_rms = {}
+            self._update_rms.clear()  # in place: under torch.compile a rebound attribute was lost
         jobs: list[_Job] = []
         for gi, group in enumerate(self.param_groups):
             if not group["use_muon"]:
@@ -648,30 +649,41 @@ class Muon(torch.optim.Optimizer):
         lg = [pdist.local(t) for t in grads]
         lm = [pdist.local(t) for t in exp_avgs]
         lv = [pdist.local(t) for t in exp_avg_sqs]
-        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        beta1, beta2 = group["betas"]
         lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
-        eps, wd = group["eps"], group["weight_decay"]
-        # The same operations, in the same order, as torch.optim.AdamW (foreach, non-capturable), so the two
-        # agree bit for bit.
-        torch._foreach_add_(steps, 1.0)
-        if wd != 0:
-            torch._foreach_mul_(lp, 1 - lr * wd)
-        torch._foreach_lerp_(lm, lg, 1 - beta1)
-        torch._foreach_mul_(lv, beta2)
-        torch._foreach_addcmul_(lv, lg, lg, 1 - beta2)
-        step_values = [s.item() for s in steps]  # CPU tensors: no device sync
-        bias1 = [1 - beta1**s for s in step_values]
-        bias2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
-        step_size = [(lr / bc) * -1 for bc in bias1]
-        denom = torch._foreach_sqrt(lv)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(lp, lm, denom, step_size)
-        if self.track_update_rms:
-            direction = torch._foreach_div(lm, denom)
-            torch._foreach_div_(direction, bias1)
-            sumsq = torch.stack([n * n for n in torch._foreach_norm(direction)]).sum()
-            numel = sum(t.numel() for t in direction)
+        # torch.optim.AdamW's own step through its public functional form: foreach and, in eager mode, not
+        # capturable (the same bits as torch.optim.AdamW). Compiled, it is capturable, as torch.compile makes
+        # torch's own optimizers: the step counts are then read on the device, with no host sync, and so
+        # must live there.
+        capturable = torch.compiler.is_compiling()
+        if capturable:
+            for i, (p, t) in enumerate(zip(params, steps)):
+                if t.device != lp[i].device:
+                    steps[i] = self.state[p]["step"] = t.to(lp[i].device)
+        adamw(
+            lp,
+            lg,
+            lm,
+            lv,
+            [],
+            steps,
+            foreach=True,
+            capturable=capturable,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+        if self.track_update_rms:  # m̂ / (√v̂ + ε), from the tensors: no host sync
+            sumsq, numel = 0, 0
+            for m, v, t in zip(lm, lv, steps):
+                t = t.to(m.device)
+                direction = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+                sumsq = sumsq + direction.float().square().sum()
+                numel += direction.numel()
             self._update_rms[group["name"]] = (sumsq / max(numel, 1)).sqrt()
 
 
