@@ -5,12 +5,15 @@ schedulers (which rescale ``group["lr"]``) work unchanged.
 
 A step, for the Muon groups of the whole optimizer together:
 
-1. momentum (``buf ← lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)``) and decoupled weight decay, with
-   ``torch._foreach_*`` over each group's tensors — no per-parameter kernel launches;
+1. ``_momentum_update`` (``buf ← lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)``) and ``_decay``
+   (decoupled weight decay), with ``torch._foreach_*`` over each group's tensors — no per-parameter launches;
+   each parameter becomes a ``_Job`` (its ``JobKind`` says how its update travels under torch.distributed);
 2. every parameter is cut into matrices (``layout.py``: whole, per head, per fused segment, per slice), and
-   the matrices of all groups are bucketed by (oriented shape, Newton–Schulz settings); each bucket is
-   orthogonalized by one batched call (``newton_schulz.py``; Triton symmetric kernels on CUDA);
-3. ``p ← p − lr·ratio·O``, one ``_foreach_add_`` per (bucket, learning rate, ratio).
+   the matrices of all groups are bucketed by (oriented shape, ``NSSettings``); ``_orthogonalize_bucket``
+   runs each bucket as one batched call (``newton_schulz.py``; Triton symmetric kernels on CUDA);
+3. ``_apply_bucket``: ``p ← p − lr·ratio·O``, one ``_foreach_add_`` per (bucket, learning rate, ratio).
+
+AdamW groups take ``torch.optim.adamw.adamw``'s step.
 
 With the defaults, on a list of 2-D tensors, every operation and rounding is the one ``torch.optim.Muon``
 performs (``adjust_lr_fn="original"``): a matrix alone in its bucket gets the same bits; in a batch of
@@ -24,7 +27,8 @@ import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,6 +37,23 @@ from torch.optim.adamw import adamw
 from parallax_muon import distributed as pdist
 from parallax_muon.layout import ADJUST_LR, Layout, adjust_lr_ratio, make_layout
 from parallax_muon.newton_schulz import BACKENDS, DEFAULT_EPS, _use_triton, iterate, normalize_, resolve_coefficients
+
+
+class JobKind(Enum):
+    """How a parameter's update travels (see ``distributed.py``)."""
+
+    LOCAL = "local"  # a plain tensor: this process orthogonalizes it (or its share of a split bucket)
+    SHARDED = "sharded"  # a row-sharded DTensor: its rows go to an owner rank and come back orthogonalized
+    GATHERED = "gathered"  # a DTensor of another placement: gathered whole on every rank
+    OWNED = "owned"  # the full matrix of a SHARDED parameter, on its owner rank
+
+
+class NSSettings(NamedTuple):
+    """A group's Newton–Schulz settings; matrices share a bucket only when these agree."""
+
+    per_step: tuple  # (a, b, c) per iteration
+    norm_scale: float
+    eps: float
 
 
 @dataclass
@@ -44,25 +65,33 @@ class _Job:
     layout: Layout
     lr: float
     adjust_lr: str
-    ns_key: tuple
+    ns: NSSettings
     group_index: int
     split: bool = False  # its matrices may be shared out across ranks (replicated parameters)
     target: Tensor | None = None  # the parameter tensor updated in place by views (contiguous, full)
     staged: Tensor | None = None  # else: the orthogonalized update lands here (bf16, parameter layout)
-    kind: str = "local"  # local | sharded | gathered
+    kind: JobKind = JobKind.LOCAL
     index: int = 0  # position among the sharded jobs
+
+
+class _Piece(NamedTuple):
+    """A run of one job's matrices inside a bucket."""
+
+    job: _Job
+    segment: int  # index into job.layout.segments
+    first: int  # first matrix in the bucket's batch
+    count: int
+    transposed: bool  # stored as its transpose (tall matrices are orthogonalized wide)
 
 
 @dataclass
 class _Bucket:
     n: int
     m: int
-    per_step: tuple
-    norm_scale: float
-    eps: float
+    ns: NSSettings
     split: bool
     device: torch.device
-    pieces: list = field(default_factory=list)  # (job, segment index, first matrix, count, transposed)
+    pieces: list[_Piece] = field(default_factory=list)
     count: int = 0
 
 
@@ -413,19 +442,16 @@ class Muon(torch.optim.Optimizer):
         lp = [pdist.local(t) for t in params]
         lg = [pdist.local(t) for t in grads]
         lb = [pdist.local(t) for t in bufs]
-        mu = group["momentum"]
-        torch._foreach_lerp_(lb, lg, 1 - mu)
-        updates = torch._foreach_lerp(lg, lb, mu) if group["nesterov"] else lb
+        updates = _momentum_update(lb, lg, group["momentum"], group["nesterov"])
         lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(lp, 1 - lr * group["weight_decay"])
+        _decay(lp, lr, group["weight_decay"])
         per_step, default_scale = coefficients  # resolved (and checked) by _validate_group this step
         scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
-        ns_key = (per_step, scale, float(group["ns_eps"]))
+        ns = NSSettings(per_step, scale, float(group["ns_eps"]))
         index_of = {id(p): i for i, p in enumerate(group["params"])}
         for p, u, l_p in zip(params, updates, lp):
             layout = self._layout(group, p, index_of[id(p)])
-            jobs.append(_Job(p, u, layout, lr, group["adjust_lr"], ns_key, gi, target=l_p))
+            jobs.append(_Job(p, u, layout, lr, group["adjust_lr"], ns, gi, target=l_p))
 
     def _replicated_group(self):
         """The process group plain parameters are replicated over, or None when not splitting work."""
@@ -443,9 +469,9 @@ class Muon(torch.optim.Optimizer):
         sharded: list[_Job] = []
         for job in jobs:
             if pdist.is_dtensor(job.param):
-                job.kind = "sharded" if pdist.is_row_sharded(job.param) else "gathered"
+                job.kind = JobKind.SHARDED if pdist.is_row_sharded(job.param) else JobKind.GATHERED
                 job.target = None
-                if job.kind == "sharded":
+                if job.kind is JobKind.SHARDED:
                     job.index = len(sharded)
                     sharded.append(job)
                 else:
@@ -457,7 +483,7 @@ class Muon(torch.optim.Optimizer):
                     job.target = None
                     job.staged = torch.empty(job.param.shape, dtype=torch.bfloat16, device=job.param.device)
 
-        work = [j for j in jobs if j.kind != "sharded"]
+        work = [j for j in jobs if j.kind is not JobKind.SHARDED]
         owned: list[_Job] = []
         if sharded:
             owned, owners, mesh_group = self._gather_sharded(sharded)
@@ -467,21 +493,22 @@ class Muon(torch.optim.Optimizer):
         if replicated is not None:
             pdist.check_same_plan(_plan_signature(buckets), replicated)
         rms_acc: dict[int, list] = defaultdict(lambda: [0, 0])
+        rms = rms_acc if self.track_update_rms else None
         pending = None
         ns_matrices = 0
         for bucket in buckets:
-            Y, handle, computed = self._orthogonalize_bucket(bucket, replicated)
+            Y, handle, computed = _orthogonalize_bucket(bucket, replicated, self._iterate)
             ns_matrices += computed
             if pending is not None:
-                self._apply_bucket(*pending, rms_acc)
+                _apply_bucket(*pending, rms)
             pending = (bucket, Y, handle)
         if pending is not None:
-            self._apply_bucket(*pending, rms_acc)
+            _apply_bucket(*pending, rms)
 
         for job in jobs:
-            if job.kind == "local" and job.staged is not None:
+            if job.kind is JobKind.LOCAL and job.staged is not None:
                 _apply_staged(pdist.local(job.param), job.staged, job.lr, job.layout, job.adjust_lr, 0)
-            elif job.kind == "gathered":
+            elif job.kind is JobKind.GATHERED:
                 _apply_gathered(job)
         if sharded:
             self._scatter_sharded(sharded, owned, owners, mesh_group)
@@ -522,9 +549,9 @@ class Muon(torch.optim.Optimizer):
                     j.layout,
                     j.lr,
                     j.adjust_lr,
-                    j.ns_key,
+                    j.ns,
                     j.group_index,
-                    kind="owned",
+                    kind=JobKind.OWNED,
                     index=i,
                     staged=torch.empty(shapes[i], dtype=torch.bfloat16, device=f.device),
                 )
@@ -546,49 +573,19 @@ class Muon(torch.optim.Optimizer):
     def _buckets(self, jobs: list[_Job]) -> list[_Bucket]:
         buckets: dict[tuple, _Bucket] = {}
         for job in jobs:
-            per_step, scale, eps = job.ns_key
             for si, seg in enumerate(job.layout.segments):
                 r, c = seg.head_rows, job.layout.cols
                 transposed = r > c
                 n, m = (c, r) if transposed else (r, c)
-                key = (n, m, job.ns_key, job.split, job.source.device)
+                key = (n, m, job.ns, job.split, job.source.device)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(n, m, per_step, scale, eps, job.split, job.source.device)
+                    b = buckets[key] = _Bucket(n, m, job.ns, job.split, job.source.device)
                 count = job.layout.slices * seg.heads
-                b.pieces.append((job, si, b.count, count, transposed))
+                b.pieces.append(_Piece(job, si, b.count, count, transposed))
                 b.count += count
         # Largest first: overlaps the biggest all-gathers with the most remaining compute.
         return sorted(buckets.values(), key=lambda b: -(b.count * b.n * b.n * b.m))
-
-    def _orthogonalize_bucket(self, bucket: _Bucket, replicated):
-        N, n, m = bucket.count, bucket.n, bucket.m
-        if bucket.split and replicated is not None:
-            world = torch.distributed.get_world_size(replicated)
-            rank = torch.distributed.get_rank(replicated)
-            per_rank, start, stop = pdist.split_range(N, world, rank)
-        else:
-            world, per_rank, start, stop = 1, N, 0, N
-        X = torch.empty(N, n, m, dtype=torch.bfloat16, device=bucket.device)
-        dsts, srcs = [], []
-        for job, si, first, count, transposed in bucket.pieces:
-            if first + count <= start or first >= stop:
-                continue  # none of this piece's matrices are ours to orthogonalize
-            src = job.layout.views(job.source, allow_copy=True)[si]
-            dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
-            srcs.append(src.mT if transposed else src)
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-        own = X[start:stop]
-        if own.shape[0] > 0:
-            normalize_(own, bucket.norm_scale, bucket.eps)
-            own = self._iterate(own, bucket.per_step)
-        if world == 1:
-            return own, None, stop - start
-        padded = own if own.shape[0] == per_rank else torch.cat([own, own.new_zeros(per_rank - own.shape[0], n, m)])
-        Y = X.new_empty(per_rank * world, n, m)
-        handle = pdist.all_gather_batch(padded, Y, replicated, async_op=True)
-        return Y, handle, stop - start
 
     def _iterate(self, X: Tensor, per_step) -> Tensor:
         if self.compile_ns and not _use_triton(X, self.backend, per_step):
@@ -596,39 +593,6 @@ class Muon(torch.optim.Optimizer):
                 self._compiled_ns = torch.compile(_iterate_for_compile, dynamic=False)
             return self._compiled_ns(X, per_step)
         return iterate(X, per_step, backend=self.backend)
-
-    def _apply_bucket(self, bucket: _Bucket, Y: Tensor, handle, rms_acc) -> None:
-        if handle is not None:
-            handle.wait()
-        n, m = bucket.n, bucket.m
-        direct: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
-        staged_dst, staged_src = [], []
-        weights = [] if self.track_update_rms else None
-        for job, si, first, count, transposed in bucket.pieces:
-            seg = job.layout.segments[si]
-            ratio = adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
-            S = job.layout.slices
-            y = Y[first : first + count].view(S, seg.heads, n, m)
-            y = y.mT if transposed else y
-            if job.target is not None:
-                tgt, src = direct[-job.lr * ratio]
-                tgt.append(job.layout.views(job.target)[si])
-                src.append(y)
-            else:
-                staged_dst.append(job.layout.views(job.staged)[si])
-                staged_src.append(y)
-            if weights is not None:
-                weights.append((job.group_index, first, count, ratio, count * n * m))
-        for alpha, (tgt, src) in direct.items():
-            torch._foreach_add_(tgt, src, alpha=alpha)
-        if staged_dst:
-            torch._foreach_copy_(staged_dst, staged_src)
-        if weights:
-            sq = Y[: bucket.count].float().square().sum(dim=(-2, -1))
-            for gi, first, count, ratio, numel in weights:
-                acc = rms_acc[gi]
-                acc[0] = acc[0] + sq[first : first + count].sum() * (ratio * ratio)
-                acc[1] += numel
 
     # ------------------------------------------------------------------ AdamW groups
     def _adamw_step(self, group) -> None:
@@ -687,6 +651,87 @@ class Muon(torch.optim.Optimizer):
             self._update_rms[group["name"]] = (sumsq / max(numel, 1)).sqrt()
 
 
+# ---------------------------------------------------------------------- the Muon step's pieces
+def _momentum_update(bufs: list[Tensor], grads: list[Tensor], momentum: float, nesterov: bool) -> list[Tensor]:
+    """buf ← lerp(buf, g, 1−μ) in place; the update is lerp(g, buf, μ) with Nesterov, else buf itself."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    return torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+
+
+def _decay(params: list[Tensor], lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay: p ← p·(1 − lr·wd)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+
+
+def _orthogonalize_bucket(bucket: _Bucket, replicated, iterate_fn: Callable[[Tensor, tuple], Tensor]):
+    """Copy the bucket's matrices (this rank's share of them when split) into one bf16 batch, normalize and
+    iterate it; (the whole batch, the pending all-gather or None, how many matrices this rank computed)."""
+    N, n, m = bucket.count, bucket.n, bucket.m
+    if bucket.split and replicated is not None:
+        world = torch.distributed.get_world_size(replicated)
+        rank = torch.distributed.get_rank(replicated)
+        per_rank, start, stop = pdist.split_range(N, world, rank)
+    else:
+        world, per_rank, start, stop = 1, N, 0, N
+    X = torch.empty(N, n, m, dtype=torch.bfloat16, device=bucket.device)
+    dsts, srcs = [], []
+    for job, si, first, count, transposed in bucket.pieces:
+        if first + count <= start or first >= stop:
+            continue  # none of this piece's matrices are ours to orthogonalize
+        src = job.layout.views(job.source, allow_copy=True)[si]
+        dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
+        srcs.append(src.mT if transposed else src)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    own = X[start:stop]
+    if own.shape[0] > 0:
+        normalize_(own, bucket.ns.norm_scale, bucket.ns.eps)
+        own = iterate_fn(own, bucket.ns.per_step)
+    if world == 1:
+        return own, None, stop - start
+    padded = own if own.shape[0] == per_rank else torch.cat([own, own.new_zeros(per_rank - own.shape[0], n, m)])
+    Y = X.new_empty(per_rank * world, n, m)
+    handle = pdist.all_gather_batch(padded, Y, replicated, async_op=True)
+    return Y, handle, stop - start
+
+
+def _apply_bucket(bucket: _Bucket, Y: Tensor, handle, rms_acc: dict | None) -> None:
+    """p ← p − lr·ratio·O for the bucket's parameters held whole (one ``_foreach_add_`` per step size), else
+    into their staging buffers; adds each group's squared update norm to ``rms_acc`` when given."""
+    if handle is not None:
+        handle.wait()
+    n, m = bucket.n, bucket.m
+    direct: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
+    staged_dst, staged_src = [], []
+    weights = [] if rms_acc is not None else None
+    for job, si, first, count, transposed in bucket.pieces:
+        seg = job.layout.segments[si]
+        ratio = adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+        S = job.layout.slices
+        y = Y[first : first + count].view(S, seg.heads, n, m)
+        y = y.mT if transposed else y
+        if job.target is not None:
+            tgt, src = direct[-job.lr * ratio]
+            tgt.append(job.layout.views(job.target)[si])
+            src.append(y)
+        else:
+            staged_dst.append(job.layout.views(job.staged)[si])
+            staged_src.append(y)
+        if weights is not None:
+            weights.append((job.group_index, first, count, ratio, count * n * m))
+    for alpha, (tgt, src) in direct.items():
+        torch._foreach_add_(tgt, src, alpha=alpha)
+    if staged_dst:
+        torch._foreach_copy_(staged_dst, staged_src)
+    if weights:
+        sq = Y[: bucket.count].float().square().sum(dim=(-2, -1))
+        for gi, first, count, ratio, numel in weights:
+            acc = rms_acc[gi]
+            acc[0] = acc[0] + sq[first : first + count].sum() * (ratio * ratio)
+            acc[1] += numel
+
+
 # ---------------------------------------------------------------------- helpers
 def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
     return iterate(X, per_step, backend="torch")
@@ -741,7 +786,7 @@ def _ns_cost(layout: Layout) -> float:
 
 def _plan_signature(buckets: list[_Bucket]) -> str:
     # Only the buckets shared out across ranks must agree; owned (FSDP) buckets differ by design.
-    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.per_step)}" for b in buckets if b.split)
+    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.ns.per_step)}" for b in buckets if b.split)
 
 
 def _apply_staged(p: Tensor, Y: Tensor, lr: float, layout: Layout, adjust_lr: str, row_offset: int) -> None:
