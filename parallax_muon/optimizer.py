@@ -23,7 +23,6 @@ that matrix's update by up to ~1e-2 (relative) — the same size as the bf16 ite
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -763,7 +762,9 @@ def _real(where: str, key: str, value, ok: Callable[[float], bool], rule: str, s
         value = float(value)
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {key} must be a real number, got {shown!r}")
-    if not (math.isfinite(value) and ok(value)):
+    # finite ⇔ value − value == 0 (inf − inf and NaN are NaN): unlike math.isfinite, this traces under
+    # torch.compile when the scheduled lr has become a symbolic float
+    if not (value - value == 0 and ok(value)):
         raise ValueError(f"{where}: {key}={shown} must be {rule} and finite")
     return float(value)
 
