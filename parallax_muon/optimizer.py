@@ -55,6 +55,15 @@ class NSSettings(NamedTuple):
     eps: float
 
 
+class GroupStep(NamedTuple):
+    """What a Muon group's parameters share in one step."""
+
+    index: int  # in optimizer.param_groups
+    lr: float  # lr·lr_mult, as scheduled this step
+    adjust_lr: str
+    ns: NSSettings
+
+
 @dataclass
 class _Job:
     """One parameter's trip through Newton–Schulz."""
@@ -62,10 +71,7 @@ class _Job:
     param: Tensor  # as the user holds it (maybe a DTensor)
     source: Tensor  # the momentum update, full and in parameter layout
     layout: Layout
-    lr: float
-    adjust_lr: str
-    ns: NSSettings
-    group_index: int
+    group: GroupStep
     split: bool = False  # its matrices may be shared out across ranks (replicated parameters)
     target: Tensor | None = None  # the parameter tensor updated in place by views (contiguous, full)
     staged: Tensor | None = None  # else: the orthogonalized update lands here (bf16, parameter layout)
@@ -447,10 +453,11 @@ class Muon(torch.optim.Optimizer):
         per_step, default_scale = coefficients  # resolved (and checked) by _validate_group this step
         scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
         ns = NSSettings(per_step, scale, float(group["ns_eps"]))
+        settings = GroupStep(gi, lr, group["adjust_lr"], ns)
         index_of = {id(p): i for i, p in enumerate(group["params"])}
         for p, u, l_p in zip(params, updates, lp):
             layout = self._layout(group, p, index_of[id(p)])
-            jobs.append(_Job(p, u, layout, lr, group["adjust_lr"], ns, gi, target=l_p))
+            jobs.append(_Job(p, u, layout, settings, target=l_p))
 
     def _replicated_group(self):
         """The process group plain parameters are replicated over, or None when not splitting work."""
@@ -506,7 +513,7 @@ class Muon(torch.optim.Optimizer):
 
         for job in jobs:
             if job.kind is JobKind.LOCAL and job.staged is not None:
-                _apply_staged(pdist.local(job.param), job.staged, job.lr, job.layout, job.adjust_lr, 0)
+                _apply_staged(pdist.local(job.param), job.staged, job.group.lr, job.layout, job.group.adjust_lr, 0)
             elif job.kind is JobKind.GATHERED:
                 _apply_gathered(job)
         if sharded:
@@ -546,10 +553,7 @@ class Muon(torch.optim.Optimizer):
                     j.param,
                     f,
                     j.layout,
-                    j.lr,
-                    j.adjust_lr,
-                    j.ns,
-                    j.group_index,
+                    j.group,
                     kind=JobKind.OWNED,
                     index=i,
                     staged=torch.empty(shapes[i], dtype=torch.bfloat16, device=f.device),
@@ -566,7 +570,7 @@ class Muon(torch.optim.Optimizer):
         rank = torch.distributed.get_rank(group)
         for j, y in zip(sharded, local_rows):
             offset = sum(pdist.row_chunks(j.param.shape[0], world)[:rank])
-            _apply_staged(pdist.local(j.param), y, j.lr, j.layout, j.adjust_lr, offset)
+            _apply_staged(pdist.local(j.param), y, j.group.lr, j.layout, j.group.adjust_lr, offset)
 
     # ---- batching by shape
     def _buckets(self, jobs: list[_Job]) -> list[_Bucket]:
@@ -576,10 +580,10 @@ class Muon(torch.optim.Optimizer):
                 r, c = seg.head_rows, job.layout.cols
                 transposed = r > c
                 n, m = (c, r) if transposed else (r, c)
-                key = (n, m, job.ns, job.split, job.source.device)
+                key = (n, m, job.group.ns, job.split, job.source.device)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(n, m, job.ns, job.split, job.source.device)
+                    b = buckets[key] = _Bucket(n, m, job.group.ns, job.split, job.source.device)
                 count = job.layout.slices * seg.heads
                 b.pieces.append(_Piece(job, si, b.count, count, transposed))
                 b.count += count
@@ -706,19 +710,19 @@ def _apply_bucket(bucket: _Bucket, Y: Tensor, handle, rms_acc: dict | None) -> N
     weights = [] if rms_acc is not None else None
     for job, si, first, count, transposed in bucket.pieces:
         seg = job.layout.segments[si]
-        ratio = adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+        ratio = adjust_lr_ratio(job.group.adjust_lr, seg.head_rows, job.layout.cols)
         S = job.layout.slices
         y = Y[first : first + count].view(S, seg.heads, n, m)
         y = y.mT if transposed else y
         if job.target is not None:
-            tgt, src = direct[-job.lr * ratio]
+            tgt, src = direct[-job.group.lr * ratio]
             tgt.append(job.layout.views(job.target)[si])
             src.append(y)
         else:
             staged_dst.append(job.layout.views(job.staged)[si])
             staged_src.append(y)
         if weights is not None:
-            weights.append((job.group_index, first, count, ratio, count * n * m))
+            weights.append((job.group.index, first, count, ratio, count * n * m))
     for alpha, (tgt, src) in direct.items():
         torch._foreach_add_(tgt, src, alpha=alpha)
     if staged_dst:
@@ -815,16 +819,16 @@ def _apply_gathered(job: _Job) -> None:
     """A DTensor with a placement other than Shard(0): every rank computed the whole update; keep its part."""
     from torch.distributed.tensor import distribute_tensor
 
-    scale = job.layout.row_scale(job.adjust_lr)
+    scale = job.layout.row_scale(job.group.adjust_lr)
     mesh, placements = job.param.device_mesh, job.param.placements
     if scale is None:  # one ratio: the same `add_(Y, alpha=-lr·ratio)` as a single process performs
         seg = job.layout.segments[0]
         part = distribute_tensor(job.staged, mesh, placements, src_data_rank=None).to_local()
         pdist.local(job.param).add_(
-            part, alpha=-job.lr * adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+            part, alpha=-job.group.lr * adjust_lr_ratio(job.group.adjust_lr, seg.head_rows, job.layout.cols)
         )
         return
     shape = (job.layout.slices, job.layout.rows, job.layout.cols)
     update = (job.staged.float().view(shape) * scale.to(job.staged.device)).view(job.param.shape)
     part = distribute_tensor(update, mesh, placements, src_data_rank=None).to_local()
-    pdist.local(job.param).add_(part, alpha=-job.lr)
+    pdist.local(job.param).add_(part, alpha=-job.group.lr)
