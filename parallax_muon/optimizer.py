@@ -209,12 +209,12 @@ class Muon(torch.optim.Optimizer):
         use_muon = param_group.setdefault("use_muon", True)
         if not isinstance(use_muon, bool):
             raise ValueError(f"use_muon must be a bool, got {use_muon!r}")
-        if not use_muon and "momentum" in param_group and "betas" not in param_group:
-            beta2 = self._adamw_defaults["betas"][1] if isinstance(self._adamw_defaults["betas"], tuple) else None
-            param_group["betas"] = (param_group["momentum"], beta2)
+        default_betas = self._adamw_defaults["betas"]
+        if not use_muon and "momentum" in param_group and "betas" not in param_group and _pair(default_betas):
+            param_group["betas"] = (param_group["momentum"], default_betas[1])  # momentum given alone is β1
         for key, value in (self._muon_defaults if use_muon else self._adamw_defaults).items():
             param_group.setdefault(key, value)
-        if not use_muon and isinstance(param_group["betas"], (tuple, list)) and len(param_group["betas"]) == 2:
+        if not use_muon and _pair(param_group["betas"]):
             param_group.setdefault("momentum", param_group["betas"][0])  # before torch fills in the Muon default
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -741,6 +741,10 @@ def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
 
 
 _UNSEEN = object()
+
+
+def _pair(betas) -> bool:
+    return isinstance(betas, (tuple, list)) and len(betas) == 2
 
 
 def _differs(a, b) -> bool:
