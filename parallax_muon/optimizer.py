@@ -5,12 +5,15 @@ schedulers (which rescale ``group["lr"]``) work unchanged.
 
 A step, for the Muon groups of the whole optimizer together:
 
-1. momentum (``buf ← lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)``) and decoupled weight decay, with
-   ``torch._foreach_*`` over each group's tensors — no per-parameter kernel launches;
+1. ``_momentum_update`` (``buf ← lerp(buf, g, 1-μ)``; Nesterov ``u = lerp(g, buf, μ)``) and ``_decay``
+   (decoupled weight decay), with ``torch._foreach_*`` over each group's tensors — no per-parameter launches;
+   each parameter becomes a ``_Job`` (its ``JobKind`` says how its update travels under torch.distributed);
 2. every parameter is cut into matrices (``layout.py``: whole, per head, per fused segment, per slice), and
-   the matrices of all groups are bucketed by (oriented shape, Newton–Schulz settings); each bucket is
-   orthogonalized by one batched call (``newton_schulz.py``; Triton symmetric kernels on CUDA);
-3. ``p ← p − lr·ratio·O``, one ``_foreach_add_`` per (bucket, learning rate, ratio).
+   the matrices of all groups are bucketed by (oriented shape, ``NSSettings``); ``_orthogonalize_bucket``
+   runs each bucket as one batched call (``newton_schulz.py``; Triton symmetric kernels on CUDA);
+3. ``_apply_bucket``: ``p ← p − lr·ratio·O``, one ``_foreach_add_`` per (bucket, learning rate, ratio).
+
+AdamW groups take ``torch.optim.adamw.adamw``'s step.
 
 With the defaults, on a list of 2-D tensors, every operation and rounding is the one ``torch.optim.Muon``
 performs (``adjust_lr_fn="original"``): a matrix alone in its bucket gets the same bits; in a batch of
@@ -20,18 +23,45 @@ that matrix's update by up to ~1e-2 (relative) — the same size as the bf16 ite
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw
 
 from parallax_muon import distributed as pdist
 from parallax_muon.layout import ADJUST_LR, Layout, adjust_lr_ratio, make_layout
 from parallax_muon.newton_schulz import BACKENDS, DEFAULT_EPS, _use_triton, iterate, normalize_, resolve_coefficients
+
+
+class JobKind(Enum):
+    """How a parameter's update travels (see ``distributed.py``)."""
+
+    LOCAL = "local"  # a plain tensor: this process orthogonalizes it (or its share of a split bucket)
+    SHARDED = "sharded"  # a row-sharded DTensor: its rows go to an owner rank and come back orthogonalized
+    GATHERED = "gathered"  # a DTensor of another placement: gathered whole on every rank
+    OWNED = "owned"  # the full matrix of a SHARDED parameter, on its owner rank
+
+
+class NSSettings(NamedTuple):
+    """A group's Newton–Schulz settings; matrices share a bucket only when these agree."""
+
+    per_step: tuple  # (a, b, c) per iteration
+    norm_scale: float
+    eps: float
+
+
+class GroupStep(NamedTuple):
+    """What a Muon group's parameters share in one step."""
+
+    index: int  # in optimizer.param_groups
+    lr: float  # lr·lr_mult, as scheduled this step
+    adjust_lr: str
+    ns: NSSettings
 
 
 @dataclass
@@ -41,27 +71,32 @@ class _Job:
     param: Tensor  # as the user holds it (maybe a DTensor)
     source: Tensor  # the momentum update, full and in parameter layout
     layout: Layout
-    lr: float
-    adjust_lr: str
-    ns_key: tuple
-    group_index: int
+    group: GroupStep
     split: bool = False  # its matrices may be shared out across ranks (replicated parameters)
     target: Tensor | None = None  # the parameter tensor updated in place by views (contiguous, full)
     staged: Tensor | None = None  # else: the orthogonalized update lands here (bf16, parameter layout)
-    kind: str = "local"  # local | sharded | gathered
+    kind: JobKind = JobKind.LOCAL
     index: int = 0  # position among the sharded jobs
+
+
+class _Piece(NamedTuple):
+    """A run of one job's matrices inside a bucket."""
+
+    job: _Job
+    segment: int  # index into job.layout.segments
+    first: int  # first matrix in the bucket's batch
+    count: int
+    transposed: bool  # stored as its transpose (tall matrices are orthogonalized wide)
 
 
 @dataclass
 class _Bucket:
     n: int
     m: int
-    per_step: tuple
-    norm_scale: float
-    eps: float
+    ns: NSSettings
     split: bool
     device: torch.device
-    pieces: list = field(default_factory=list)  # (job, segment index, first matrix, count, transposed)
+    pieces: list[_Piece] = field(default_factory=list)
     count: int = 0
 
 
@@ -96,7 +131,9 @@ class Muon(torch.optim.Optimizer):
         own: an int, or one per ``split_sizes`` segment), ``split_sizes`` (row sizes of a fused projection,
         e.g. q|k|v), ``per_slice`` (a >2-D parameter is a stack of ``shape[-2:]`` matrices instead of one
         ``(shape[0], -1)`` matrix), ``lr_mult``, ``name``.
-        AdamW groups (``use_muon=False``): ``lr``, ``betas``, ``eps``, ``weight_decay``, ``lr_mult``, ``name``.
+        AdamW groups (``use_muon=False``): ``lr``, ``betas``, ``eps``, ``weight_decay``, ``lr_mult``, ``name``, and
+        ``momentum``, which is β1 again: ``defaults`` names ``momentum`` so that torch's momentum-cycling schedulers
+        (OneCycleLR, CyclicLR) and monitors work; a change to either key reaches the other at the next step.
         ``lr_mult`` multiplies the group's (possibly scheduled) ``lr``.
     """
 
@@ -158,9 +195,12 @@ class Muon(torch.optim.Optimizer):
         self._layouts: dict[tuple, Layout] = {}
         self._update_rms: dict[str, Tensor] = {}
         self.last_step_info: dict[str, Any] = {}
-        # The optimizer's own `defaults` stay empty: each group is filled from the Muon or the AdamW defaults
-        # according to its kind (see add_param_group), which torch's single defaults dict cannot express.
-        super().__init__(params, {})
+        self._beta1_seen: dict[int, Any] = {}
+        # `defaults` holds the keys both kinds of group share (the Muon values): torch's schedulers and
+        # monitors look there for "momentum" (or "betas") before they cycle or log it. "betas" stays out, or
+        # they would write betas into Muon groups; an AdamW group carries its β1 as "momentum" too (see
+        # _sync_beta1). Each group's own defaults come from its kind (add_param_group).
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lr_mult": 1.0})
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,12 +209,19 @@ class Muon(torch.optim.Optimizer):
         use_muon = param_group.setdefault("use_muon", True)
         if not isinstance(use_muon, bool):
             raise ValueError(f"use_muon must be a bool, got {use_muon!r}")
+        default_betas = self._adamw_defaults["betas"]
+        if not use_muon and "momentum" in param_group and "betas" not in param_group and _pair(default_betas):
+            param_group["betas"] = (param_group["momentum"], default_betas[1])  # momentum given alone is β1
         for key, value in (self._muon_defaults if use_muon else self._adamw_defaults).items():
             param_group.setdefault(key, value)
+        if not use_muon and _pair(param_group["betas"]):
+            param_group.setdefault("momentum", param_group["betas"][0])  # before torch fills in the Muon default
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
         group.setdefault("name", f"{'muon' if use_muon else 'adamw'}_{index}")
+        if not use_muon:
+            self._sync_beta1(index, group)
         self._validate_group(group)
         for i, p in enumerate(group["params"]):
             if p.is_complex():
@@ -222,6 +269,33 @@ class Muon(torch.optim.Optimizer):
         from the file, and fail at a later step, if at all, without saying which group or parameter)."""
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        self._beta1_seen = {}
+        for index, group in enumerate(self.param_groups):
+            if not group["use_muon"]:
+                self._sync_beta1(index, group)  # a state dict saved before AdamW groups had "momentum" gets it
+
+    def _sync_beta1(self, index: int, group: dict[str, Any]) -> None:
+        """An AdamW group's β1 is both ``betas[0]`` (AdamW's key) and ``momentum`` (the key torch's schedulers
+        and Lightning's LearningRateMonitor use for every group, as ``defaults`` names it). Whichever of the two
+        changed since the last step (or construction) is copied to the other; both changed differently is an
+        error, not a silent choice."""
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            return  # _validate_group names the bad value
+        beta1 = betas[0]
+        momentum = group.setdefault("momentum", beta1)
+        if _differs(momentum, beta1):
+            seen = self._beta1_seen.get(index, _UNSEEN)
+            if not _differs(beta1, seen):  # momentum was changed (e.g. by OneCycleLR)
+                group["betas"] = (momentum, betas[1])
+            elif not _differs(momentum, seen):  # betas was changed
+                group["momentum"] = beta1
+            else:
+                raise ValueError(
+                    f"group {group['name']!r}: momentum={momentum!r} and betas[0]={beta1!r} are both this AdamW "
+                    "group's β1 and disagree; set one of them"
+                )
+        self._beta1_seen[index] = group["momentum"]
 
     def _check_loadable(self, state_dict) -> None:
         op = "Muon.load_state_dict"
@@ -314,6 +388,7 @@ class Muon(torch.optim.Optimizer):
         self.__dict__.setdefault("_update_rms", {})
         self.__dict__.setdefault("_compiled_ns", None)
         self.__dict__.setdefault("last_step_info", {})
+        self.__dict__.setdefault("_beta1_seen", {})
 
     def update_rms(self) -> dict[str, Tensor]:
         """Per group name, the RMS of the last step's update direction (``track_update_rms=True``).
@@ -331,9 +406,11 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.track_update_rms:
-            self._update_rms = {}
+            self._update_rms.clear()  # in place: under torch.compile a rebound attribute was lost
         jobs: list[_Job] = []
         for gi, group in enumerate(self.param_groups):
+            if not group["use_muon"]:
+                self._sync_beta1(gi, group)
             coefficients = self._validate_group(group)  # hyper-parameters may have been edited since construction
             if group["use_muon"]:
                 self._muon_prologue(gi, group, jobs, coefficients)
@@ -370,19 +447,17 @@ class Muon(torch.optim.Optimizer):
         lp = [pdist.local(t) for t in params]
         lg = [pdist.local(t) for t in grads]
         lb = [pdist.local(t) for t in bufs]
-        mu = group["momentum"]
-        torch._foreach_lerp_(lb, lg, 1 - mu)
-        updates = torch._foreach_lerp(lg, lb, mu) if group["nesterov"] else lb
+        updates = _momentum_update(lb, lg, group["momentum"], group["nesterov"])
         lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(lp, 1 - lr * group["weight_decay"])
+        _decay(lp, lr, group["weight_decay"])
         per_step, default_scale = coefficients  # resolved (and checked) by _validate_group this step
         scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
-        ns_key = (per_step, scale, float(group["ns_eps"]))
+        ns = NSSettings(per_step, scale, float(group["ns_eps"]))
+        settings = GroupStep(gi, lr, group["adjust_lr"], ns)
         index_of = {id(p): i for i, p in enumerate(group["params"])}
         for p, u, l_p in zip(params, updates, lp):
             layout = self._layout(group, p, index_of[id(p)])
-            jobs.append(_Job(p, u, layout, lr, group["adjust_lr"], ns_key, gi, target=l_p))
+            jobs.append(_Job(p, u, layout, settings, target=l_p))
 
     def _replicated_group(self):
         """The process group plain parameters are replicated over, or None when not splitting work."""
@@ -400,9 +475,9 @@ class Muon(torch.optim.Optimizer):
         sharded: list[_Job] = []
         for job in jobs:
             if pdist.is_dtensor(job.param):
-                job.kind = "sharded" if pdist.is_row_sharded(job.param) else "gathered"
+                job.kind = JobKind.SHARDED if pdist.is_row_sharded(job.param) else JobKind.GATHERED
                 job.target = None
-                if job.kind == "sharded":
+                if job.kind is JobKind.SHARDED:
                     job.index = len(sharded)
                     sharded.append(job)
                 else:
@@ -414,7 +489,7 @@ class Muon(torch.optim.Optimizer):
                     job.target = None
                     job.staged = torch.empty(job.param.shape, dtype=torch.bfloat16, device=job.param.device)
 
-        work = [j for j in jobs if j.kind != "sharded"]
+        work = [j for j in jobs if j.kind is not JobKind.SHARDED]
         owned: list[_Job] = []
         if sharded:
             owned, owners, mesh_group = self._gather_sharded(sharded)
@@ -424,21 +499,22 @@ class Muon(torch.optim.Optimizer):
         if replicated is not None:
             pdist.check_same_plan(_plan_signature(buckets), replicated)
         rms_acc: dict[int, list] = defaultdict(lambda: [0, 0])
+        rms = rms_acc if self.track_update_rms else None
         pending = None
         ns_matrices = 0
         for bucket in buckets:
-            Y, handle, computed = self._orthogonalize_bucket(bucket, replicated)
+            Y, handle, computed = _orthogonalize_bucket(bucket, replicated, self._iterate)
             ns_matrices += computed
             if pending is not None:
-                self._apply_bucket(*pending, rms_acc)
+                _apply_bucket(*pending, rms)
             pending = (bucket, Y, handle)
         if pending is not None:
-            self._apply_bucket(*pending, rms_acc)
+            _apply_bucket(*pending, rms)
 
         for job in jobs:
-            if job.kind == "local" and job.staged is not None:
-                _apply_staged(pdist.local(job.param), job.staged, job.lr, job.layout, job.adjust_lr, 0)
-            elif job.kind == "gathered":
+            if job.kind is JobKind.LOCAL and job.staged is not None:
+                _apply_staged(pdist.local(job.param), job.staged, job.group.lr, job.layout, job.group.adjust_lr, 0)
+            elif job.kind is JobKind.GATHERED:
                 _apply_gathered(job)
         if sharded:
             self._scatter_sharded(sharded, owned, owners, mesh_group)
@@ -477,11 +553,8 @@ class Muon(torch.optim.Optimizer):
                     j.param,
                     f,
                     j.layout,
-                    j.lr,
-                    j.adjust_lr,
-                    j.ns_key,
-                    j.group_index,
-                    kind="owned",
+                    j.group,
+                    kind=JobKind.OWNED,
                     index=i,
                     staged=torch.empty(shapes[i], dtype=torch.bfloat16, device=f.device),
                 )
@@ -497,55 +570,25 @@ class Muon(torch.optim.Optimizer):
         rank = torch.distributed.get_rank(group)
         for j, y in zip(sharded, local_rows):
             offset = sum(pdist.row_chunks(j.param.shape[0], world)[:rank])
-            _apply_staged(pdist.local(j.param), y, j.lr, j.layout, j.adjust_lr, offset)
+            _apply_staged(pdist.local(j.param), y, j.group.lr, j.layout, j.group.adjust_lr, offset)
 
     # ---- batching by shape
     def _buckets(self, jobs: list[_Job]) -> list[_Bucket]:
         buckets: dict[tuple, _Bucket] = {}
         for job in jobs:
-            per_step, scale, eps = job.ns_key
             for si, seg in enumerate(job.layout.segments):
                 r, c = seg.head_rows, job.layout.cols
                 transposed = r > c
                 n, m = (c, r) if transposed else (r, c)
-                key = (n, m, job.ns_key, job.split, job.source.device)
+                key = (n, m, job.group.ns, job.split, job.source.device)
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(n, m, per_step, scale, eps, job.split, job.source.device)
+                    b = buckets[key] = _Bucket(n, m, job.group.ns, job.split, job.source.device)
                 count = job.layout.slices * seg.heads
-                b.pieces.append((job, si, b.count, count, transposed))
+                b.pieces.append(_Piece(job, si, b.count, count, transposed))
                 b.count += count
         # Largest first: overlaps the biggest all-gathers with the most remaining compute.
         return sorted(buckets.values(), key=lambda b: -(b.count * b.n * b.n * b.m))
-
-    def _orthogonalize_bucket(self, bucket: _Bucket, replicated):
-        N, n, m = bucket.count, bucket.n, bucket.m
-        if bucket.split and replicated is not None:
-            world = torch.distributed.get_world_size(replicated)
-            rank = torch.distributed.get_rank(replicated)
-            per_rank, start, stop = pdist.split_range(N, world, rank)
-        else:
-            world, per_rank, start, stop = 1, N, 0, N
-        X = torch.empty(N, n, m, dtype=torch.bfloat16, device=bucket.device)
-        dsts, srcs = [], []
-        for job, si, first, count, transposed in bucket.pieces:
-            if first + count <= start or first >= stop:
-                continue  # none of this piece's matrices are ours to orthogonalize
-            src = job.layout.views(job.source, allow_copy=True)[si]
-            dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
-            srcs.append(src.mT if transposed else src)
-        if dsts:
-            torch._foreach_copy_(dsts, srcs)
-        own = X[start:stop]
-        if own.shape[0] > 0:
-            normalize_(own, bucket.norm_scale, bucket.eps)
-            own = self._iterate(own, bucket.per_step)
-        if world == 1:
-            return own, None, stop - start
-        padded = own if own.shape[0] == per_rank else torch.cat([own, own.new_zeros(per_rank - own.shape[0], n, m)])
-        Y = X.new_empty(per_rank * world, n, m)
-        handle = pdist.all_gather_batch(padded, Y, replicated, async_op=True)
-        return Y, handle, stop - start
 
     def _iterate(self, X: Tensor, per_step) -> Tensor:
         if self.compile_ns and not _use_triton(X, self.backend, per_step):
@@ -553,39 +596,6 @@ class Muon(torch.optim.Optimizer):
                 self._compiled_ns = torch.compile(_iterate_for_compile, dynamic=False)
             return self._compiled_ns(X, per_step)
         return iterate(X, per_step, backend=self.backend)
-
-    def _apply_bucket(self, bucket: _Bucket, Y: Tensor, handle, rms_acc) -> None:
-        if handle is not None:
-            handle.wait()
-        n, m = bucket.n, bucket.m
-        direct: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
-        staged_dst, staged_src = [], []
-        weights = [] if self.track_update_rms else None
-        for job, si, first, count, transposed in bucket.pieces:
-            seg = job.layout.segments[si]
-            ratio = adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
-            S = job.layout.slices
-            y = Y[first : first + count].view(S, seg.heads, n, m)
-            y = y.mT if transposed else y
-            if job.target is not None:
-                tgt, src = direct[-job.lr * ratio]
-                tgt.append(job.layout.views(job.target)[si])
-                src.append(y)
-            else:
-                staged_dst.append(job.layout.views(job.staged)[si])
-                staged_src.append(y)
-            if weights is not None:
-                weights.append((job.group_index, first, count, ratio, count * n * m))
-        for alpha, (tgt, src) in direct.items():
-            torch._foreach_add_(tgt, src, alpha=alpha)
-        if staged_dst:
-            torch._foreach_copy_(staged_dst, staged_src)
-        if weights:
-            sq = Y[: bucket.count].float().square().sum(dim=(-2, -1))
-            for gi, first, count, ratio, numel in weights:
-                acc = rms_acc[gi]
-                acc[0] = acc[0] + sq[first : first + count].sum() * (ratio * ratio)
-                acc[1] += numel
 
     # ------------------------------------------------------------------ AdamW groups
     def _adamw_step(self, group) -> None:
@@ -606,36 +616,144 @@ class Muon(torch.optim.Optimizer):
         lg = [pdist.local(t) for t in grads]
         lm = [pdist.local(t) for t in exp_avgs]
         lv = [pdist.local(t) for t in exp_avg_sqs]
-        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        beta1, beta2 = group["betas"]
         lr = _scalar(group["lr"]) * _scalar(group["lr_mult"])
-        eps, wd = group["eps"], group["weight_decay"]
-        # The same operations, in the same order, as torch.optim.AdamW (foreach, non-capturable), so the two
-        # agree bit for bit.
-        torch._foreach_add_(steps, 1.0)
-        if wd != 0:
-            torch._foreach_mul_(lp, 1 - lr * wd)
-        torch._foreach_lerp_(lm, lg, 1 - beta1)
-        torch._foreach_mul_(lv, beta2)
-        torch._foreach_addcmul_(lv, lg, lg, 1 - beta2)
-        step_values = [s.item() for s in steps]  # CPU tensors: no device sync
-        bias1 = [1 - beta1**s for s in step_values]
-        bias2_sqrt = [(1 - beta2**s) ** 0.5 for s in step_values]
-        step_size = [(lr / bc) * -1 for bc in bias1]
-        denom = torch._foreach_sqrt(lv)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(lp, lm, denom, step_size)
-        if self.track_update_rms:
-            direction = torch._foreach_div(lm, denom)
-            torch._foreach_div_(direction, bias1)
-            sumsq = torch.stack([n * n for n in torch._foreach_norm(direction)]).sum()
-            numel = sum(t.numel() for t in direction)
+        # torch.optim.AdamW's own step through its public functional form: foreach and, in eager mode, not
+        # capturable (the same bits as torch.optim.AdamW). Compiled, it is capturable, as torch.compile makes
+        # torch's own optimizers: the step counts are then read on the device, with no host sync, and so
+        # must live there.
+        capturable = torch.compiler.is_compiling()
+        if capturable:
+            for i, (p, t) in enumerate(zip(params, steps)):
+                if t.device != lp[i].device:
+                    steps[i] = self.state[p]["step"] = t.to(lp[i].device)
+        adamw(
+            lp,
+            lg,
+            lm,
+            lv,
+            [],
+            steps,
+            foreach=True,
+            capturable=capturable,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=lr,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+        if self.track_update_rms:  # m̂ / (√v̂ + ε), from the tensors: no host sync
+            sumsq, numel = 0, 0
+            for m, v, t in zip(lm, lv, steps):
+                t = t.to(m.device)
+                direction = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+                sumsq = sumsq + direction.float().square().sum()
+                numel += direction.numel()
             self._update_rms[group["name"]] = (sumsq / max(numel, 1)).sqrt()
+
+
+# ---------------------------------------------------------------------- the Muon step's pieces
+def _momentum_update(bufs: list[Tensor], grads: list[Tensor], momentum: float, nesterov: bool) -> list[Tensor]:
+    """buf ← lerp(buf, g, 1−μ) in place; the update is lerp(g, buf, μ) with Nesterov, else buf itself."""
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    return torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+
+
+def _decay(params: list[Tensor], lr: float, weight_decay: float) -> None:
+    """Decoupled weight decay: p ← p·(1 − lr·wd)."""
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+
+
+def _orthogonalize_bucket(bucket: _Bucket, replicated, iterate_fn: Callable[[Tensor, tuple], Tensor]):
+    """Copy the bucket's matrices (this rank's share of them when split) into one bf16 batch, normalize and
+    iterate it; (the whole batch, the pending all-gather or None, how many matrices this rank computed)."""
+    N, n, m = bucket.count, bucket.n, bucket.m
+    if bucket.split and replicated is not None:
+        world = torch.distributed.get_world_size(replicated)
+        rank = torch.distributed.get_rank(replicated)
+        per_rank, start, stop = pdist.split_range(N, world, rank)
+    else:
+        world, per_rank, start, stop = 1, N, 0, N
+    X = torch.empty(N, n, m, dtype=torch.bfloat16, device=bucket.device)
+    dsts, srcs = [], []
+    for job, si, first, count, transposed in bucket.pieces:
+        if first + count <= start or first >= stop:
+            continue  # none of this piece's matrices are ours to orthogonalize
+        src = job.layout.views(job.source, allow_copy=True)[si]
+        dsts.append(X[first : first + count].view(src.shape[0], src.shape[1], n, m))
+        srcs.append(src.mT if transposed else src)
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    own = X[start:stop]
+    if own.shape[0] > 0:
+        normalize_(own, bucket.ns.norm_scale, bucket.ns.eps)
+        own = iterate_fn(own, bucket.ns.per_step)
+    if world == 1:
+        return own, None, stop - start
+    padded = own if own.shape[0] == per_rank else torch.cat([own, own.new_zeros(per_rank - own.shape[0], n, m)])
+    Y = X.new_empty(per_rank * world, n, m)
+    handle = pdist.all_gather_batch(padded, Y, replicated, async_op=True)
+    return Y, handle, stop - start
+
+
+def _apply_bucket(bucket: _Bucket, Y: Tensor, handle, rms_acc: dict | None) -> None:
+    """p ← p − lr·ratio·O for the bucket's parameters held whole (one ``_foreach_add_`` per step size), else
+    into their staging buffers; adds each group's squared update norm to ``rms_acc`` when given."""
+    if handle is not None:
+        handle.wait()
+    n, m = bucket.n, bucket.m
+    direct: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
+    staged_dst, staged_src = [], []
+    weights = [] if rms_acc is not None else None
+    for job, si, first, count, transposed in bucket.pieces:
+        seg = job.layout.segments[si]
+        ratio = adjust_lr_ratio(job.group.adjust_lr, seg.head_rows, job.layout.cols)
+        S = job.layout.slices
+        y = Y[first : first + count].view(S, seg.heads, n, m)
+        y = y.mT if transposed else y
+        if job.target is not None:
+            tgt, src = direct[-job.group.lr * ratio]
+            tgt.append(job.layout.views(job.target)[si])
+            src.append(y)
+        else:
+            staged_dst.append(job.layout.views(job.staged)[si])
+            staged_src.append(y)
+        if weights is not None:
+            weights.append((job.group.index, first, count, ratio, count * n * m))
+    for alpha, (tgt, src) in direct.items():
+        torch._foreach_add_(tgt, src, alpha=alpha)
+    if staged_dst:
+        torch._foreach_copy_(staged_dst, staged_src)
+    if weights:
+        sq = Y[: bucket.count].float().square().sum(dim=(-2, -1))
+        for gi, first, count, ratio, numel in weights:
+            acc = rms_acc[gi]
+            acc[0] = acc[0] + sq[first : first + count].sum() * (ratio * ratio)
+            acc[1] += numel
 
 
 # ---------------------------------------------------------------------- helpers
 def _iterate_for_compile(X: Tensor, per_step) -> Tensor:
     return iterate(X, per_step, backend="torch")
+
+
+_UNSEEN = object()
+
+
+def _pair(betas) -> bool:
+    return isinstance(betas, (tuple, list)) and len(betas) == 2
+
+
+def _differs(a, b) -> bool:
+    """Two hyper-parameter values differ (tensors by identity: comparing their values would sync the device)."""
+    if a is b:
+        return False
+    if isinstance(a, Tensor) or isinstance(b, Tensor) or a is _UNSEEN or b is _UNSEEN:
+        return True
+    return a != b
 
 
 def _scalar(v) -> float:
@@ -652,7 +770,9 @@ def _real(where: str, key: str, value, ok: Callable[[float], bool], rule: str, s
         value = float(value)
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{where}: {key} must be a real number, got {shown!r}")
-    if not (math.isfinite(value) and ok(value)):
+    # finite ⇔ value − value == 0 (inf − inf and NaN are NaN): unlike math.isfinite, this traces under
+    # torch.compile when the scheduled lr has become a symbolic float
+    if not (value - value == 0 and ok(value)):
         raise ValueError(f"{where}: {key}={shown} must be {rule} and finite")
     return float(value)
 
@@ -675,7 +795,7 @@ def _ns_cost(layout: Layout) -> float:
 
 def _plan_signature(buckets: list[_Bucket]) -> str:
     # Only the buckets shared out across ranks must agree; owned (FSDP) buckets differ by design.
-    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.per_step)}" for b in buckets if b.split)
+    return ";".join(f"{b.n}x{b.m}x{b.count}:{len(b.ns.per_step)}" for b in buckets if b.split)
 
 
 def _apply_staged(p: Tensor, Y: Tensor, lr: float, layout: Layout, adjust_lr: str, row_offset: int) -> None:
@@ -703,16 +823,16 @@ def _apply_gathered(job: _Job) -> None:
     """A DTensor with a placement other than Shard(0): every rank computed the whole update; keep its part."""
     from torch.distributed.tensor import distribute_tensor
 
-    scale = job.layout.row_scale(job.adjust_lr)
+    scale = job.layout.row_scale(job.group.adjust_lr)
     mesh, placements = job.param.device_mesh, job.param.placements
     if scale is None:  # one ratio: the same `add_(Y, alpha=-lr·ratio)` as a single process performs
         seg = job.layout.segments[0]
         part = distribute_tensor(job.staged, mesh, placements, src_data_rank=None).to_local()
         pdist.local(job.param).add_(
-            part, alpha=-job.lr * adjust_lr_ratio(job.adjust_lr, seg.head_rows, job.layout.cols)
+            part, alpha=-job.group.lr * adjust_lr_ratio(job.group.adjust_lr, seg.head_rows, job.layout.cols)
         )
         return
     shape = (job.layout.slices, job.layout.rows, job.layout.cols)
     update = (job.staged.float().view(shape) * scale.to(job.staged.device)).view(job.param.shape)
     part = distribute_tensor(update, mesh, placements, src_data_rank=None).to_local()
-    pdist.local(job.param).add_(part, alpha=-job.lr)
+    pdist.local(job.param).add_(part, alpha=-job.group.lr)

@@ -1,8 +1,9 @@
 """``muon_param_groups``: route a model's parameters to Muon or AdamW groups.
 
 Muon is for the hidden weight matrices. Everything whose rows are not a linear map between hidden states
-goes to AdamW: token and position embeddings (rows are lookups), the output head (tied to the embedding or
-not), and every 1-D or scalar parameter (norm gains, biases, gates). Parallax's correction-branch projection
+goes to AdamW: token and position embeddings (rows are lookups), the input layer (a first Linear or conv stem
+that reads the raw input), the output head (tied to the embedding or not, of any output size), and every 1-D
+or scalar parameter (norm gains, biases, gates). Parallax's correction-branch projection
 W_R (``…r_proj…``) is a Muon matrix but gets a group of its own, so its learning rate can be set apart.
 """
 
@@ -21,7 +22,9 @@ logger = logging.getLogger("parallax_muon")
 DEFAULT_EMBEDDING_PATTERNS: tuple[str, ...] = (
     r"(^|\.)(wte|wpe|tok_embeddings|embed_tokens|embed_positions|embedding|embeddings|token_embedding|pos_embedding)(\.|$)",
 )
-DEFAULT_HEAD_PATTERNS: tuple[str, ...] = (r"(^|\.)(lm_head|head|output|output_layer|classifier)(\.|$)",)
+DEFAULT_HEAD_PATTERNS: tuple[str, ...] = (r"(^|\.)(lm_head|head|output|output_layer|classifier|fc)(\.|$)",)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUMMARY_NAMES = 4  # name patterns shown per group in the routing summary before "…"
 DEFAULT_R_PROJ_PATTERN = r"(^|\.)r_proj(\.|$)"
 
 
@@ -36,6 +39,8 @@ def muon_param_groups(
     r_proj_options: Mapping[str, Any] | None = None,
     muon_options: Mapping[str, Any] | None = None,
     adamw_options: Mapping[str, Any] | None = None,
+    input_layer: bool = True,
+    output_layer: bool = True,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
     """Param groups for ``Muon``: hidden ≥2-D weights → Muon; embeddings, head, norms, biases → AdamW.
@@ -48,8 +53,15 @@ def muon_param_groups(
             ``split_sizes``, ``per_slice``, ``weight_decay``, ...). Parameters with the same options share a
             group named after the patterns that matched. ``use_muon`` here overrides the automatic routing.
         embedding_patterns, head_patterns: name regexes for embeddings and the output head (on top of
-            ``nn.Embedding`` modules, and of the model's last ``nn.Linear`` when its out_features equal an embedding's
-            vocabulary).
+            ``nn.Embedding`` modules and of the layers ``input_layer`` / ``output_layer`` find).
+        input_layer: route the input layer to AdamW (group ``adamw_input``): in a model without an
+            ``nn.Embedding`` registered before it, the first ``nn.Linear``/``nn.Conv*d`` in registration order
+            (a classifier's first layer, a CNN's conv stem, a ViT's patch projection).
+        output_layer: route the output head to AdamW (``adamw_head``): in a model without an embedding, the last
+            ``nn.Linear``/``nn.Conv*d`` in registration order, whatever its size (a 10-class classifier too); in
+            one with an embedding, the last ``nn.Linear`` when its out_features equal an embedding's vocabulary
+            (else an MLP's last layer of a tied-embedding model would be taken for the head). Modules registered
+            out of forward order: name the layer in ``overrides`` (``{"use_muon": True}`` or ``False``).
         r_proj_pattern: regex for Parallax's W_R projection (``blocks.3.attn.r_proj.weight``); ``None`` keeps
             those weights in the main Muon group.
         r_proj_lr_mult: learning-rate multiplier of the W_R group (``lr_mult`` group key; LR schedulers keep it).
@@ -63,12 +75,23 @@ def muon_param_groups(
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             embedding_ids.add(id(module.weight))
             vocab_sizes.add(module.num_embeddings)
-    # The head: Linear layers named like one, and the last Linear whose outputs are the vocabulary (an MLP
-    # layer can have as many outputs as there are tokens, but it is not the model's last Linear).
+    # The head: Linear layers named like one, and the model's last layer (see output_layer).
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     heads = [m for name, m in linears if _matches(head_patterns, name + ".weight")]
-    if linears and linears[-1][1].out_features in vocab_sizes:
-        heads.append(linears[-1][1])
+    layers, embedding_seen = [], False
+    input_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            embedding_seen = True
+        elif isinstance(module, _LAYERS):
+            if not layers and not embedding_seen and input_layer:
+                input_ids.add(id(module.weight))
+            layers.append(module)
+    if output_layer and layers:
+        if not vocab_sizes:
+            heads.append(layers[-1])
+        elif linears and linears[-1][1].out_features in vocab_sizes:
+            heads.append(linears[-1][1])
     head_ids: set[int] = set()
     tied = False
     for module in heads:
@@ -89,6 +112,8 @@ def muon_param_groups(
             base = "adamw_other"
         elif id(p) in head_ids or _matches(head_patterns, name):
             base = "adamw_head"
+        elif id(p) in input_ids:
+            base = "adamw_input"
         elif r_proj_re is not None and r_proj_re.search(name):
             base = "muon_r_proj"
         else:
@@ -116,15 +141,19 @@ def muon_param_groups(
         group["params"].append(p)
 
     out = list(groups.values())
-    summary = routing_summary(out, tied_head=tied)
+    summary = routing_summary(out, tied_head=tied, names={id(p): n for n, p in model.named_parameters()})
     logger.info(summary)
     if verbose:
         print(summary)
     return out
 
 
-def routing_summary(groups: Sequence[Mapping[str, Any]], tied_head: bool = False) -> str:
-    """One line: per optimizer kind, tensors and parameters, then each group's share."""
+def routing_summary(
+    groups: Sequence[Mapping[str, Any]], tied_head: bool = False, names: Mapping[int, str] | None = None
+) -> str:
+    """One line: per optimizer kind, tensors and parameters, then each group's share and, given ``names``
+    ({id(parameter): name}), its parameters' names, layer indices folded into ``*`` (``blocks.*.attn.q_proj.weight
+    ×12``) and cut with "…" after ``SUMMARY_NAMES`` patterns."""
 
     def part(kind_is_muon: bool) -> str:
         chosen = [g for g in groups if g.get("use_muon", True) == kind_is_muon]
@@ -133,7 +162,8 @@ def routing_summary(groups: Sequence[Mapping[str, Any]], tied_head: bool = False
         details = []
         for g in chosen:
             extra = f" lr×{g['lr_mult']:g}" if g.get("lr_mult", 1.0) != 1.0 else ""
-            details.append(f"{g.get('name', '?')} {len(g['params'])}{extra}")
+            listed = f" ({_compact([names.get(id(p), '?') for p in g['params']])})" if names else ""
+            details.append(f"{g.get('name', '?')} {len(g['params'])}{extra}{listed}")
         if not kind_is_muon and tied_head:
             details.append("head tied to embedding")
         return (
@@ -141,6 +171,17 @@ def routing_summary(groups: Sequence[Mapping[str, Any]], tied_head: bool = False
         )
 
     return f"parallax_muon routing: {part(True)} | {part(False)}"
+
+
+def _compact(names: Sequence[str]) -> str:
+    folded: dict[str, list[str]] = {}
+    for name in names:
+        folded.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), []).append(name)
+    counts = {(group[0] if len(group) == 1 else p): len(group) for p, group in folded.items()}
+    shown = [p if n == 1 else f"{p} ×{n}" for p, n in list(counts.items())[:SUMMARY_NAMES]]
+    if len(counts) > SUMMARY_NAMES:
+        shown.append(f"… {len(counts) - SUMMARY_NAMES} more")
+    return ", ".join(shown)
 
 
 def _matches(patterns: Sequence[str], name: str) -> bool:

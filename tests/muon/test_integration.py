@@ -3,6 +3,8 @@ a scheduler) and torch.compile of the Newton–Schulz iteration."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,45 @@ def test_lightning_automatic_optimization_with_accumulation_clipping_and_schedul
     assert lrs["muon"] == 0.05 * 0.5**4 and lrs["adamw_embedding"] == 1e-2 * 0.5**4
     for (name, a), b in zip(module.net.named_parameters(), ref.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), f"{name}: Lightning run differs by {(a - b).abs().max():.2e}"
+
+
+def test_lightning_learning_rate_monitor_logs_momentum_under_one_cycle(tmp_path):
+    L = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def training_step(self, x, _):
+            return loss_of(self.net, x)
+
+        def configure_optimizers(self):
+            opt = Muon(muon_param_groups(self.net, verbose=False), lr=0.05, adamw_lr=1e-2)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    module = Module()
+    monitor = LearningRateMonitor(logging_interval="step", log_momentum=True)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(3), batch_size=None))
+    assert not [w for w in record if "do not have momentum" in str(w.message)]
+    groups = trainer.optimizers[0].param_groups
+    momenta = dict(monitor.last_momentum_values)
+    assert len(momenta) == len(groups) and all(m is not None and 0.85 <= m < 0.95 for m in momenta.values()), momenta
 
 
 @pytest.mark.slow

@@ -135,7 +135,8 @@ def test_mixed_groups_route_by_use_muon_and_override_per_group():
     opt.step()
     groups = opt.param_groups
     assert groups[0]["lr"] == 0.02 and groups[1]["lr"] == 0.05 and groups[2]["lr"] == 1e-2
-    assert "momentum" not in groups[2] and groups[2]["betas"] == (0.9, 0.95)
+    assert groups[2]["momentum"] == 0.9 and groups[2]["betas"] == (0.9, 0.95)  # an AdamW group's β1, both keys
+    assert "nesterov" not in groups[2] and "betas" not in groups[0]
     expect1 = (
         w2
         - 0.05

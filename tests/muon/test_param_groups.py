@@ -136,3 +136,72 @@ def test_frozen_parameters_are_left_out_and_summary_of_hand_made_groups():
         [{"params": [torch.zeros(3, 4)], "name": "mats"}, {"params": [torch.zeros(5)], "use_muon": False}]
     )
     assert line == "parallax_muon routing: Muon 1 tensors / 12 params [mats 1] | AdamW 1 tensors / 5 params [? 1]"
+
+
+class Classifier(nn.Module):
+    """An MLP classifier: no embedding; its first layer reads the raw features, its last gives 10 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.hidden = nn.ModuleList(nn.Linear(64, 64) for _ in range(2))
+        self.out = nn.Linear(64, 10)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+
+
+def test_classifier_input_layer_and_small_head_stay_off_muon(capsys):
+    model = Classifier()
+    g = by_name(muon_param_groups(model))
+    assert names_in(model, g["muon"]) == ["hidden.0.weight", "hidden.1.weight"]
+    assert names_in(model, g["adamw_input"]) == ["inp.weight"]
+    assert names_in(model, g["adamw_head"]) == ["out.weight"]  # a 10×64 head, no vocabulary to match
+    line = capsys.readouterr().out
+    assert "muon 2 (hidden.*.weight ×2)" in line and "adamw_input 1 (inp.weight)" in line
+    assert "adamw_head 1 (out.weight)" in line
+
+
+def test_conv_stem_and_fc_head_of_a_cnn_stay_off_muon():
+    model = TinyCNN()
+    groups = muon_param_groups(model, verbose=False)
+    g = by_name(groups)
+    assert names_in(model, g["muon"]) == ["body.0.weight", "body.2.weight"]
+    assert names_in(model, g["adamw_input"]) == ["stem.weight"]
+    assert names_in(model, g["adamw_head"]) == ["fc.weight"]
+    opt = Muon(groups)
+    model(torch.randn(2, 3, 12, 12)).square().mean().backward()
+    opt.step()
+
+
+def test_input_and_output_layers_can_be_put_back_on_muon():
+    model = Classifier()
+    g = by_name(muon_param_groups(model, input_layer=False, output_layer=False, head_patterns=(), verbose=False))
+    assert len(g["muon"]["params"]) == 4 and "adamw_input" not in g and "adamw_head" not in g
+    g = by_name(muon_param_groups(model, overrides={r"^inp\.weight$": {"use_muon": True}}, verbose=False))
+    assert names_in(model, g[r"muon[^inp\.weight$]"]) == ["inp.weight"]
+
+
+def test_decoder_layers_after_the_embedding_stay_on_muon():
+    # The embedding is the decoder's input layer; with a tied head the last Linear is an MLP layer (not a head).
+    model = TinyDecoder(tie=True)
+    g = by_name(muon_param_groups(model, verbose=False))
+    assert "adamw_input" not in g and "adamw_head" not in g
+    assert "blocks.0.attn.q_proj.weight" in names_in(model, g["muon"])
+    assert "blocks.1.mlp.2.weight" in names_in(model, g["muon"])
+
+
+def test_summary_names_are_folded_and_cut():
+    groups = [{"params": [torch.zeros(2, 2) for _ in range(7)], "name": "muon"}]
+    names = {id(p): f"layer{i}.w" for i, p in enumerate(groups[0]["params"])}
+    line = routing_summary(groups, names=names)
+    assert "muon 7 (layer0.w, layer1.w, layer2.w, layer3.w, … 3 more)" in line
