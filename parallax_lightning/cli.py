@@ -417,6 +417,11 @@ def _raise_ui_stopped(signum, frame) -> None:
 def stop_process_group(proc, timeout: float = 20.0) -> None:
     """SIGTERM the process group led by `proc`, wait for all of it, SIGKILL whatever is left after `timeout`."""
     pgid = proc.pid
+    if pgid <= 1 or pgid == os.getpgrp():
+        # Not a group of its own (a pid of 0 would signal this process's own group, the shell that started it
+        # included): leave the process alone rather than signal anything else.
+        proc.wait()
+        return
     for signum in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signum)

@@ -108,7 +108,7 @@ def spies():
         return wrapper
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(op_mod, "parallax_fwd", counted("fwd", op_mod.parallax_fwd))
+        mp.setattr(op_mod, "_run_triton", counted("fwd", op_mod._run_triton))
         mp.setattr(op_mod, "_reference", counted("reference", op_mod._reference))
         mp.setattr(triton_decode, "launch_plan", counted("decode_plan", triton_decode.launch_plan))
         mp.setattr(decode_mod, "_PLANS", {})

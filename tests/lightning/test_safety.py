@@ -212,7 +212,12 @@ def test_ui_binds_to_loopback_unless_told_and_warns_when_exposed(tmp_path, monke
         def wait(self):
             return 0
 
+        def poll(self):
+            return 0
+
     monkeypatch.setattr("parallax_lightning.tracking.subprocess.Popen", FakePopen)
+    # No real server group exists to stop; the fake's pid must never reach os.killpg.
+    monkeypatch.setattr("parallax_lightning.cli.stop_process_group", lambda proc, timeout=20.0: proc.wait())
     from parallax_lightning.cli import main
 
     with pytest.raises(SystemExit) as info:
@@ -224,3 +229,31 @@ def test_ui_binds_to_loopback_unless_told_and_warns_when_exposed(tmp_path, monke
         main(["ui"])
     assert launched[-1][launched[-1].index("--host") + 1] == "127.0.0.1"
     assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pid", [0, 1, "own group"])
+def test_stopping_the_ui_never_signals_its_own_process_group(pid, monkeypatch):
+    """A pid of 0 (or this process's group) given to os.killpg would signal the shell that started us."""
+    import os
+
+    from parallax_lightning.cli import stop_process_group
+
+    class Proc:
+        def __init__(self):
+            self.pid = os.getpgrp() if pid == "own group" else pid
+            self.waited = False
+
+        def wait(self):
+            self.waited = True
+            return 0
+
+        def poll(self):
+            return 0
+
+    def killpg(*args):
+        raise AssertionError(f"os.killpg{args} was called")
+
+    monkeypatch.setattr("parallax_lightning.cli.os.killpg", killpg)
+    proc = Proc()
+    stop_process_group(proc)
+    assert proc.waited
