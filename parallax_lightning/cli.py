@@ -247,7 +247,7 @@ class ParallaxCLI(LightningCLI):
             return
         logger = loggers[0]
         ckpt_path = self._ckpt_path()
-        info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+        info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
         if resume and info and logger._run_id is None:
             stored = info.get("tracking_uri")
             if same_store(stored, logger._tracking_uri):

@@ -208,8 +208,12 @@ class LanguageModelModule(pl.LightningModule):
             self._nonfinite_loss = what
             return loss
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
-        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False, batch_size=bs)
+        # Data-parallel: the logged loss is the mean over every rank's batch (the global batch), so a run on N
+        # devices logs the curve one device would log at the same global batch, not rank 0's share of it.
+        sync = self.trainer.world_size > 1
+        mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if sync else loss.detach()
+        self.log("train/loss", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", mean.exp(), on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def _all_finite(self, loss: torch.Tensor) -> bool:

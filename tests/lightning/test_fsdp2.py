@@ -1,0 +1,89 @@
+"""FSDP2 through the platform on two CPU processes (gloo): FSDP2Strategy shards each decoder block, Muon steps
+the row-sharded weights, distributed checkpoints resume on the same and on another number of processes, and
+the loss curve is the one a single process logs at the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .platform_utils import history, mlflow_client, only_run, run_cli, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STRATEGY = {"class_path": "parallax_lightning.strategies.FSDP2Strategy", "init_args": {"mixed_precision": "fp32"}}
+STEPS = 4
+# fp32 on both sides; only the order of the sums differs (sharded all-gathers/reduce-scatters, two half batches).
+LOSS_TOL = 2e-5
+
+
+def _config(folder, corpus, name, store, data=None, **trainer):
+    return tiny_config(
+        folder,
+        corpus,
+        experiment=name,
+        store=store,
+        trainer={
+            "max_steps": STEPS,
+            "limit_val_batches": 0,
+            "default_root_dir": str(folder / name),
+            **trainer,
+        },
+        model={"model": {"n_layers": 2}, "schedule": {"total_steps": STEPS}},
+        data=data or {},
+        checkpoint={"every_n_train_steps": 2, "save_top_k": -1},
+        diagnostics={"every_n_steps": 0},
+    )
+
+
+def _fit(config, *extra):
+    out = subprocess.run(
+        [sys.executable, "-m", "parallax_lightning", "fit", "--config", str(config), *extra],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+def _curve(store, name):
+    client = mlflow_client(store)
+    run = only_run(client, name)
+    assert run.info.status == "FINISHED"
+    return dict(history(client, run.info.run_id, "train/loss"))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_and_resume_on_two_and_one(tmp_path, corpus):
+    # One process at the global batch (2 ranks x 2 rows): the curve every sharded run must reproduce.
+    run_cli(["fit", "--config", str(_config(tmp_path, corpus, "one", tmp_path, data={"batch_size": 4}))], tmp_path)
+    reference = _curve(tmp_path, "one")
+    assert sorted(reference) == list(range(STEPS))
+
+    # Two processes, stopped half way (the schedule still spans STEPS), then resumed from the sharded folder.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    config = _config(sharded, corpus, "fsdp2", sharded, strategy=STRATEGY, devices=2, max_steps=2)
+    out = _fit(config)
+    assert "distributed_backend=gloo" in out.stdout + out.stderr
+    [half] = list((sharded / "fsdp2").rglob("epoch=0-step=2.ckpt"))
+    assert half.is_dir() and (half / "meta.pt").is_file() and len(list(half.glob("*.distcp"))) == 2
+    _fit(config, "--trainer.max_steps", str(STEPS), "--ckpt_path", str(half))
+    resumed = _curve(sharded, "fsdp2")  # the same MLflow run, continued from the folder's meta.pt
+    assert sorted(resumed) == list(range(STEPS))
+    assert [resumed[s] for s in range(STEPS)] == pytest.approx([reference[s] for s in range(STEPS)], rel=LOSS_TOL)
+
+    # The two-process checkpoint resumed by one process at the same global batch: the shards are re-cut on load.
+    single = tmp_path / "single"
+    single.mkdir()
+    config = _config(single, corpus, "regrouped", single, strategy=STRATEGY, devices=1, data={"batch_size": 4})
+    _fit(config, "--ckpt_path", str(half))
+    regrouped = _curve(single, "regrouped")  # another store: a new run, with the steps after the checkpoint
+    assert sorted(regrouped) == [2, 3]
+    assert [regrouped[s] for s in (2, 3)] == pytest.approx([reference[s] for s in (2, 3)], rel=LOSS_TOL)
