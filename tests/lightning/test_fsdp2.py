@@ -87,3 +87,29 @@ def test_fsdp2_two_processes_match_one_and_resume_on_two_and_one(tmp_path, corpu
     regrouped = _curve(single, "regrouped")  # another store: a new run, with the steps after the checkpoint
     assert sorted(regrouped) == [2, 3]
     assert [regrouped[s] for s in (2, 3)] == pytest.approx([reference[s] for s in (2, 3)], rel=LOSS_TOL)
+
+
+def test_a_sharded_checkpoint_under_another_strategy_is_named_before_a_run_opens(tmp_path, corpus, store):
+    folder = tmp_path / "last.ckpt"  # what FSDP2Strategy writes: shards, .metadata, Lightning's meta.pt
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    (folder / "__0_0.distcp").write_bytes(b"")
+    config = _config(tmp_path, corpus, "wrong-strategy", store)
+    with pytest.raises(ValueError, match=r"is a sharded checkpoint .* trainer.strategy is SingleDeviceStrategy"):
+        run_cli(["fit", "--config", str(config), "--ckpt_path", str(folder)], tmp_path)
+    assert mlflow_client(store).get_experiment_by_name("wrong-strategy") is None
+
+
+@pytest.mark.parametrize("preset", ["fsdp2", "ddp"])
+def test_multi_gpu_presets_parse(tmp_path, capsys, preset):
+    from .test_cli import LM, _print_config
+
+    files = [LM / "base.yaml", LM / "small.yaml", LM / "parallax.yaml", LM / "muon.yaml", LM / f"{preset}.yaml"]
+    printed = _print_config(["fit"] + [a for f in files for a in ("--config", str(f))], tmp_path, capsys)
+    strategy = printed["trainer"]["strategy"]
+    if preset == "fsdp2":
+        assert strategy["class_path"] == "parallax_lightning.strategies.FSDP2Strategy"
+        assert strategy["init_args"]["mixed_precision"] == "bf16"
+        assert printed["trainer"]["precision"] == "32-true"
+    else:
+        assert strategy == "ddp"
