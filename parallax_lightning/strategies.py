@@ -17,9 +17,15 @@ number of processes (the shards are re-cut on load).
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from .checkpoint_io import fsync_dir
 
 PRECISIONS = ("bf16", "fp32")
 
@@ -66,6 +72,36 @@ class FSDP2Strategy(ModelParallelStrategy):
             tp = int(self._tensor_parallel_size)
             self._data_parallel_size = max(1, self.num_nodes * self.num_processes // tp)
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Every rank writes its shard into a fresh sibling folder; rank 0 then swaps it in by renames. A crash
+        or kill mid-save leaves the previous checkpoint under its name whole (Lightning writes the shards over
+        it in place), and after a crash between the two renames it is under `.<name>.old`."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+        if self.global_rank == 0:
+            _remove(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()  # every shard written before the folder is published
+        if self.global_rank == 0:
+            _remove(old)
+            if os.path.lexists(path):
+                os.replace(path, old)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+            _remove(old)
+        self.barrier()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def data_parallel_mesh(strategy):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,30 @@ def test_multi_gpu_presets_parse(tmp_path, capsys, preset):
         assert printed["trainer"]["precision"] == "32-true"
     else:
         assert strategy == "ddp"
+
+
+def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from parallax_lightning.strategies import FSDP2Strategy
+
+    def write_shards(self, checkpoint, filepath, storage_options=None):  # what Lightning's save does, in place
+        folder = Path(filepath)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "__0_0.distcp").write_text(checkpoint["step"])
+        if checkpoint.get("die"):
+            raise KeyboardInterrupt("killed after the first shard")
+        (folder / "__1_0.distcp").write_text(checkpoint["step"])
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", write_shards)
+    strategy = FSDP2Strategy()  # no process group: broadcast and barrier are no-ops, rank 0
+    last = tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"step": "2"}, last)
+    strategy.save_checkpoint({"step": "4"}, last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"step": "6", "die": True}, last)
+    assert [(last / f"__{r}_0.distcp").read_text() for r in (0, 1)] == ["4", "4"]
+    strategy.save_checkpoint({"step": "8"}, last)  # the torn folder of the dead save is cleared first
+    assert [(last / f"__{r}_0.distcp").read_text() for r in (0, 1)] == ["8", "8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
