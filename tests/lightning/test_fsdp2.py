@@ -141,3 +141,28 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_whole(tmp_path
     strategy.save_checkpoint({"step": "8"}, last)  # the torn folder of the dead save is cleared first
     assert [(last / f"__{r}_0.distcp").read_text() for r in (0, 1)] == ["8", "8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_tensor_parallel_meshes_are_refused_by_name():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from parallax_lightning.strategies import FSDP2Strategy, data_parallel_mesh
+
+    class Mesh:  # the 2-D mesh ModelParallelStrategy builds: ("data_parallel", "tensor_parallel")
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __init__(self, dp, tp):
+            self.sizes = {"data_parallel": dp, "tensor_parallel": tp}
+
+        def __getitem__(self, name):
+            return type("Sub", (), {"size": lambda _, n=self.sizes[name]: n, "name": name})()
+
+    assert data_parallel_mesh(DDPStrategy()) is None
+    strategy = ModelParallelStrategy()
+    strategy._device_mesh = Mesh(dp=1, tp=2)  # Lightning's "auto" on one node: tensor parallel over the GPUs
+    with pytest.raises(ValueError, match="tensor_parallel_size=2, but the decoder is sharded data-parallel only"):
+        data_parallel_mesh(strategy)
+    strategy._device_mesh = Mesh(dp=2, tp=1)
+    assert data_parallel_mesh(strategy).name == "data_parallel"
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        FSDP2Strategy(mixed_precision="fp16")
