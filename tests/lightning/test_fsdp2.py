@@ -166,3 +166,16 @@ def test_tensor_parallel_meshes_are_refused_by_name():
     assert data_parallel_mesh(strategy).name == "data_parallel"
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         FSDP2Strategy(mixed_precision="fp16")
+
+
+def test_shard_decoder_compiles_each_block_and_trains_as_one_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from . import _shard_worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_worker.run, args=(2, port), nprocs=2, join=True)
