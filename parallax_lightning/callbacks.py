@@ -150,7 +150,7 @@ class ParallaxDiagnostics(Callback):
     diag/layer{i}/{stat}, and a figure of their evolution at the end of training.
 
     They are computed on a fixed batch (the first validation batch, cut to `batch_size` × `seq_len`),
-    on rank 0, with the decoder's own weights (`pl_module.model`). Fully sharded (FSDP) runs skip them.
+    on rank 0, with the decoder's own weights (`pl_module.model`). Fully sharded (FSDP, FSDP2) runs skip them.
     """
 
     def __init__(self, every_n_steps: int = 100, batch_size: int = 2, seq_len: int | None = 256, figure: bool = True):
@@ -168,7 +168,8 @@ class ParallaxDiagnostics(Callback):
     def _enabled(self, trainer, pl_module) -> bool:
         if self.every_n_steps == 0 or trainer.global_rank != 0 or not hasattr(pl_module, "model"):
             return False
-        return "fsdp" not in type(trainer.strategy).__name__.lower()
+        # Sharded weights (FSDP, FSDP2) would need every rank in the forward: rank 0 alone would hang.
+        return "fsdp" not in type(trainer.strategy).__name__.lower() and not getattr(pl_module, "sharded", False)
 
     def _fixed_inputs(self, trainer, batch) -> torch.Tensor:
         if self._inputs is None:

@@ -57,6 +57,7 @@ TRUSTED_PREFIXES = (
     "parallax_lightning.callbacks",
     "parallax_lightning.tracking.ParallaxMLFlowLogger",
     "parallax_lightning.checkpoint_io.AtomicCheckpointIO",
+    "parallax_lightning.strategies.FSDP2Strategy",
     *(f"lightning.pytorch.{c}" for c in _LIGHTNING_COMPONENTS),
     *(f"pytorch_lightning.{c}" for c in _LIGHTNING_COMPONENTS),
     "lightning.fabric.plugins",

@@ -94,6 +94,21 @@ def _check_same_optimizer(ckpt_path: str, checkpoint: dict, model) -> None:
         )
 
 
+def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy) -> None:
+    """A folder written by torch.distributed.checkpoint (FSDP2Strategy / ModelParallelStrategy) loads only under
+    that strategy, which re-cuts the shards for any number of processes; another strategy would fail inside
+    Lightning trying to read the folder as one file."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    folder = Path(ckpt_path)
+    if folder.is_dir() and (folder / ".metadata").is_file() and not isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"ckpt_path {ckpt_path!r} is a sharded checkpoint (a torch.distributed.checkpoint folder, written under "
+            f"FSDP2), but trainer.strategy is {type(strategy).__name__}: resume it with "
+            "trainer.strategy=parallax_lightning.strategies.FSDP2Strategy (any number of devices, one included)"
+        )
+
+
 # Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
 # an endless stream has no length by design.
 _QUIET = (
@@ -247,7 +262,7 @@ class ParallaxCLI(LightningCLI):
             return
         logger = loggers[0]
         ckpt_path = self._ckpt_path()
-        info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
+        info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
         if resume and info and logger._run_id is None:
             stored = info.get("tracking_uri")
             if same_store(stored, logger._tracking_uri):
@@ -301,6 +316,7 @@ class ParallaxCLI(LightningCLI):
             self._check_trainer_settings()
         ckpt_path = self._ckpt_path()
         if ckpt_path and _is_local_file_path(ckpt_path):
+            _check_sharded_checkpoint_strategy(ckpt_path, self.trainer.strategy)
             checkpoint = check_checkpoint_fits(
                 ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True)
             )

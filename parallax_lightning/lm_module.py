@@ -28,6 +28,7 @@ from torchmetrics.text import Perplexity
 
 from .model import Decoder, DecoderConfig, count_params, flops_per_token
 from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer, muon_groups
+from .strategies import data_parallel_mesh, mixed_precision_policy, shard_decoder
 
 IGNORE_INDEX = -100
 
@@ -38,6 +39,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 NONFINITE_MODES = ("stop", "skip")
+
+
+def _flattens_weights(strategy) -> bool:
+    """Lightning's FSDP (FSDP1) strategy, whose flat 1-D shards hide the matrices; not FSDP2 (ModelParallel)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return "fsdp" in type(strategy).__name__.lower() and not isinstance(strategy, ModelParallelStrategy)
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -106,6 +114,7 @@ class LanguageModelModule(pl.LightningModule):
             muon_groups(self.model, self.optimizer_config)  # a routing the fused weight cannot follow fails here
         self.compile_model = compile
         self._compiled = False
+        self._sharded = False
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_loss = MeanMetric()
@@ -147,7 +156,29 @@ class LanguageModelModule(pl.LightningModule):
             return self.trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the decoder's weights are sharded with FSDP2 (by `configure_model` under a
+        ModelParallelStrategy, see parallax_lightning.strategies)."""
+        return self._sharded
+
     def configure_model(self) -> None:
+        if self._sharded:
+            return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        mesh = data_parallel_mesh(strategy)
+        if mesh is not None:
+            compile_blocks = not self._compiled and self._compile_wanted()
+            shard_decoder(
+                self.model,
+                mesh,
+                mp_policy=mixed_precision_policy(strategy, strategy.root_device),
+                reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+                compile_blocks=compile_blocks,
+            )
+            self._sharded = True
+            self._compiled = self._compiled or compile_blocks
+            return
         if not self._compiled and self._compile_wanted():
             self.model.compile()
             self._compiled = True
@@ -177,8 +208,12 @@ class LanguageModelModule(pl.LightningModule):
             self._nonfinite_loss = what
             return loss
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
-        self.log("train/ppl", loss.detach().exp(), on_step=True, on_epoch=False, batch_size=bs)
+        # Data-parallel: the logged loss is the mean over every rank's batch (the global batch), so a run on N
+        # devices logs the curve one device would log at the same global batch, not rank 0's share of it.
+        sync = self.trainer.world_size > 1
+        mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if sync else loss.detach()
+        self.log("train/loss", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", mean.exp(), on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -276,11 +311,11 @@ class LanguageModelModule(pl.LightningModule):
         return Schedule(self.schedule_config, total)
 
     def configure_optimizers(self):
-        if self.optimizer_config.name == "muon" and "fsdp" in type(self.trainer.strategy).__name__.lower():
+        if self.optimizer_config.name == "muon" and _flattens_weights(self.trainer.strategy):
             raise ValueError(
                 "optimizer.name='muon' cannot run under Lightning's FSDP strategy: it flattens every weight into "
-                "1-D shards, so Muon would see no matrices to orthogonalize. Use strategy=ddp with Muon, or AdamW "
-                "with FSDP"
+                "1-D shards, so Muon would see no matrices to orthogonalize. Use strategy=ddp with Muon, "
+                "parallax_lightning.strategies.FSDP2Strategy (FSDP2 keeps the matrices), or AdamW with FSDP"
             )
         optimizer = build_optimizer(self.model, self.optimizer_config, verbose=self.trainer.global_rank == 0)
         scheduler = ScheduledLR(optimizer, self.schedule_for(self.trainer))

@@ -392,8 +392,13 @@ def same_store(stored_uri: str | None, current_uri: str) -> bool:
 
 
 def run_info_from_checkpoint(path: str | os.PathLike) -> dict[str, str] | None:
-    """The MLflow run recorded in a checkpoint (loaded weights-only and memory-mapped: no code runs)."""
+    """The MLflow run recorded in a checkpoint (loaded weights-only and memory-mapped: no code runs). A sharded
+    checkpoint (a folder written by torch.distributed.checkpoint) keeps it in its `meta.pt`."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / "meta.pt").is_file():
+            return None  # another strategy's folder (DeepSpeed): no run recorded where this can read it
+        path = path / "meta.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     from .checkpoint_io import load_weights_only
