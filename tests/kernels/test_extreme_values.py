@@ -251,7 +251,9 @@ ATTN_CASES = {
     "|r| = 1e3 with logits ~1e3": (1, 20, 2, 2, 16, 63.0, 63.0, 1e3, {}),
     "length-1 sequence": (2, 1, 2, 1, 16, 50.0, 50.0, 50.0, {}),
     "window of one key": (1, 20, 2, 1, 16, 200.0, 200.0, 1e3, {"window_size": 1}),
-    "one query against many keys": (1, 1, 2, 2, 16, 200.0, 200.0, 1e3, {"k_len": 33}),
+    # |r| = 1e2, not 1e3: at 1e3 the terms of o round by more than o itself (~1e2) for some draws, so fp32
+    # cannot tell o from 0 and the proof that the bound rejects a zero o failed for some session seeds.
+    "one query against many keys": (1, 1, 2, 2, 16, 200.0, 200.0, 1e2, {"k_len": 33}),
 }
 ONE_KEY = ("length-1 sequence", "window of one key")
 # Queries over near-tied keys of norm 200 (also the packed test's 3-token piece): dq = scale·Σ_j dS_ij (k_j − k̄) keeps only the keys' small
