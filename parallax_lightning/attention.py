@@ -26,6 +26,8 @@ the model). The LLA and linear members have only references, which every backend
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +45,11 @@ from parallax_kernels import (
     softmax_decode,
 )
 
-ATTENTION_KINDS = ("parallax", "softmax", "lla", "affine_linear", "linear")
-ATTN_BACKENDS = ("auto", "reference", "triton")
+# Literal types: the CLI (jsonargparse) rejects any other value when it parses, listing these.
+AttentionKind = Literal["parallax", "softmax", "lla", "affine_linear", "linear"]
+AttnBackend = Literal["auto", "reference", "triton"]
+ATTENTION_KINDS: tuple[str, ...] = get_args(AttentionKind)
+ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
 #: kinds with a learned probe r = W_R x (an ``r_proj`` and ``r_norm``)
 PROBE_KINDS = ("parallax", "affine_linear")
 #: kinds that use the query projection (``q_proj`` and ``q_norm``)

@@ -18,7 +18,7 @@ import dataclasses
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -38,7 +38,8 @@ class NonFiniteLossError(RuntimeError):
     (for a gradient) and the saved checkpoints."""
 
 
-NONFINITE_MODES = ("stop", "skip")
+NonFiniteMode = Literal["stop", "skip"]
+NONFINITE_MODES: tuple[str, ...] = get_args(NonFiniteMode)
 
 
 def _flattens_weights(strategy) -> bool:
@@ -91,7 +92,7 @@ class LanguageModelModule(pl.LightningModule):
         max_new_tokens: int = 64,
         temperature: float = 0.8,
         top_k: int | None = 50,
-        nonfinite: str = "stop",
+        nonfinite: NonFiniteMode = "stop",
         max_nonfinite_skips: int = 10,
     ):
         super().__init__()

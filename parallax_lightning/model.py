@@ -19,14 +19,26 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION_KINDS, ATTN_BACKENDS, PROBE_KINDS, QUERY_KINDS, Attention, KVCache, RMSNorm
+from .attention import (
+    ATTENTION_KINDS,
+    ATTN_BACKENDS,
+    PROBE_KINDS,
+    QUERY_KINDS,
+    Attention,
+    AttentionKind,
+    AttnBackend,
+    KVCache,
+    RMSNorm,
+)
 
-R_INITS = ("like_q", "zero")
+RInit = Literal["like_q", "zero"]
+R_INITS: tuple[str, ...] = get_args(RInit)
 
 
 def _default_mlp_hidden(d_model: int) -> int:
@@ -46,15 +58,15 @@ class DecoderConfig:
     n_kv_heads: int | None = None  # None = n_heads (no GQA)
     head_dim: int | None = None  # None = d_model // n_heads
     mlp_hidden: int | None = None  # SwiGLU hidden size; None = a multiple of 64 near 8/3 d_model
-    attention: str = "parallax"  # parallax | softmax | lla | affine_linear | linear
+    attention: AttentionKind = "parallax"
     window_size: int | None = None  # sliding window (keys incl. the diagonal); None = full causal
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    r_init: str = "like_q"  # or "zero": Parallax with W_R = 0 equals the softmax model exactly
+    r_init: RInit = "like_q"  # "zero": Parallax with W_R = 0 equals the softmax model exactly
     lla_ridge: float = 0.1
     init_std: float = 0.02
-    attn_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | reference | triton
+    attn_backend: AttnBackend = "auto"  # auto: Triton on CUDA, reference on CPU
     # One (q | r | k | v) projection, one norm and one RoPE over the q | r | k heads: fewer, larger
     # kernels, the same function (and the same weights: checkpoints load into either layout).
     fused_qkvr: bool = False

@@ -10,17 +10,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("muon", "adamw")
-ROUTES = ("muon", "adamw")
-SCHEDULES = ("cosine", "wsd", "constant")
-DECAY_SHAPES = ("linear", "cosine", "sqrt")
+# Literal types: the CLI (jsonargparse) rejects any other value when it parses, listing these; the
+# dataclasses check them again for Python callers.
+OptimizerName = Literal["muon", "adamw"]
+ScheduleName = Literal["cosine", "wsd", "constant"]
+DecayShape = Literal["linear", "cosine", "sqrt"]
 # What parallax_muon.Muon accepts by name (its presets and learning-rate adjustments).
-NS_COEFFICIENTS = ("jordan", "polar_express")
-ADJUST_LR = ("original", "match_rms_adamw", "none")
+NSCoefficients = Literal["jordan", "polar_express"]
+AdjustLR = Literal["original", "match_rms_adamw", "none"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+ROUTES = OPTIMIZERS
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
+NS_COEFFICIENTS: tuple[str, ...] = get_args(NSCoefficients)
+ADJUST_LR: tuple[str, ...] = get_args(AdjustLR)
 
 
 def _is_number(value) -> bool:
@@ -43,21 +51,21 @@ class OptimizerConfig:
         Every regex must match at least one parameter; only matrices can go to Muon.
     """
 
-    name: str = "muon"
+    name: OptimizerName = "muon"
     lr: float = 0.02
     momentum: float = 0.95
     nesterov: bool = True
     weight_decay: float = 0.0
     ns_steps: int = 5
-    ns_coefficients: str = "jordan"
-    adjust_lr: str = "original"
+    ns_coefficients: NSCoefficients = "jordan"
+    adjust_lr: AdjustLR = "original"
     adamw_lr: float = 3e-4
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.0
     r_proj_lr_mult: float = 1.0  # Muon: learning-rate multiplier of Parallax's W_R group
     fused: bool | None = None  # AdamW's fused CUDA implementation (None: torch decides)
-    route: dict[str, str] | None = None  # parameter-name regex -> "muon" | "adamw" (see the docstring)
+    route: dict[str, OptimizerName] | None = None  # parameter-name regex -> optimizer (see the docstring)
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -112,12 +120,12 @@ class ScheduleConfig:
         0 → 1 (WSD: the final decay; cosine: everything after warmup). The paper's fix for WSD decay.
     """
 
-    name: str = "cosine"
+    name: ScheduleName = "cosine"
     warmup_steps: float = 0
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
     decay_fraction: float = 0.2
-    decay_shape: str = "linear"
+    decay_shape: DecayShape = "linear"
     wd_anneal_gamma: float | None = None
 
     def __post_init__(self):

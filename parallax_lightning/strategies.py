@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -27,7 +28,8 @@ from torch import nn
 
 from .checkpoint_io import fsync_dir
 
-PRECISIONS = ("bf16", "fp32")
+MixedPrecision = Literal["bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -45,7 +47,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(
         self,
-        mixed_precision: str = "bf16",
+        mixed_precision: MixedPrecision = "bf16",
         reshard_after_forward: bool = True,
         data_parallel_size: int | str = "auto",
         tensor_parallel_size: int | str = "auto",

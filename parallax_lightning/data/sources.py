@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 STDLIB = "stdlib"
 # Folders of the standard library that are tests or third-party code, not the library itself.
@@ -85,7 +86,8 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-BINARY_FILES = ("warn", "skip", "error")
+BinaryFiles = Literal["warn", "skip", "error"]
+BINARY_FILES: tuple[str, ...] = get_args(BinaryFiles)
 SNIFF_BYTES = 8192
 UNDECODABLE_SHARE = 0.3
 
@@ -142,7 +144,7 @@ class TextSource:
     text_field: str = "text"
     max_documents: int | None = None
     max_bytes: int | None = None
-    binary_files: str = "warn"
+    binary_files: BinaryFiles = "warn"
     _files: list[Path] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):

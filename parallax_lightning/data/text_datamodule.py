@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_path
-from .sources import STDLIB, TextSource, is_validation_document
+from .sources import STDLIB, BinaryFiles, TextSource, is_validation_document
 from .token_datamodule import TokenDataModule
 from .tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer, train_byte_bpe
 
@@ -57,7 +57,7 @@ class TextDataModule(TokenDataModule):
         text_field: str = "text",
         max_documents: int | None = None,
         max_bytes: int | None = None,
-        binary_files: str = "warn",
+        binary_files: BinaryFiles = "warn",
         tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
         cache_dir: str | None = None,

@@ -22,6 +22,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ..data.sampling import TokenWindows
 from .length_guard import beyond_max_seq_len, check_lengths, is_length
 
-ALIGNS = ("auto", "document", "stream")
+Align = Literal["auto", "document", "stream"]
+ALIGNS: tuple[str, ...] = get_args(Align)
 
 
 def document_windows(
@@ -40,7 +42,7 @@ def document_windows(
     length: int,
     eos_id: int | None = None,
     max_windows: int | None = None,
-    align: str = "auto",
+    align: Align = "auto",
 ) -> np.ndarray:
     """(n, length + 1) int64 token windows for a per-position evaluation at `length`.
 
@@ -139,7 +141,7 @@ class PerPositionLoss(Callback):
         bucket_size: int | None = None,
         max_documents: int = 64,
         batch_size: int = 8,
-        align: str = "auto",
+        align: Align = "auto",
         eos_id: int | None = None,
     ):
         super().__init__()

@@ -85,6 +85,30 @@ def test_unknown_keys_are_named(tmp_path, corpus, capsys, where, key):
     assert key in capsys.readouterr().err
 
 
+TYPOS = {
+    "--model.model.attention": ("sofmax", "'parallax', 'softmax', 'lla', 'affine_linear', 'linear'"),
+    "--model.model.attn_backend": ("trtion", "'auto', 'reference', 'triton'"),
+    "--model.optimizer.name": ("adam", "'muon', 'adamw'"),
+    "--model.schedule.name": ("cosin", "'cosine', 'wsd', 'constant'"),
+    "--model.schedule.decay_shape": ("square", "'linear', 'cosine', 'sqrt'"),
+    "--model.nonfinite": ("ignore", "'stop', 'skip'"),
+    "--data.binary_files": ("keep", "'warn', 'skip', 'error'"),
+}
+
+
+@pytest.mark.parametrize("key", list(TYPOS))
+def test_a_misspelt_choice_is_refused_when_parsing_with_the_choices_listed(tmp_path, corpus, capsys, key):
+    # --print_config only parses: a value outside the choices must fail there, before any store or run exists.
+    value, choices = TYPOS[key]
+    config = tiny_config(tmp_path, corpus, experiment="typo")
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(config), key, value, "--print_config"], tmp_path)
+    assert info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert choices in err and f"Got value: {value}" in err, err[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
 def test_vocab_size_and_seq_len_are_linked_from_the_data(tmp_path, corpus):
     config = tiny_config(tmp_path, corpus, data={"vocab_size": 384, "seq_len": 24})
     from parallax_lightning.cli import ParallaxCLI

@@ -159,7 +159,7 @@ EARLY = {
         "was trained with model.optimizer.name='adamw' but the config says 'muon'",
     ),
     "Muon momentum of 1": (lambda d: ["--model.optimizer.momentum", "1.0"], "momentum must be in [0, 1), got 1.0"),
-    "unknown adjust_lr": (lambda d: ["--model.optimizer.adjust_lr", "rms"], "adjust_lr must be one of"),
+    "unknown adjust_lr": (lambda d: ["--model.optimizer.adjust_lr", "rms"], "'original', 'match_rms_adamw', 'none'"),
     "zero Newton-Schulz steps": (lambda d: ["--model.optimizer.ns_steps", "0"], "ns_steps must be an integer >= 1"),
     "unknown coefficients": (lambda d: ["--model.optimizer.ns_coefficients", "x"], "'jordan', 'polar_express'"),
     "validation every 0 batches": (lambda d: ["--trainer.val_check_interval", "0"], "val_check_interval=0"),
