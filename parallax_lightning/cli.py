@@ -21,6 +21,12 @@ run's parameters, tags, config.yaml, checkpoints); checkpoints are written atomi
 (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number; a NaN/inf stop
 exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1; Ctrl+C, SIGTERM or SIGHUP
 stop it together with the server's whole process group.
+
+`--ckpt_path last` (fit, validate, test) means the `last.ckpt` of the most recently started run of the config's
+MLflow experiment, in the config's tracking store, that has one, looked up where the config writes checkpoints
+(`checkpoint.dirpath`, else <trainer.default_root_dir>/<experiment id>/<run id>/checkpoints); `fit` then continues
+that run. With none, the command stops before a run is opened. A finished fit, validate or test prints its run id,
+store and the command that opens the MLflow UI on it.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
@@ -39,6 +46,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.fabric.plugins.io import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -78,6 +86,47 @@ def _is_local_file_path(ckpt_path: str) -> bool:
     lowered = ckpt_path.lower()
     named = lowered in ("best", "last", "hpc", "registry") or lowered.startswith("registry:")
     return not named and "://" not in ckpt_path
+
+
+def _find_last_checkpoint(trainer: pl.Trainer, subcommand: str) -> tuple[str, str | None]:
+    """(path, MLflow run id) of what `--ckpt_path last` means (see the module docstring); ValueError if none."""
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    name = (checkpoints[0] if checkpoints else ModelCheckpoint).CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
+    dirpath = checkpoints[0].dirpath if checkpoints else None
+    if dirpath is not None:  # every run of the config writes to this one folder
+        path = Path(dirpath) / name
+        if path.exists():
+            return str(path), None
+        raise ValueError(
+            f"--ckpt_path last: there is no {path} (checkpoint.dirpath) to continue from; start without --ckpt_path"
+        )
+    loggers = mlflow_loggers(trainer)
+    if not loggers:
+        raise ValueError(
+            f"--ckpt_path last finds the latest run's checkpoint through MLflow, which {subcommand} does not use here "
+            "(trainer.logger is off, or the subcommand logs no run): give the checkpoint's path"
+        )
+    logger = loggers[0]
+    uri, experiment = logger._tracking_uri, logger._experiment_name
+    root = Path(logger.save_dir or trainer.default_root_dir)
+    where = f"MLflow experiment {experiment!r} in {redact(uri)}"
+    runs = []
+    sqlite_file = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if sqlite_file is None or Path(sqlite_file).is_file():  # an absent SQLite store has no runs: do not create it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+    for run in runs:
+        path = root / run.info.experiment_id / run.info.run_id / "checkpoints" / name
+        if path.exists():
+            return str(path), run.info.run_id
+    raise ValueError(
+        f"--ckpt_path last: none of the {len(runs)} run(s) of {where} has a {name} under "
+        f"{root}/<experiment id>/<run id>/checkpoints; start without --ckpt_path, or give a checkpoint's path"
+    )
 
 
 def _check_same_optimizer(ckpt_path: str, checkpoint: dict, model) -> None:
@@ -307,6 +356,36 @@ class ParallaxCLI(LightningCLI):
             if info and not resume:
                 client.set_tag(run_id, TAG_PREFIX + "source_run_id", info["run_id"])
 
+    def _resolve_last_checkpoint(self) -> None:
+        """`--ckpt_path last` becomes the path of the latest run's last checkpoint (Lightning's own "last" looks
+        only in the folder of the run about to start, which is new, and would train from scratch)."""
+        if self._ckpt_path() != "last":
+            return
+        path, run_id = _find_last_checkpoint(self.trainer, self.subcommand)
+        for config in (self.config_init, self.config):
+            config[self.subcommand]["ckpt_path"] = path
+        if rank_zero_only.rank == 0:
+            run = f" (MLflow run {run_id})" if run_id else ""
+            print(f"parallax_lightning: --ckpt_path last = {path}{run}", file=sys.stderr)
+
+    def _report_run(self) -> None:
+        """Where the run just finished is, and how to look at it."""
+        loggers = mlflow_loggers(self.trainer) if rank_zero_only.rank == 0 else []
+        if not loggers or not loggers[0]._run_id:
+            return
+        logger = loggers[0]
+        uri = redact(logger._tracking_uri)
+        if uri.startswith(("http://", "https://")):
+            see = f"open {uri.rstrip('/')}/#/experiments/{logger._experiment_id}/runs/{logger._run_id}"
+        else:
+            store = shlex.quote(uri)
+            see = f"open it with: python -m parallax_lightning ui --backend-store-uri {store}  (or: mlflow ui --backend-store-uri {store})"
+        print(
+            f"parallax_lightning: {self.subcommand} run {logger._run_id} (experiment {logger._experiment_name!r}) "
+            f"in {uri}; {see}",
+            file=sys.stderr,
+        )
+
     def _check_before_run(self, stage: str) -> None:
         """Check what would otherwise fail only once training starts: trainer settings Lightning divides by,
         a missing checkpoint or one that does not fit the model, a sequence longer than the data, a vocabulary
@@ -314,6 +393,7 @@ class ParallaxCLI(LightningCLI):
         opened or a finished run is continued (a failed start must not change a run's record)."""
         if stage == "fit":
             self._check_trainer_settings()
+        self._resolve_last_checkpoint()
         ckpt_path = self._ckpt_path()
         if ckpt_path and _is_local_file_path(ckpt_path):
             _check_sharded_checkpoint_strategy(ckpt_path, self.trainer.strategy)
@@ -352,13 +432,22 @@ class ParallaxCLI(LightningCLI):
         self._check_before_run("fit")
         self._prepare_run(resume=True)
 
+    def after_fit(self) -> None:
+        self._report_run()
+
     def before_validate(self) -> None:
         self._check_before_run("validate")
         self._prepare_run(resume=False)
 
+    def after_validate(self) -> None:
+        self._report_run()
+
     def before_test(self) -> None:
         self._check_before_run("test")
         self._prepare_run(resume=False)
+
+    def after_test(self) -> None:
+        self._report_run()
 
     def before_predict(self) -> None:
         self._check_before_run("predict")

@@ -227,6 +227,48 @@ def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path
     assert {"config.yaml", "config_resume1.yaml"} <= artifacts
 
 
+def test_ckpt_path_last_continues_the_latest_run_and_each_run_is_reported(tmp_path, corpus, store, capsys):
+    config = tiny_config(tmp_path, corpus, experiment="last", store=store, trainer={"max_steps": 2})
+    run_cli(["fit", "--config", str(config)], tmp_path)
+    run_cli(["fit", "--config", str(config), "--trainer.max_steps=4"], tmp_path)  # the latest run
+    client = mlflow_client(store)
+    experiment = client.get_experiment_by_name("last").experiment_id
+    older, latest = sorted(client.search_runs([experiment]), key=lambda r: r.info.start_time)
+    err = capsys.readouterr().err
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    for run in (older, latest):  # each fit says where its run is and how to open it
+        assert f"fit run {run.info.run_id} (experiment 'last') in {uri}" in err, err[-3000:]
+    assert f"python -m parallax_lightning ui --backend-store-uri {uri}" in err
+
+    run_cli(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps=6"], tmp_path)
+    err = capsys.readouterr().err
+    assert "--ckpt_path last = " in err and latest.info.run_id in err
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    assert len(runs) == 2  # no new run: the latest one continued
+    resumed = runs[latest.info.run_id]
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["parallax.resumes"] == "1"
+    assert Path(resumed.data.tags["parallax.checkpoint"]).parts[-3:] == (latest.info.run_id, "checkpoints", "last.ckpt")
+    assert [s for s, _ in history(client, latest.info.run_id, "train/loss")] == list(range(6))
+    assert runs[older.info.run_id].data.tags.get("parallax.resumes") is None
+
+    run_cli(["validate", "--config", str(config), "--ckpt_path", "last"], tmp_path)
+    [validation] = [r for r in client.search_runs([experiment]) if r.info.run_id not in runs]
+    assert validation.data.tags["parallax.source_run_id"] == latest.info.run_id
+    assert f"validate run {validation.info.run_id}" in capsys.readouterr().err
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_before_a_run_is_opened(tmp_path, corpus):
+    config = tiny_config(tmp_path, corpus, experiment="nothing-yet")
+    with pytest.raises(
+        ValueError, match=r"--ckpt_path last: none of the 0 run\(s\) of MLflow experiment 'nothing-yet'"
+    ):
+        run_cli(["fit", "--config", str(config), "--ckpt_path", "last"], tmp_path)
+    assert mlflow_client(tmp_path).get_experiment_by_name("nothing-yet") is None  # no run was opened
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="give the checkpoint's path"):
+        run_cli(["predict", "--config", str(config), "--ckpt_path", "last", "--data.predict_prompts=[a]"], tmp_path)
+
+
 def test_missing_data_path_fails_before_training(tmp_path, corpus):
     config = tiny_config(tmp_path, tmp_path / "no_such_corpus", experiment="missing")
     # jsonargparse reports errors raised while building the data module inside its own ValueError
