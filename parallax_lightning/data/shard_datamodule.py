@@ -30,7 +30,8 @@ class TokenShardDataModule(TokenDataModule):
             meta.json beside the shards, if any.
         check_token_range: scan the shards once and fail if a token id is outside the vocabulary
             (an out-of-range id would otherwise crash deep inside the embedding on the GPU).
-        (the rest: see TokenDataModule)
+        seq_len: tokens per training sequence (default 1024 here).
+        **kwargs: the loader settings of TokenDataModule (batch_size, vocab_size, val_fraction, seed, ...).
     """
 
     def __init__(
@@ -40,24 +41,9 @@ class TokenShardDataModule(TokenDataModule):
         tokenizer: str | None = None,
         check_token_range: bool = True,
         seq_len: int = 1024,
-        batch_size: int = 16,
-        vocab_size: int | None = None,
-        pad_vocab_multiple: int = 64,
-        val_fraction: float = 0.05,
-        seed: int = 1234,
-        num_workers: int = 0,
-        predict_prompts: list[str] | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            seq_len=seq_len,
-            batch_size=batch_size,
-            vocab_size=vocab_size,
-            pad_vocab_multiple=pad_vocab_multiple,
-            val_fraction=val_fraction,
-            seed=seed,
-            num_workers=num_workers,
-            predict_prompts=predict_prompts,
-        )
+        super().__init__(seq_len=seq_len, **kwargs)
         self.save_hyperparameters(logger=False)
         self.train_files = expand_paths(train_files)
         self.val_files = expand_paths(val_files) if val_files is not None else []
@@ -67,7 +53,7 @@ class TokenShardDataModule(TokenDataModule):
         self.meta = self._read_meta()
         spec = tokenizer if tokenizer is not None else self.meta.get("tokenizer")
         self.tokenizer = load_tokenizer(self._resolve_tokenizer(spec)) if spec else None
-        if vocab_size is None and "vocab_size" not in self.meta and self.tokenizer is None:
+        if self.requested_vocab_size is None and "vocab_size" not in self.meta and self.tokenizer is None:
             raise ValueError(
                 f"cannot tell the vocabulary of shards {[str(p) for p in self.train_files[:2]]}: set data.vocab_size "
                 f"(e.g. 50257 for GPT-2 shards) or data.tokenizer, or keep the {META} that prepare_shards.py writes"

@@ -44,7 +44,7 @@ class TextDataModule(TokenDataModule):
         tokenizer: "byte", "bpe" (train a byte-level BPE of `bpe_vocab_size`), or a tokenizer.json path.
         cache_dir: where a trained BPE and token caches are kept. Default: a `.parallax_cache` folder
             beside the data (inside a source folder, or next to a source file), else in the working folder.
-        (the rest: see TokenDataModule)
+        **kwargs: the loader settings of TokenDataModule (seq_len, batch_size, vocab_size, val_fraction, ...).
     """
 
     def __init__(
@@ -61,25 +61,9 @@ class TextDataModule(TokenDataModule):
         tokenizer: str = "byte",
         bpe_vocab_size: int = 4096,
         cache_dir: str | None = None,
-        seq_len: int = 256,
-        batch_size: int = 16,
-        vocab_size: int | None = None,
-        pad_vocab_multiple: int = 64,
-        val_fraction: float = 0.05,
-        seed: int = 1234,
-        num_workers: int = 0,
-        predict_prompts: list[str] | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            seq_len=seq_len,
-            batch_size=batch_size,
-            vocab_size=vocab_size,
-            pad_vocab_multiple=pad_vocab_multiple,
-            val_fraction=val_fraction,
-            seed=seed,
-            num_workers=num_workers,
-            predict_prompts=predict_prompts,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(logger=False)
         self.source = TextSource(
             paths=source,

@@ -28,6 +28,10 @@ def pad_vocab(n: int, multiple: int) -> int:
 class TokenDataModule(pl.LightningDataModule):
     """Base class. Attributes read by the CLI: `vocab_size` (model vocabulary) and `seq_len`.
 
+    The arguments below are declared here only: subclasses take their own and pass the rest on with
+    `**kwargs` (jsonargparse follows them there, so `--data.help` lists these with their docs), restating
+    one only to change its default.
+
     Args:
         seq_len: tokens per training sequence (the model's `max_seq_len` is linked to it).
         batch_size: sequences per batch on each device.
@@ -62,6 +66,7 @@ class TokenDataModule(pl.LightningDataModule):
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        self.save_hyperparameters(logger=False)  # subclasses add theirs: checkpoints record every setting
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.requested_vocab_size = vocab_size

@@ -172,7 +172,8 @@ class PasskeyDataModule(TokenDataModule):
         digits: passkey length.
         filler: the filler text.
         num_val_examples: teacher-forced validation sequences (loss on the answers).
-        (the rest: see TokenDataModule)
+        batch_size: sequences per batch on each device (default 32 here).
+        **kwargs: the loader settings of TokenDataModule (seq_len, vocab_size, seed, ...), val_fraction excepted.
     """
 
     def __init__(
@@ -180,23 +181,12 @@ class PasskeyDataModule(TokenDataModule):
         tokenizer: str = "byte",
         digits: int = 5,
         filler: str = FILLER,
-        seq_len: int = 256,
-        batch_size: int = 32,
-        vocab_size: int | None = None,
-        pad_vocab_multiple: int = 64,
         num_val_examples: int = 128,
-        seed: int = 1234,
-        num_workers: int = 0,
+        batch_size: int = 32,
+        **kwargs,
     ):
-        super().__init__(
-            seq_len=seq_len,
-            batch_size=batch_size,
-            vocab_size=vocab_size,
-            pad_vocab_multiple=pad_vocab_multiple,
-            val_fraction=0.0,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        # Validation uses generated examples of its own, so no share of the data is held out.
+        super().__init__(batch_size=batch_size, val_fraction=0.0, **kwargs)
         self.save_hyperparameters(logger=False)
         self.tokenizer = load_tokenizer(tokenizer)
         self.tokenizer_spec = tokenizer
@@ -204,9 +194,9 @@ class PasskeyDataModule(TokenDataModule):
         self.digits = digits
         self.num_val_examples = num_val_examples
         answer = len(self.task._encode("9" * digits, "answer"))
-        if seq_len + 1 - answer < self.task.min_context():
+        if self.seq_len + 1 - answer < self.task.min_context():
             raise ValueError(
-                f"data.seq_len={seq_len} is too short for a passkey prompt: the fixed text and a {digits}-digit "
+                f"data.seq_len={self.seq_len} is too short for a passkey prompt: the fixed text and a {digits}-digit "
                 f"answer take {self.task.min_context() + answer - 1} tokens"
             )
         _ = self.vocab_size  # a vocabulary smaller than the tokenizer's fails now

@@ -302,6 +302,39 @@ def test_shards_need_a_vocabulary(tmp_path):
         TokenShardDataModule(train_files=str(tmp_path / "*_train_*.bin"))
 
 
+def _data_help(cls) -> str:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    return " ".join(parser.format_help().split())  # argparse wraps lines wherever the terminal width says
+
+
+@pytest.mark.parametrize("name", ["TextDataModule", "TokenShardDataModule", "PasskeyDataModule"])
+def test_loader_settings_declared_once_are_listed_with_their_docs(name):
+    # The loader settings live in TokenDataModule only; each data module's --data.help still lists them with
+    # the base class's documentation, and a default a subclass restates is the one shown.
+    from parallax_lightning.long_context import PasskeyDataModule
+
+    cls = {"TextDataModule": TextDataModule, "TokenShardDataModule": TokenShardDataModule}.get(name, PasskeyDataModule)
+    text = _data_help(cls)
+    for key, doc in (
+        ("batch_size", "sequences per batch on each device"),
+        ("vocab_size", "model vocabulary; None = the tokenizer's"),
+        ("seed", "the data seed; training batch i is a pure function of (seed, i)"),
+        ("num_workers", "DataLoader worker processes"),
+        ("predict_prompts", "texts that `predict` continues"),
+    ):
+        assert f"--data.{key} " in text and doc in text, key
+    defaults = {"TextDataModule": (256, 16), "TokenShardDataModule": (1024, 16), "PasskeyDataModule": (256, 32)}[name]
+    seq_len = text.rsplit("--data.seq_len SEQ_LEN", 1)[1]  # the option's entry, after the usage line
+    batch_size = text.rsplit("--data.batch_size BATCH_SIZE", 1)[1]
+    assert f"default: {defaults[0]})" in seq_len.split("--data.")[0]
+    assert f"default: {defaults[1]})" in batch_size.split("--data.")[0]
+    # Passkey validation is generated: it holds out no share of the data, so it takes no val_fraction.
+    assert ("--data.val_fraction" in text) == (name != "PasskeyDataModule")
+
+
 def test_sequence_longer_than_the_data_is_named(tmp_path):
     _shards(tmp_path, length=100)
     dm = TokenShardDataModule(train_files=str(tmp_path / "*_train_*.bin"), seq_len=200)
