@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -189,21 +190,13 @@ def config_files(args, spec: RunSpec) -> list[Path]:
     return [*base_files(args), *(HERE / f for f in CELLS[spec.cell][0])]
 
 
-def _merge(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
 def shared_config(args) -> dict:
-    """What every run sees of the base files, --experiment and --set, merged in the order the CLI applies them."""
-    merged: dict = {}
-    for path in base_files(args):
-        _merge(merged, yaml.safe_load(path.read_text()) or {})
+    """What every run sees of the base files, --experiment and --set, merged in the order the CLI applies them
+    (nested sections merge, other values replace; `${...}` stays as written)."""
+    layers = [yaml.safe_load(path.read_text()) or {} for path in base_files(args)]
     if args.experiment:
-        _merge(merged, {"trainer": {"logger": {"init_args": {"experiment_name": args.experiment}}}})
+        layers.append({"trainer": {"logger": {"init_args": {"experiment_name": args.experiment}}}})
+    merged = OmegaConf.to_container(OmegaConf.merge(*layers))
     for item in args.set:
         _set_dotted(merged, item)
     return merged

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 WORDS = [
     "the",
@@ -88,18 +89,10 @@ def tiny_config(
         "checkpoint": {"every_n_train_steps": 3},
         "diagnostics": {"every_n_steps": 3, "seq_len": 16},
     }
-    _merge(config, sections)
+    config = OmegaConf.to_container(OmegaConf.merge(config, sections))
     path = folder / f"{experiment}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _merge(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 @contextlib.contextmanager
