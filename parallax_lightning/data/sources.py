@@ -120,7 +120,7 @@ def load_hf_dataset(name: str, config: str | None = None, split: str = "train"):
         import datasets
     except ImportError as err:
         raise ImportError(
-            f"hf_dataset={name!r} needs the Hugging Face `datasets` package (pip install datasets); "
+            f"hf_dataset={name!r} needs the Hugging Face `datasets` package (pip install 'parallax-lab[datasets]' or pip install datasets); "
             "or point the data source at local files"
         ) from err
     return datasets.load_dataset(name, config, split=split)
