@@ -341,6 +341,12 @@ class ParallaxCheckpoint(ModelCheckpoint):
         self._final_logging_step: int | None = None  # written by the save at the end of training
         self._resume_logging_step: int | None = None  # read back from such a checkpoint
 
+    @property
+    def last_saved_step(self) -> int | None:
+        """The global step of the newest checkpoint this callback wrote (None: none yet)."""
+        step = self._last_global_step_saved
+        return step if step >= 0 else None
+
     # -- signals ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
