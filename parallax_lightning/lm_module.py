@@ -40,6 +40,14 @@ def _flattens_weights(strategy) -> bool:
     return "fsdp" in type(strategy).__name__.lower() and not isinstance(strategy, ModelParallelStrategy)
 
 
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The module's trainer, or None before it is attached to one."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's answer for a module outside a Trainer
+        return None
+
+
 def _as_config(cls, value):
     """Dataclass configs arrive as instances (CLI, Python) or plain dicts (checkpoint hyper-parameters)."""
     if isinstance(value, cls):
@@ -131,7 +139,7 @@ class LanguageModelModule(pl.LightningModule):
     def _compile_wanted(self) -> bool:
         if self.compile_model is not None:
             return self.compile_model
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             return self.trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
@@ -144,7 +152,7 @@ class LanguageModelModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self._sharded:
             return
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = self.trainer.strategy if attached_trainer(self) is not None else None
         mesh = data_parallel_mesh(strategy)
         if mesh is not None:
             compile_blocks = not self._compiled and self._compile_wanted()
@@ -294,7 +302,7 @@ class LanguageModelModule(pl.LightningModule):
     def _check_projection_layout(self, checkpoint: dict) -> None:
         """The weights load into either projection layout (the attention converts them), but the optimizer
         state of one layout cannot be restored into the other: refuse resuming training across them by name."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or not trainer.training or "optimizer_states" not in checkpoint:
             return
         saved_fused = any(k.endswith("qrkv_proj.weight") for k in checkpoint.get("state_dict", {}))
