@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -26,9 +25,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from . import _lightning_compat as compat
 from .tracking import ParallaxMLFlowLogger, log_figure, metric_history, mlflow_loggers
 
 # Dense (no sparsity) 16-bit tensor-core peaks, FLOP/s, from the vendors' datasheets. Most specific first.
@@ -318,7 +318,7 @@ class TrainingInterrupted(SystemExit):
 _FINAL_LOGGING_STEP = "parallax_final_logging_step"
 
 
-class ParallaxCheckpoint(ModelCheckpoint):
+class ParallaxCheckpoint(compat.CheckpointInternals):
     """ModelCheckpoint that writes `last` at the end of training when the final step was not saved yet
     (Lightning's writes it only if no `last` exists at all), so `--ckpt_path .../last.ckpt` with a larger
     max_steps continues from the final step instead of replaying the steps since the previous save.
@@ -330,6 +330,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args, handle_signals: bool = True, **kwargs):
+        compat.check_version()  # before any run starts
         super().__init__(*args, **kwargs)
         self.handle_signals = handle_signals
         self._signal: int | None = None
@@ -397,22 +398,17 @@ class ParallaxCheckpoint(ModelCheckpoint):
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._final_logging_step is not None:
             checkpoint[_FINAL_LOGGING_STEP] = self._final_logging_step
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = compat.logging_step(trainer)
         loggers = [logger for logger in trainer.loggers if isinstance(logger, ParallaxMLFlowLogger)]
         if not self._in_batch_end or not loggers or self._presubmitted_step == step or trainer.global_rank != 0:
             return
-        connector = trainer._logger_connector
-        accumulating = trainer.fit_loop._should_accumulate() and pl_module.automatic_optimization
-        if accumulating or not (connector.should_update_logs or trainer.fast_dev_run):
+        pending = compat.pending_step_metrics(trainer, pl_module)
+        if pending is None:
             return  # Lightning will not log this step either
-        metrics = dict(connector.metrics["log"])
-        if metrics:  # the step and keys as Lightning's LoggerConnector.log_metrics chooses them
-            if "step" in metrics:
-                step = int(metrics.pop("step"))
-            else:
-                metrics.setdefault("epoch", trainer.current_epoch)
+        log_step, metrics = pending
+        if metrics:
             for logger in loggers:
-                logger.log_metrics(metrics, step=step)
+                logger.log_metrics(metrics, step=log_step)
         self._presubmitted_step = step
 
     def _stop_on_signal(self, trainer) -> None:
@@ -420,16 +416,16 @@ class ParallaxCheckpoint(ModelCheckpoint):
             return
         step = trainer.global_step
         signum = self._signal if self._signal is not None else signal.SIGTERM  # another rank got it
-        if self._last_global_step_saved != step:
+        if not self.saved_at(step):
             # Saved here, like a periodic save, so resuming replays nothing and skips nothing.
             if self.save_last:
                 path = self._save_last_now(trainer)
             else:
                 path = os.path.join(self.dirpath, f"interrupted-step{step}.ckpt")
-                self._save_checkpoint(trainer, path)
-            self._last_global_step_saved = step
+                self.save_file(trainer, path)
+            self.mark_saved(step)
         else:
-            path = self.last_model_path if self.save_last else self._last_checkpoint_saved
+            path = self.last_model_path if self.save_last else self.newest_file
         for logger in mlflow_loggers(trainer):
             if hasattr(logger, "mark_interrupted"):
                 logger.mark_interrupted(f"{signal.Signals(signum).name} at step {step}")
@@ -444,7 +440,7 @@ class ParallaxCheckpoint(ModelCheckpoint):
             # Lightning re-derives its logging-step counter on restart from where in an accumulation cycle the
             # save happened, which a save at the end of training does not fit; the counter it had then is
             # exact, so it is set here, after Lightning's own restart arithmetic ran.
-            trainer.fit_loop.epoch_loop._batches_that_stepped = self._resume_logging_step
+            compat.set_logging_step(trainer, self._resume_logging_step)
             self._resume_logging_step = None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
@@ -462,50 +458,31 @@ class ParallaxCheckpoint(ModelCheckpoint):
 
     def _save_last_now(self, trainer) -> str:
         """Write `last` with the state after the current step (a save between two periodic ones: on a signal,
-        at the end of training) and return its path. Lightning's `_save_last_checkpoint` would, with
-        save_last="link", only point `last` at the newest periodic file, an older step; here `last` becomes a
-        file, which the next periodic save turns back into a link (in one rename)."""
-        monitor = self._monitor_candidates(trainer)
+        at the end of training) and return its path. Lightning's save_last would, with save_last="link", only
+        point `last` at the newest periodic file, an older step; here `last` becomes a file, which the next
+        periodic save turns back into a link (in one rename)."""
         if self.save_last == "link":
+            monitor = self.monitor_candidates(trainer)
             self.last_model_path = self.format_checkpoint_name(monitor, self.CHECKPOINT_NAME_LAST)  # in the state
-            self._save_checkpoint(trainer, self.last_model_path)
-        else:
-            self._save_last_checkpoint(trainer, monitor)
-        return self.last_model_path
-
-    @staticmethod
-    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
-        """save_last="link": the new link (or copy) replaces the old one in one rename, so `last` never dangles."""
-        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            tmp = os.path.join(os.path.dirname(linkpath), f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
-            try:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                try:
-                    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-                except OSError:  # no symbolic links on this filesystem: a copy
-                    shutil.copy(filepath, tmp)
-                os.replace(tmp, linkpath)
-            finally:
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-        trainer.strategy.barrier()
+            self.save_file(trainer, self.last_model_path)
+            return self.last_model_path
+        return self.save_last_file(trainer)
 
     # -- end of training -------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):
         self._restore_signals()
-        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.fast_dev_run:
+        if self.save_last and not self.saved_at(trainer.global_step) and not trainer.fast_dev_run:
             # Lightning expects saves inside on_train_batch_end, before its logging-step counter moves, and
             # adds one on restart; by now the counter has moved, so undo that here (as its fit loop does for
             # epoch-end logging), or a resumed run would log its steps one too high.
-            loop = trainer.fit_loop.epoch_loop
-            self._final_logging_step = loop._batches_that_stepped  # restored exactly on resume
-            loop._batches_that_stepped -= 1
+            counter = compat.logging_step(trainer)
+            self._final_logging_step = counter  # restored exactly on resume
+            compat.set_logging_step(trainer, counter - 1)
             try:
                 self._save_last_now(trainer)
             finally:
-                loop._batches_that_stepped += 1
+                compat.set_logging_step(trainer, counter)
                 self._final_logging_step = None
-            self._last_global_step_saved = trainer.global_step
+            self.mark_saved(trainer.global_step)
         else:
             super().on_train_end(trainer, pl_module)

@@ -33,6 +33,7 @@ import inspect
 import os
 import re
 import typing
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -478,11 +479,37 @@ def import_policy(prefixes: Sequence[str]) -> Iterator[None]:
 
 
 _POLICY_SETTINGS = ("import_path_verdicts", "import_paths_enforced", "instantiate_subclass_spec_in_any")
+JSONARGPARSE_TESTED = ("4.53", "4.54")  # the settings table was read as below in jsonargparse >= [0], < [1]
+_untested_warned: list[str] = []
+
+
+def _jsonargparse_tested(version: str | None = None) -> bool:
+    """Whether jsonargparse's settings table may be read (its version is in JSONARGPARSE_TESTED); warns once
+    per process when not: the import policy then stays applied after the CLI returns."""
+    from packaging.version import Version
+
+    if version is None:
+        import importlib.metadata
+
+        version = importlib.metadata.version("jsonargparse")
+    if Version(JSONARGPARSE_TESTED[0]) <= Version(version) < Version(JSONARGPARSE_TESTED[1]):
+        return True
+    if version not in _untested_warned:
+        _untested_warned.append(version)
+        warnings.warn(
+            f"jsonargparse {version} is outside the versions parallax_lightning reads its settings table with "
+            f"(>={JSONARGPARSE_TESTED[0]},<{JSONARGPARSE_TESTED[1]}): the class-path import policy stays applied "
+            "for the rest of this process instead of being restored after the CLI returns",
+            stacklevel=3,
+        )
+    return False
 
 
 def _settings_snapshot() -> dict[str, Any] | None:
-    """jsonargparse's current values of the settings import_policy changes (None: not where they were in
-    jsonargparse 4.53)."""
+    """jsonargparse's current values of the settings import_policy changes (None: another jsonargparse than
+    the tested ones, or the table is not where it was)."""
+    if not _jsonargparse_tested():
+        return None
     try:
         from jsonargparse import _common
 

@@ -214,6 +214,15 @@ class ParallaxCLI(LightningCLI):
             self.config = parser.parse_args(self._args)
         else:
             super().parse_arguments(parser, self._args)
+        # LightningCLI, right after this hook, would overwrite the model's config with the hyper-parameters
+        # stored in a checkpoint named by ckpt_path, silently dropping what the command line says (e.g.
+        # predict's max_new_tokens). Here the config you pass is the truth; the checkpoint only supplies the
+        # state (a shape mismatch is reported by name). So the path is held back until before_instantiate_classes.
+        self._held_ckpt_path = None
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") is not None:
+            self._held_ckpt_path = self.config[subcommand]["ckpt_path"]
+            self.config[subcommand]["ckpt_path"] = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -242,6 +251,8 @@ class ParallaxCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
 
     def before_instantiate_classes(self) -> None:
+        if getattr(self, "_held_ckpt_path", None) is not None:
+            self.config[self.subcommand]["ckpt_path"] = self._held_ckpt_path
         # What the parser resolved (shorthands expanded): nothing outside the trusted namespaces is built, and
         # no class from a value that is plain data (the logger's tags, a strategy's `object` arguments).
         config = self.config.as_dict()
@@ -264,22 +275,27 @@ class ParallaxCLI(LightningCLI):
                     "parameters and in every checkpoint. Give the storage its credentials through its environment "
                     "variables (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead"
                 )
-        threads = self._get(self.config, "torch_threads")
+        threads = self._config_value(self.config, "torch_threads")
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"torch_threads must be a positive integer, got {threads}")
             torch.set_num_threads(threads)
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would overwrite the model's config with the hyper-parameters stored in the checkpoint,
-        # silently dropping what the command line says (e.g. predict's max_new_tokens). Here the config you
-        # pass is the truth; the checkpoint only supplies the state (a shape mismatch is reported by name).
-        return
+    def _config_value(self, config, key: str, default=None):
+        """A value of the running subcommand's section (or of the top level without a subcommand)."""
+        return config.get(str(self.subcommand), config).get(key, default)
 
     def instantiate_trainer(self, **kwargs):
         if self.subcommand == "predict":
             kwargs.setdefault("logger", False)  # generating text is not an experiment worth a run
-        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        trainer_config = self._config_value(self.config_init, "trainer", default={})
+        if {**trainer_config, **kwargs}.get("enable_checkpointing") is False:
+            # trainer.enable_checkpointing=false means no checkpoints: the `checkpoint` key's callback becomes an
+            # inert one (Lightning refuses a ModelCheckpoint next to that flag).
+            section = self.config_init.get(str(self.subcommand), self.config_init)
+            if isinstance(section.get("checkpoint"), ParallaxCheckpoint):
+                section["checkpoint"] = pl.Callback()
+        plugins = kwargs.get("plugins", trainer_config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())  # atomic writes, weights-only reads
@@ -291,13 +307,6 @@ class ParallaxCLI(LightningCLI):
             )
         kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
-
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
-        if config.get("enable_checkpointing") is False:
-            # trainer.enable_checkpointing=false means no checkpoints: drop the `checkpoint` key's callback
-            # (Lightning refuses a ModelCheckpoint next to that flag).
-            callbacks = [c for c in callbacks if not isinstance(c, ParallaxCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
 
     # -- tracking ------------------------------------------------------------------------------------
     def _ckpt_path(self) -> str | None:
@@ -312,17 +321,21 @@ class ParallaxCLI(LightningCLI):
         logger = loggers[0]
         ckpt_path = self._ckpt_path()
         info = run_info_from_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
-        if resume and info and logger._run_id is None:
+        if resume and info and not isinstance(logger, ParallaxMLFlowLogger):
+            # Lightning's MLFlowLogger takes its run only when built.
+            warnings.warn(
+                f"the checkpoint belongs to MLflow run {info['run_id']}: Lightning's MLFlowLogger continues it only "
+                "when trainer.logger.init_args.run_id names it (ParallaxMLFlowLogger, the default, does so itself)",
+                stacklevel=2,
+            )
+        elif resume and info and logger.requested_run_id is None:
             stored = info.get("tracking_uri")
-            if same_store(stored, logger._tracking_uri):
-                if isinstance(logger, ParallaxMLFlowLogger):
-                    logger.continue_run(info["run_id"])
-                else:
-                    logger._run_id = info["run_id"]
+            if same_store(stored, logger.tracking_uri):
+                logger.continue_run(info["run_id"])
             else:
                 warnings.warn(
                     f"the checkpoint's MLflow run {info['run_id']} is in {redact(stored)}, not in "
-                    f"{redact(logger._tracking_uri)}: starting a new run",
+                    f"{redact(logger.tracking_uri)}: starting a new run",
                     stacklevel=2,
                 )
         name = self.model.run_name() if hasattr(self.model, "run_name") else None
@@ -331,9 +344,8 @@ class ParallaxCLI(LightningCLI):
         if rank_zero_only.rank != 0:
             return
         client, run_id = logger.experiment, logger.run_id
-        text = self._parser(self.subcommand).dump(
-            self.config[self.subcommand], skip_none=False, skip_link_targets=False
-        )
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        text = yaml.safe_dump(dumped[self.subcommand], default_flow_style=False, allow_unicode=True, sort_keys=False)
         text = redact(text)  # e.g. the logger's tracking_uri with a password: neither a parameter nor config.yaml
         # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
         params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k not in ("config", "ckpt_path")})

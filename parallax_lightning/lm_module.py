@@ -6,7 +6,8 @@ train/loss and train/ppl every step, val/loss and val/ppl (torchmetrics, token-w
 devices), the learning rates and the annealed weight decay. A non-finite loss or gradient either stops
 training (`nonfinite="stop"`, the default) with the step, the first parameter whose gradient is non-finite and
 the checkpoints named, or skips that optimizer step (`nonfinite="skip"`: the update is dropped, the weights
-and optimizer state stay as they were, `train/nonfinite_skips` counts them).
+and optimizer state stay as they were, `train/nonfinite_skips` counts them); the module's `configure_callbacks`
+adds that guard (`nonfinite.NonFiniteGuard`) to every trainer it runs in.
 
 Subclasses (long-context tasks, reliability tests) override `compute_loss`, `eval_step_metrics`, or the
 usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkeeping come along.
@@ -15,10 +16,8 @@ usual Lightning hooks; the optimizer, schedule, NaN guard and checkpoint bookkee
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -27,19 +26,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from .model import Decoder, DecoderConfig, count_params, flops_per_token
+from .nonfinite import NONFINITE_MODES, NonFiniteGuard, NonFiniteLossError, NonFiniteMode  # noqa: F401 - re-exported
 from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer, muon_groups
 from .strategies import data_parallel_mesh, mixed_precision_policy, shard_decoder
 
 IGNORE_INDEX = -100
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss or a gradient became NaN or infinite; the message names the step, the parameter
-    (for a gradient) and the saved checkpoints."""
-
-
-NonFiniteMode = Literal["stop", "skip"]
-NONFINITE_MODES: tuple[str, ...] = get_args(NonFiniteMode)
 
 
 def _flattens_weights(strategy) -> bool:
@@ -49,11 +40,12 @@ def _flattens_weights(strategy) -> bool:
     return "fsdp" in type(strategy).__name__.lower() and not isinstance(strategy, ModelParallelStrategy)
 
 
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one fused reduction
-    if get_total_norm is not None:
-        return get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The module's trainer, or None before it is attached to one."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's answer for a module outside a Trainer
+        return None
 
 
 def _as_config(cls, value):
@@ -96,10 +88,7 @@ class LanguageModelModule(pl.LightningModule):
         max_nonfinite_skips: int = 10,
     ):
         super().__init__()
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        if max_nonfinite_skips < 1:
-            raise ValueError(f"max_nonfinite_skips must be >= 1, got {max_nonfinite_skips}")
+        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)  # checks both values
         if compile is not None and not isinstance(compile, bool):
             raise ValueError(f"compile must be true, false or null (auto: on CUDA only), got {compile!r}")
         self.model_config = _as_config(DecoderConfig, model)
@@ -122,9 +111,6 @@ class LanguageModelModule(pl.LightningModule):
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.nonfinite = nonfinite
         self.max_nonfinite_skips = max_nonfinite_skips
-        self._nonfinite_loss: str | None = None  # this optimizer step's loss was not finite (message)
-        self._skips_in_a_row = 0
-        self._skips_total = 0
 
     # -- description ---------------------------------------------------------------------------------
     def run_name(self) -> str:
@@ -153,7 +139,7 @@ class LanguageModelModule(pl.LightningModule):
     def _compile_wanted(self) -> bool:
         if self.compile_model is not None:
             return self.compile_model
-        if self._trainer is not None:
+        if attached_trainer(self) is not None:
             return self.trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
@@ -166,7 +152,7 @@ class LanguageModelModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self._sharded:
             return
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = self.trainer.strategy if attached_trainer(self) is not None else None
         mesh = data_parallel_mesh(strategy)
         if mesh is not None:
             compile_blocks = not self._compiled and self._compile_wanted()
@@ -201,97 +187,22 @@ class LanguageModelModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self.compute_loss(batch)
-        if not self._all_finite(loss):
-            what = f"training loss is {loss.item()}"
-            if self.nonfinite == "stop":
-                self._stop_on_nonfinite(what, batch_idx)
-            # skip: backward still runs (every rank alike), the optimizer step is dropped before it happens
-            self._nonfinite_loss = what
-            return loss
         bs = batch["input_ids"].shape[0]
         # Data-parallel: the logged loss is the mean over every rank's batch (the global batch), so a run on N
         # devices logs the curve one device would log at the same global batch, not rank 0's share of it.
         sync = self.trainer.world_size > 1
         mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if sync else loss.detach()
+        if not torch.isfinite(mean):  # NonFiniteGuard stops here or drops this step: its loss is no data point
+            return loss
         self.log("train/loss", mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
         self.log("train/ppl", mean.exp(), on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if self.trainer.world_size > 1:  # every rank must take the same branch, or the next collective hangs
-            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
-        return finite
-
-    def _stop_on_nonfinite(self, what: str, batch_idx: int | None = None) -> None:
-        trainer = self.trainer
-        step = trainer.global_step
-        callback = trainer.checkpoint_callback
-        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
-        path = folder / f"nonfinite-step{step}.ckpt"
-        last = getattr(callback, "last_model_path", "") if callback is not None else ""
-        if last and getattr(callback, "_last_global_step_saved", -1) >= 0:
-            last = f"{last} (step {callback._last_global_step_saved})"
-        # This step's update has not happened yet: the weights are the last good state.
-        trainer.save_checkpoint(path)
-        where = f"step {step}" + (f" (batch {batch_idx})" if batch_idx is not None else "")
-        raise NonFiniteLossError(
-            f"{what} at {where}; training stopped. The state before this step is saved at {path}"
-            + (f"; the last good periodic checkpoint is {last}" if last else "")
-            + ". Resume with --ckpt_path after lowering the learning rate or raising warmup, "
-            "or set model.nonfinite=skip to drop such steps."
-        )
-
-    def _nonfinite_gradients(self) -> list[str]:
-        """Names of the parameters whose gradient holds NaN/inf, in model order (empty when all are finite).
-        One fused norm per step; the per-parameter scan only runs when that norm is not finite."""
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not named:
-            return []
-        finite = bool(torch.isfinite(_total_norm([g for _, g in named])).item())
-        bad = [] if finite else [n for n, g in named if not bool(torch.isfinite(g).all())]
-        if self.trainer.world_size > 1:  # sharded gradients (FSDP) differ between ranks: agree on skipping
-            if self.trainer.strategy.reduce_boolean_decision(not bad, all=True):
-                return []
-            return bad or ["<a parameter shard on another rank>"]
-        return bad
-
-    def _handle_nonfinite(self, optimizer: torch.optim.Optimizer) -> bool:
-        """True when this optimizer step must not happen (its gradients are then dropped)."""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        # Under fp16 loss scaling an inf gradient is routine: GradScaler skips that step and lowers the scale.
-        bad = [] if scaler is not None else self._nonfinite_gradients()
-        what = self._nonfinite_loss
-        self._nonfinite_loss = None
-        if bad:
-            layer = re.search(r"blocks\.(\d+)\.", bad[0])
-            what = (
-                f"gradient of {bad[0]}"
-                + (f" (layer {layer.group(1)})" if layer else "")
-                + " is not finite"
-                + (f" ({len(bad) - 1} more parameters too)" if len(bad) > 1 else "")
-                + (f"; {what}" if what else "")
-            )
-        if what is None:
-            self._skips_in_a_row = 0
-            return False
-        if self.nonfinite == "stop":
-            self._stop_on_nonfinite(what)
-        self._skips_in_a_row += 1
-        self._skips_total += 1
-        if self._skips_in_a_row > self.max_nonfinite_skips:
-            self._stop_on_nonfinite(f"{what}, the {self._skips_in_a_row}th step in a row (max_nonfinite_skips)")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None  # optimizers leave parameters without a gradient untouched: the step is skipped
-        if self.trainer.is_global_zero:
-            warnings.warn(f"skipping step {self.trainer.global_step}: {what}", stacklevel=2)
-        self.log("train/nonfinite_skips", float(self._skips_total), on_step=True, on_epoch=False)
-        return True
+    def configure_callbacks(self):
+        # The guard travels with the module (config keys model.nonfinite / model.max_nonfinite_skips).
+        return [self.nonfinite_guard]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._handle_nonfinite(optimizer):
-            return
         muon = [g for g in optimizer.param_groups if g.get("use_muon")]
         adamw = [g for g in optimizer.param_groups if not g.get("use_muon")]
         metrics = {"train/lr": (muon or adamw)[0]["lr"]}
@@ -384,16 +295,14 @@ class LanguageModelModule(pl.LightningModule):
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):  # e.g. a data URL with a token
             if key in checkpoint:
                 checkpoint[key] = redact_tree(checkpoint[key])
-        checkpoint["nonfinite_skips"] = self._skips_total
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._skips_total = int(checkpoint.get("nonfinite_skips", 0))
         self._check_projection_layout(checkpoint)
 
     def _check_projection_layout(self, checkpoint: dict) -> None:
         """The weights load into either projection layout (the attention converts them), but the optimizer
         state of one layout cannot be restored into the other: refuse resuming training across them by name."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or not trainer.training or "optimizer_states" not in checkpoint:
             return
         saved_fused = any(k.endswith("qrkv_proj.weight") for k in checkpoint.get("state_dict", {}))

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from . import _lightning_compat as compat
 from .checkpoint_io import fsync_dir
 
 MixedPrecision = Literal["bf16", "fp32"]
@@ -66,20 +67,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         self.mixed_precision = mixed_precision
         self.reshard_after_forward = bool(reshard_after_forward)
+        self.distributed_checkpoint = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
-        if self._tensor_parallel_size == "auto":
-            self._tensor_parallel_size = 1
-        if self._data_parallel_size == "auto":
-            tp = int(self._tensor_parallel_size)
-            self._data_parallel_size = max(1, self.num_nodes * self.num_processes // tp)
+        compat.resolve_parallel_sizes(self)
         super().setup_environment()
 
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         """Every rank writes its shard into a fresh sibling folder; rank 0 then swaps it in by renames. A crash
         or kill mid-save leaves the previous checkpoint under its name whole (Lightning writes the shards over
         it in place), and after a crash between the two renames it is under `.<name>.old`."""
-        if not self._save_distributed_checkpoint:
+        if not self.distributed_checkpoint:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         path = Path(self.broadcast(str(filepath)))

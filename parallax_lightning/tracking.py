@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -178,6 +179,17 @@ class ParallaxMLFlowLogger(MLFlowLogger):
             artifact_location=artifact_location,
             run_id=run_id,
         )
+        # The run is created or continued here (`experiment`), through MlflowClient's public methods.
+        self._store_uri = tracking_uri
+        self._wanted_experiment = experiment_name
+        self._wanted_run_name = redact(run_name) if run_name else None
+        self._run_tags = redact_tree(dict(tags)) if tags else {}
+        self._artifact_root = artifact_location
+        self._metric_prefix = prefix
+        self._model_logging = log_model
+        self._client = None  # the MlflowClient, once the run is open
+        self._run = (run_id, None)  # (run id, experiment id): the run id is known before the run opens on resume
+        self._checkpoints = None  # the checkpoint callback whose files log_model uploads at the end
         self.system_metrics = system_metrics
         self.system_metrics_interval = system_metrics_interval
         self.resumed = run_id is not None
@@ -193,30 +205,72 @@ class ParallaxMLFlowLogger(MLFlowLogger):
 
     @property
     def tracking_uri(self) -> str:
-        return self._tracking_uri
+        return self._store_uri
+
+    @property
+    def started(self) -> bool:
+        """Whether the run is open (reading `run_id` or `experiment` opens it)."""
+        return self._client is not None
+
+    @property
+    def requested_run_id(self) -> str | None:
+        """The run this logger continues (given, or set by `continue_run`), without opening it."""
+        return self._run[0]
 
     def continue_run(self, run_id: str) -> None:
         """Log into an existing run instead of creating one (before the run is first used)."""
-        if self._initialized and self._run_id != run_id:
-            raise RuntimeError(f"the logger already writes to run {self._run_id}; cannot switch to {run_id}")
-        self._run_id = run_id
+        if self.started and self._run[0] != run_id:
+            raise RuntimeError(f"the logger already writes to run {self._run[0]}; cannot switch to {run_id}")
+        self._run = (run_id, self._run[1])
         self.resumed = True
 
     def set_run_name(self, name: str) -> None:
-        if self._run_name is None and not self._initialized:
-            self._run_name = redact(name)
+        if self._wanted_run_name is None and not self.started:
+            self._wanted_run_name = redact(name)
 
     @property
     @rank_zero_experiment
     def experiment(self):
-        first = not self._initialized
-        client = MLFlowLogger.experiment.fget(self)
-        if first:
-            self._on_run_start(client)
-        return client
+        if self._client is None:
+            self._open_run()
+        return self._client
 
-    def _on_run_start(self, client) -> None:
-        run_id = self._run_id
+    @property
+    def run_id(self) -> str | None:
+        _ = self.experiment
+        return self._run[0]
+
+    @property
+    def experiment_id(self) -> str | None:
+        _ = self.experiment
+        return self._run[1]
+
+    def _open_run(self) -> None:
+        """Continue the requested run, or create one in the experiment (created when missing or deleted)."""
+        from mlflow.tracking import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+        client = MlflowClient(self._store_uri)
+        run_id = self._run[0]
+        if run_id is not None:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        else:
+            experiment = client.get_experiment_by_name(self._wanted_experiment)
+            if experiment is not None and experiment.lifecycle_stage != "deleted":
+                experiment_id = experiment.experiment_id
+            else:
+                experiment_id = client.create_experiment(self._wanted_experiment, artifact_location=self._artifact_root)
+            tags = dict(self._run_tags)
+            if self._wanted_run_name is not None:
+                tags[MLFLOW_RUN_NAME] = self._wanted_run_name
+            run_id = client.create_run(experiment_id, tags=resolve_tags(tags)).info.run_id
+        self._run = (run_id, experiment_id)
+        self._client = client
+        self._on_run_open(client)
+
+    def _on_run_open(self, client) -> None:
+        run_id = self._run[0]
         if self.resumed:
             run = client.get_run(run_id)
             previous = run.data.tags.get(TAG_PREFIX + "resumes", "0")
@@ -226,7 +280,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         for key, value in environment_tags().items():
             client.set_tag(run_id, key, value)
         # The outbox names the store in its messages only: without credentials.
-        self._outbox = TrackingOutbox(client, run_id, redact(self._tracking_uri), self.spool_dir, retry_s=self.retry_s)
+        self._outbox = TrackingOutbox(client, run_id, redact(self._store_uri), self.spool_dir, retry_s=self.retry_s)
         replayed = self._outbox.load_spool()
         if replayed:
             warnings.warn(
@@ -240,7 +294,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         if not self.system_metrics:
             return
         if importlib.util.find_spec("psutil") is None:
-            client.set_tag(self._run_id, TAG_PREFIX + "system_metrics", "off: psutil is not installed")
+            client.set_tag(self._run[0], TAG_PREFIX + "system_metrics", "off: psutil is not installed")
             warnings.warn(
                 "MLflow system metrics are off: install psutil (pip install psutil) to record CPU/GPU/memory use",
                 stacklevel=3,
@@ -249,10 +303,10 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         self._monitor = SystemMetricsMonitor(
-            self._run_id,
+            self._run[0],
             sampling_interval=self.system_metrics_interval,
             resume_logging=self.resumed,
-            tracking_uri=self._tracking_uri,
+            tracking_uri=self._store_uri,
         )
         self._monitor.start()
 
@@ -284,8 +338,8 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         for key, value in metrics.items():
             if isinstance(value, str):
                 continue
-            if self._prefix:
-                key = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}"
+            if self._metric_prefix:
+                key = f"{self._metric_prefix}{self.LOGGER_JOIN_CHAR}{key}"
             key = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # the characters MLflow accepts in a metric name
             value = value.item() if isinstance(value, torch.Tensor) else float(value)
             if seen.get(key) == value:
@@ -296,7 +350,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far is in the store (False: `timeout` passed first)."""
-        if not self._initialized or self._outbox is None:
+        if not self.started or self._outbox is None:
             return True
         return self._outbox.flush(timeout)
 
@@ -313,23 +367,20 @@ class ParallaxMLFlowLogger(MLFlowLogger):
                 warnings.warn(f"MLflow system metrics did not stop cleanly: {err}", stacklevel=2)
             finally:
                 self._monitor = None
-        if not self._initialized:
+        if not self.started:
             return
         status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
         if self.interrupted:
             self._outbox.submit_tag(TAG_PREFIX + "interrupted", self.interrupted)
             status = "KILLED"
-        if self._checkpoint_callback and self._log_model:
-            try:
-                self._scan_and_log_checkpoints(self._checkpoint_callback)
-            except Exception as err:
-                warnings.warn(f"checkpoints were not logged to MLflow: {err}", stacklevel=2)
+        if self._checkpoints is not None and self._model_logging:
+            self._log_checkpoint_files(self._checkpoints)
         if status == "FAILED" and self._failed_before_first_step():
             status, end_time, resumes = self._before_resume
             # A resume that fails before it trained anything leaves the run's record as it was: a finished
             # run stays finished (its end time too), a killed one stays resumable.
             warnings.warn(
-                f"run {self._run_id}: this resume failed before its first step; the run keeps its status {status}",
+                f"run {self._run[0]}: this resume failed before its first step; the run keeps its status {status}",
                 stacklevel=2,
             )
             self._outbox.submit_tag(TAG_PREFIX + "resumes", resumes)
@@ -337,6 +388,25 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         else:
             self._outbox.submit_status(status)
         self._outbox.close(self.flush_timeout_s)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        """log_model=True: the callback's newest files are uploaded when the run ends; "all": after each save."""
+        self._checkpoints = checkpoint_callback
+        if self._model_logging == "all" and rank_zero_only.rank == 0:
+            self._log_checkpoint_files(checkpoint_callback)
+
+    def _log_checkpoint_files(self, checkpoint_callback) -> None:
+        """The best and last checkpoint files as artifacts under checkpoints/<file stem>/ (through the outbox)."""
+        paths = {
+            getattr(checkpoint_callback, "best_model_path", ""),
+            getattr(checkpoint_callback, "last_model_path", ""),
+        }
+        for path in sorted(p for p in paths if p and Path(p).is_file()):
+            source = Path(path).resolve()
+            self.outbox.submit_artifact(
+                lambda target, source=source: shutil.copyfile(source, target),
+                f"checkpoints/{source.stem}/{source.name}",
+            )
 
     def _failed_before_first_step(self) -> bool:
         return (
@@ -380,9 +450,19 @@ def checkpoint_run_info(trainer) -> dict[str, str] | None:
     for logger in mlflow_loggers(trainer):
         run_id = logger.run_id
         if run_id:
-            uri = redact(logger._tracking_uri)
+            uri = redact(logger_tracking_uri(logger))
             return {"run_id": run_id, "experiment_id": str(logger.experiment_id), "tracking_uri": uri}
     return None
+
+
+def logger_tracking_uri(logger: MLFlowLogger) -> str:
+    """The store an MLflow logger writes to: its own for ours, MLflow's resolution of the default otherwise
+    (Lightning's MLFlowLogger does not expose the one it was given)."""
+    if isinstance(logger, ParallaxMLFlowLogger):
+        return logger.tracking_uri
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def same_store(stored_uri: str | None, current_uri: str) -> bool:

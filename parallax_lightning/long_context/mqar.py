@@ -35,7 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..data.sampling import IndexedBatchStream
 from ..data.token_datamodule import TokenDataModule
-from ..lm_module import IGNORE_INDEX, LanguageModelModule
+from ..lm_module import IGNORE_INDEX, LanguageModelModule, attached_trainer
 
 BLANK = 0
 TRAIN_STREAM, EVAL_STREAM = 0, 1
@@ -365,7 +365,8 @@ class MQARModule(LanguageModelModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "eval_slices"):
             raise ValueError(
                 "MQARModule needs the MQARDataModule (data.class_path: parallax_lightning.long_context.MQARDataModule) "

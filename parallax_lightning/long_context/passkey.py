@@ -81,11 +81,12 @@ class PasskeyTask:
         self.tokenizer = tokenizer
         self.digits = digits
         self.needle = needle
-        self._filler = self._encode(filler, "filler")
-        self._intro = self._encode(intro, "intro") if intro else np.zeros(0, dtype=np.int64)
-        self._question = self._encode(question, "question")
+        self._filler = self.encode(filler, "filler")
+        self._intro = self.encode(intro, "intro") if intro else np.zeros(0, dtype=np.int64)
+        self._question = self.encode(question, "question")
 
-    def _encode(self, text: str, what: str) -> np.ndarray:
+    def encode(self, text: str, what: str) -> np.ndarray:
+        """Token ids of `text` (`what` names the part in the error when a required part encodes to nothing)."""
         ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
         if what in ("filler", "question") and len(ids) == 0:
             raise ValueError(f"the passkey {what} text encodes to no tokens: {text!r}")
@@ -98,14 +99,14 @@ class PasskeyTask:
 
     def min_context(self) -> int:
         """Tokens the fixed parts take (the shortest possible prompt)."""
-        needle = self._encode(self.needle.format(key="9" * self.digits), "needle")
+        needle = self.encode(self.needle.format(key="9" * self.digits), "needle")
         return len(self._intro) + len(needle) + len(self._question)
 
     def prompt(self, context_len: int, depth: float, passkey: str) -> PasskeyPrompt:
         depth = check_depth(depth)
         if not re.fullmatch(r"\d+", passkey or ""):
             raise ValueError(f"a passkey is a string of digits, got {passkey!r}")
-        needle = self._encode(self.needle.format(key=passkey), "needle")
+        needle = self.encode(self.needle.format(key=passkey), "needle")
         fixed = len(self._intro) + len(needle) + len(self._question)
         n_fill = context_len - fixed
         if n_fill < 0:
@@ -116,7 +117,7 @@ class PasskeyTask:
         filler = np.resize(self._filler, n_fill) if n_fill else np.zeros(0, dtype=np.int64)
         before = round(depth * n_fill)
         ids = np.concatenate([self._intro, filler[:before], needle, filler[before:], self._question])
-        answer = self._encode(passkey, "answer")
+        answer = self.encode(passkey, "answer")
         return PasskeyPrompt(ids=ids, answer=answer, passkey=passkey, needle_start=len(self._intro) + before)
 
     def score(self, completion_ids, passkey: str) -> bool:
@@ -193,7 +194,7 @@ class PasskeyDataModule(TokenDataModule):
         self.task = PasskeyTask(self.tokenizer, digits=digits, filler=filler)
         self.digits = digits
         self.num_val_examples = num_val_examples
-        answer = len(self.task._encode("9" * digits, "answer"))
+        answer = len(self.task.encode("9" * digits, "answer"))
         if self.seq_len + 1 - answer < self.task.min_context():
             raise ValueError(
                 f"data.seq_len={self.seq_len} is too short for a passkey prompt: the fixed text and a {digits}-digit "
@@ -216,7 +217,7 @@ class PasskeyDataModule(TokenDataModule):
         labels = np.full((n, T), IGNORE_INDEX, dtype=np.int64)
         for row in range(n):
             key = self.task.sample_passkey(rng)
-            answer_len = len(self.task._encode(key, "answer"))
+            answer_len = len(self.task.encode(key, "answer"))
             p = self.task.prompt(T + 1 - answer_len, float(rng.random()), key)
             full = np.concatenate([p.ids, p.answer])
             inputs[row] = full[:-1]
@@ -247,7 +248,7 @@ def passkey_grid(
     decoder = getattr(model, "model", model)
     device = next(decoder.parameters()).device
     acc = np.zeros((len(lengths), len(depths)))
-    digits_tokens = max(len(task._encode("9" * task.digits, "answer")), 1)
+    digits_tokens = max(len(task.encode("9" * task.digits, "answer")), 1)
     for i, L in enumerate(lengths):
         for j, depth in enumerate(depths):
             rng = np.random.default_rng([seed, int(L), j])

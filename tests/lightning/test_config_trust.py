@@ -297,11 +297,17 @@ def test_redaction_strips_url_credentials_and_secret_query_values(uri, clean):
     assert redact(clean) == clean
 
 
-def test_a_checkpoint_records_the_tracking_uri_without_credentials():
+def _run_without_a_store(monkeypatch, cls) -> None:
+    """The logger's run ids, without contacting the store."""
+    monkeypatch.setattr(cls, "run_id", property(lambda self: "run1"))
+    monkeypatch.setattr(cls, "experiment_id", property(lambda self: "7"))
+
+
+def test_a_checkpoint_records_the_tracking_uri_without_credentials(monkeypatch):
     from parallax_lightning.tracking import ParallaxMLFlowLogger, checkpoint_run_info, same_store
 
     logger = ParallaxMLFlowLogger(tracking_uri="http://user:hunter2@127.0.0.1:1/?token=t0k", system_metrics=False)
-    logger._initialized, logger._run_id, logger._experiment_id = True, "run1", "7"  # never contacts the store
+    _run_without_a_store(monkeypatch, ParallaxMLFlowLogger)
     info = checkpoint_run_info(SimpleNamespace(loggers=[logger]))
     assert info == {"run_id": "run1", "experiment_id": "7", "tracking_uri": "http://***@127.0.0.1:1/?token=***"}
     # resuming compares credential-free forms: the same server with any credentials is the same store
@@ -317,7 +323,7 @@ def test_a_tracking_uri_from_the_environment_is_stored_without_credentials(monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:s3cret@mlflow.example.org")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
     logger = ParallaxMLFlowLogger(system_metrics=False)
-    logger._initialized, logger._run_id, logger._experiment_id = True, "run1", "7"
+    _run_without_a_store(monkeypatch, ParallaxMLFlowLogger)
     assert checkpoint_run_info(SimpleNamespace(loggers=[logger]))["tracking_uri"] == "https://***@mlflow.example.org"
 
 

@@ -312,3 +312,30 @@ def test_speed_monitor_logs_tokens_per_second_and_mfu(tmp_path, corpus):
     for m in perf:
         expected = m["perf/tokens_per_s"] * flops_per_token(module.model_config, 16) / 1e9
         assert m["perf/mfu"] == pytest.approx(expected)
+
+
+def test_nan_guard_is_a_callback_the_module_brings_and_its_skip_count_is_checkpointed(tmp_path, corpus):
+    from parallax_lightning.nonfinite import NonFiniteGuard
+
+    module = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="adamw"), nonfinite="skip")
+    real_forward = module.model.forward
+    calls = {"n": 0}
+
+    def forward(input_ids, cache=None):
+        calls["n"] += 1
+        logits = real_forward(input_ids, cache)
+        return logits * float("nan") if calls["n"] == 2 else logits
+
+    module.model.forward = forward
+    dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
+    t = trainer(tmp_path, steps=3, val_check_interval=100)
+    with pytest.warns(UserWarning, match=r"skipping step 1: .*training loss is nan"):
+        t.fit(module, dm)
+    [guard] = [c for c in t.callbacks if isinstance(c, NonFiniteGuard)]
+    assert (guard.mode, guard.skips_total) == ("skip", 1)
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    assert torch.load(tmp_path / "m.ckpt", weights_only=True)["nonfinite_skips"] == 1
+    again = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="adamw"), nonfinite="skip")
+    t2 = trainer(tmp_path, steps=4, val_check_interval=100)
+    t2.fit(again, TextDataModule(source=str(corpus), seq_len=16, batch_size=2), ckpt_path=tmp_path / "m.ckpt")
+    assert again.nonfinite_guard.skips_total == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,19 @@ def test_stopping_the_ui_never_signals_its_own_process_group(pid, monkeypatch):
     proc = Proc()
     stop_process_group(proc)
     assert proc.waited
+
+
+def test_jsonargparse_settings_are_read_only_from_the_tested_versions(monkeypatch):
+    """Outside JSONARGPARSE_TESTED the private table is not read: the policy stays on, with one warning."""
+    import importlib.metadata
+
+    installed = importlib.metadata.version("jsonargparse")
+    assert class_paths._jsonargparse_tested(installed)  # the installed one is a tested one
+    monkeypatch.setattr(class_paths, "_untested_warned", [])
+    with pytest.warns(UserWarning, match=r"jsonargparse 99\.0 is outside .* stays applied"):
+        assert not class_paths._jsonargparse_tested("99.0")
+    with pytest.warns(UserWarning, match=r"jsonargparse 4\.0 is outside"):
+        assert not class_paths._jsonargparse_tested("4.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not class_paths._jsonargparse_tested("99.0")  # one warning per version and process
