@@ -100,14 +100,14 @@ def _find_last_checkpoint(trainer: pl.Trainer, subcommand: str) -> tuple[str, st
         raise ValueError(
             f"--ckpt_path last: there is no {path} (checkpoint.dirpath) to continue from; start without --ckpt_path"
         )
-    loggers = mlflow_loggers(trainer)
+    loggers = [lg for lg in mlflow_loggers(trainer) if isinstance(lg, ParallaxMLFlowLogger)]
     if not loggers:
         raise ValueError(
             f"--ckpt_path last finds the latest run's checkpoint through MLflow, which {subcommand} does not use here "
-            "(trainer.logger is off, or the subcommand logs no run): give the checkpoint's path"
+            "(trainer.logger is off or not a ParallaxMLFlowLogger, or the subcommand logs no run): give the checkpoint's path"
         )
     logger = loggers[0]
-    uri, experiment = logger._tracking_uri, logger._experiment_name
+    uri, experiment = logger.tracking_uri, logger.experiment_name
     root = Path(logger.save_dir or trainer.default_root_dir)
     where = f"MLflow experiment {experiment!r} in {redact(uri)}"
     runs = []
@@ -383,19 +383,22 @@ class ParallaxCLI(LightningCLI):
     def _report_run(self) -> None:
         """Where the run just finished is, and how to look at it."""
         loggers = mlflow_loggers(self.trainer) if rank_zero_only.rank == 0 else []
-        if not loggers or not loggers[0]._run_id:
-            return
+        if not loggers or getattr(loggers[0], "started", True) is False:
+            return  # a ParallaxMLFlowLogger that never opened its run (reading run_id would open one)
         logger = loggers[0]
-        uri = redact(logger._tracking_uri)
+        client = logger.experiment
+        run_id, experiment_id = logger.run_id, logger.experiment_id
+        if run_id is None:
+            return
+        name = client.get_experiment(experiment_id).name
+        uri = redact(client.tracking_uri)
         if uri.startswith(("http://", "https://")):
-            see = f"open {uri.rstrip('/')}/#/experiments/{logger._experiment_id}/runs/{logger._run_id}"
+            see = f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
         else:
             store = shlex.quote(uri)
             see = f"open it with: python -m parallax_lightning ui --backend-store-uri {store}  (or: mlflow ui --backend-store-uri {store})"
         print(
-            f"parallax_lightning: {self.subcommand} run {logger._run_id} (experiment {logger._experiment_name!r}) "
-            f"in {uri}; {see}",
-            file=sys.stderr,
+            f"parallax_lightning: {self.subcommand} run {run_id} (experiment {name!r}) in {uri}; {see}", file=sys.stderr
         )
 
     def _check_before_run(self, stage: str) -> None:

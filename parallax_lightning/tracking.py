@@ -208,6 +208,10 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         return self._store_uri
 
     @property
+    def experiment_name(self) -> str:
+        return self._wanted_experiment
+
+    @property
     def started(self) -> bool:
         """Whether the run is open (reading `run_id` or `experiment` opens it)."""
         return self._client is not None
