@@ -1,8 +1,10 @@
-"""Parallax attention in plain PyTorch: the oracle every Parallax kernel is tested against.
+"""Parallax attention in PyTorch: the differentiable reference (and the CPU path of the public ops).
 
     o_i = v̄_i (1 + t̄_i) - Σ_j p_ij t_ij v_j,   p = softmax(scale q kᵀ) (masked),  t = r kᵀ (unscaled)
 
-which is v̄_i - Cov_p(v, k) r_i. With r = 0 it is softmax attention.
+which is v̄_i - Cov_p(v, k) r_i (docs/parallax-math.md#forward). With r = 0 it is softmax attention.
+It avoids work (no repeated kv heads, one batched decode under a length mask); oracle.py writes the same
+math plainly, and tests/kernels/test_oracle.py checks that the two agree.
 """
 
 from __future__ import annotations

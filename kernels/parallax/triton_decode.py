@@ -2,10 +2,11 @@
 
 Decode is memory-bound: each program streams one slice of one sequence's K/V cache for one kv
 head, once, and keeps the streaming Parallax state (m, d1, d2, O1, O2: the online max, Σw, Σw·t, Σw·v, Σw·t·v,
-with o = O1/d1·(1 + d2/d1) − O2/d1; the training kernels' docstring in triton_train.py derives it) for
+with o = O1/d1·(1 + d2/d1) − O2/d1; docs/parallax-math.md#streaming derives it) for
 every query head of that GQA group. t = r·k is computed on the same K tile as s = q·k, so the extra
 Parallax work is arithmetic on data already in registers. The slices' states are merged exactly by
-rescaling with their maxima in a small second kernel (skipped when one slice covers the sequence).
+rescaling with their maxima in a small second kernel (skipped when one slice covers the sequence;
+docs/parallax-math.md#decode).
 
 Cache lengths are read on the device and the grid depends only on shapes, so a call is
 CUDA-graph capturable for fixed shapes.

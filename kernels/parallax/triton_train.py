@@ -1,5 +1,6 @@
 """Parallax training kernels in Triton: one streaming forward and a two-kernel backward.
 
+The math, derived: docs/parallax-math.md (#forward, #streaming, #saved-for-the-backward, #backward).
 Layout is (batch, seq, heads, head_dim), read in place through strides. Per query row i:
 
     forward   d1 = Σ w,  d2 = Σ w t,  O1 = Σ w v,  O2 = Σ w t v     (w = exp2(s - m), online max m)
@@ -288,8 +289,8 @@ def _visible(rows_pos, cols, t_k, window, CAUSAL: tl.constexpr, WINDOW: tl.const
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _finite_or_zero(m, MASK: tl.constexpr):
-    """The running max to subtract. In masked tiles a row with no visible key yet has m = -inf: subtract 0
-    instead, so exp2 gives 0 rather than NaN (the row's m itself stays -inf)."""
+    """The running max to subtract (docs/parallax-math.md#streaming). In masked tiles a row with no visible key
+    yet has m = -inf: subtract 0 instead, so exp2 gives 0 rather than NaN (the row's m itself stays -inf)."""
     if MASK:
         m = tl.where(m == float("-inf"), 0.0, m)
     return m
@@ -442,7 +443,7 @@ def _dq_tiles(
         p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
         if MASK:
             p = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), p, 0.0)
-        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e).
+        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e)  (docs/parallax-math.md#backward).
         e = delta_b[:, None] - a
         dt = p * e
         ds = p * (b_minus_t[:, None] - (tbar1[:, None] - t) * e)
@@ -573,7 +574,8 @@ def _dkv_tiles(
             if WINDOW:
                 keep = keep & (cols[:, None] > rows[None, :] + off - window)
             p_t = tl.where(keep, p_t, 0.0)
-        # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e.
+        # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e
+        # (docs/parallax-math.md#backward).
         pw_t = p_t * ((1.0 + tbar)[None, :] - t_t)
         dv = tl.dot(pw_t.to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
         a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # made after dv: fewer tiles alive at once

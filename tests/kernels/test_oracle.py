@@ -187,3 +187,22 @@ def test_streaming_and_split_states_combine_exactly():
         o = O1 / d1 * (1 + d2 / d1) - O2 / d1
         want = parallax_attn_einsum(q, r, k, v, causal=False, scale=3.0)
     assert_close_rel(o.transpose(1, 2), want, 1e-12)
+
+
+def test_citations_of_the_math_doc_name_its_sections():
+    """Code cites docs/parallax-math.md by section anchor: each cited anchor must be one of its headings."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "parallax-math.md").read_text()
+    anchors = {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", doc, re.M)
+    }
+    cited = set()
+    for path in [*root.glob("kernels/**/*.py"), *root.glob("tests/**/*.py")]:
+        text = path.read_text()
+        for group in re.findall(r"parallax-math\.md((?:\s*\(?#[\w-]+[,)]?)+)", text):
+            cited |= {(path.name, a) for a in re.findall(r"#([\w-]+)", group)}
+    assert len(cited) >= 5, cited
+    assert not {a for _, a in cited} - anchors, sorted(c for c in cited if c[1] not in anchors)
