@@ -44,7 +44,8 @@ class KernelConfig:
     num_stages: int = 2
     # Forward only: rescale the accumulators only when a row's running max grows by more than 2^8 (weights
     # then stay below 256), instead of on every tile. It saves the multiply of both accumulators on most tiles
-    # but needs a block-wide branch; on an H200 with Triton 3.6 it was slower at every config timed.
+    # but needs a block-wide branch, which cost more than it saved wherever it was timed (benchmarks/RESULTS.md,
+    # "Design notes from measurements"), hence off.
     lazy_rescale: bool = False
     # Read the tiles of the loop over the other side (K/V in the forward and dQ/dR kernels; q, r, dO in dK/dV)
     # with the copy engine (TMA tensor descriptors) where the inputs allow it (see _tma_layouts), instead of
@@ -72,12 +73,10 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim, from benchmarks/ab_train_kernels.py on an H200 (Triton 3.6;
-# benchmarks/RESULTS.md, 2026-12-03 calls 1-2), every kernel timed on its own. What the measurements taught: one
-# warpgroup a program (4 warps) with tiles small enough that two programs share an SM beat one 8-warp program
-# (D128 forward 64x64 w4 s2: 0.95 ms vs 128x64 w8 s3: 1.03; dQ/dR 64x32 w4 s3: 1.19 vs 1.21); TMA descriptor
-# loads pay most where the loop reads three tiles (dK/dV 1.93 vs 2.57 ms); a few spilled registers cost less
-# than narrower tiles; at head dim 256 the spill-free 8-warp tiles were 2x slower than these 4-warp ones.
+# Hopper (sm90) table, keyed by the padded head dim, chosen by timing each kernel on its own
+# (benchmarks/ab_train_kernels.py): one warpgroup a program, with tiles small enough that two programs share an
+# SM; TMA descriptor loads, which pay most where the loop reads three tiles (dK/dV); a few spilled registers
+# rather than narrower tiles. The timings: benchmarks/RESULTS.md, "Design notes from measurements".
 _HOPPER = {
     64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False), KernelConfig(64, 128, 8, 2)),
     128: TrainConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 3)),
@@ -311,7 +310,7 @@ def _fwd_tiles(
         cols = n0 + offs_n
         k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        # t beside qk, not after the exp: on an H200 the later t spilled less but ran slower (benchmarks/RESULTS.md).
+        # t beside qk, not after the exp: the later t spilled less but ran slower (benchmarks/RESULTS.md).
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         if MASK:
@@ -435,8 +434,8 @@ def _dq_tiles(
         cols = n0 + offs_n
         k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        # The three score-sized products first, then both accumulating dots: on an H200 this order beat making
-        # each tile just before its use (1.22 vs 1.35 ms at B4 H16 T4096 D128, benchmarks/RESULTS.md).
+        # The three score-sized products first, then both accumulating dots: faster than making each tile just
+        # before its use (benchmarks/RESULTS.md).
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
         a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
