@@ -210,15 +210,29 @@ def check_flag(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device stream (then nothing may read t on the host)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_host_read_under_capture(op: str, t, reads: str, fix: str) -> None:
+    """Raise a RuntimeError naming the read and its fix if `reads` (a host read of t) would happen while a CUDA
+    graph is being captured, where it would fail inside CUDA instead."""
+    if isinstance(t, torch.Tensor) and capturing(t):
+        raise RuntimeError(
+            f"{op}: {reads} on the host, which cannot happen while a CUDA graph is being captured; {fix}"
+        )
+
+
 def check_cache_seqlens_values(op: str, cache_seqlens: torch.Tensor, L_max: int, low: int = 1) -> None:
     """Every decode length in [low, L_max] (low = 1 for one new token: the rule of every decode backend),
     read on the host: a device sync for a CUDA tensor, and impossible while a CUDA graph is captured."""
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
-            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
-            "NaN output row)"
-        )
+    refuse_host_read_under_capture(
+        op,
+        cache_seqlens,
+        "check_lengths=True reads cache_seqlens",
+        "pass check_lengths=False (a length outside the cache then gives a NaN output row)",
+    )
     lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
     if lo < low or hi > L_max:
         bad = [n for n in cache_seqlens.tolist() if not low <= n <= L_max]
