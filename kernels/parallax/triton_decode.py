@@ -70,6 +70,29 @@ def _split_tiles(lo, n, split, num_splits, BLOCK_N: tl.constexpr):
     return t0, t1, used
 
 
+@triton.jit
+def _split_program(
+    SEQLENS,
+    L_max,
+    window,
+    num_splits,
+    H_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """(bh, b, h, split, lo, n, t0, t1, owned) of a split-kernel program: its batch x head index bh (axis 0: the
+    y axis is limited to 65535) as batch b and head h, its slice, the sequence's key range [lo, n) and the tiles
+    [t0, t1) it owns. A slice past the end of a short sequence owns none, runs no tile and stores nothing."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
+    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
+    return bh, b, h, split, lo, n, t0, t1, t0 < t1
+
+
 @triton.jit(do_not_specialize=["L_max", "window"])
 def _decode_split_dot_kernel(
     Q, R, K, V, SEQLENS, O, WS,
@@ -86,14 +109,9 @@ def _decode_split_dot_kernel(
 
     USE_TMA loads the K/V tiles with Hopper bulk copies through descriptors built here, whose row
     bound is this sequence's own length, so rows at or past it arrive as zeros without masks."""
-    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
-    split = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
-    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
-    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
-    owned = t0 < t1
+    _bh, b, h, split, lo, n, t0, t1, owned = _split_program(
+        SEQLENS, L_max, window, num_splits, H_KV, BLOCK_N, HAS_SEQLENS, HAS_WINDOW
+    )
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -187,14 +205,9 @@ def _decode_split_vec_kernel(
 ):  # fmt: skip
     """One (slice, batch, head) without GQA: q and r as vectors, the dots as fp32 row reductions
     (no 16-row padding of a single query head)."""
-    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
-    split = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
-    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
-    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
-    owned = t0 < t1
+    bh, b, h, split, lo, n, t0, t1, owned = _split_program(
+        SEQLENS, L_max, window, num_splits, H_KV, BLOCK_N, HAS_SEQLENS, HAS_WINDOW
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
