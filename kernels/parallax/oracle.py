@@ -4,7 +4,8 @@ parallax_attn_reference (reference.py) is built for speed on CPU (no repeated kv
 with masked stale rows). These functions are built to be read at a glance instead: every kv head repeated
 for its query heads, the full (T_q, T_k) mask, einsums, and the streaming statistics of
 docs/parallax-math.md#forward written out as they are defined there. They check nothing and hide no NaN:
-a NaN in an input a row uses gives NaN in that row.
+a NaN in an input a row reads gives NaN in that row (a NaN key or value can also reach rows that mask it
+out, through 0·NaN, as in the reference and the kernels).
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def parallax_attn_einsum(q, r, k, v, causal=True, scale=None, window_size=None, 
 
     s = scale * torch.einsum("bihd,bjhd->bhij", q, k)
     t = torch.einsum("bihd,bjhd->bhij", r, k)
-    # A key a row does not see takes no part in it, whatever it holds (a NaN there stays out of the row).
-    s = torch.where(keep, s, float("-inf"))
-    t = torch.where(keep, t, 0.0)
+    s = torch.where(keep, s, float("-inf"))  # w = 0 for the keys a row does not see
     m = s.amax(-1, keepdim=True).detach()  # o does not depend on m: it only keeps exp from overflowing
     w = torch.exp(s - m)
     d1 = w.sum(-1)
