@@ -130,8 +130,13 @@ def check_attn_inputs(
     return AttnShape(B, Tq, Tk, Hq, Hkv, D)
 
 
-def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, max_seqlen=None):
+def check_cu_seqlens(
+    op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, max_seqlen=None, seq_k: int | None = None
+):
     """flash-attn convention: int32 offsets [0, l0, l0+l1, ..., total] into a packed batch of size 1.
+
+    seq_k, the keys' packed length where the caller has keys, must equal total (the queries'): the same offsets
+    cut both.
 
     Without max_seqlen the offsets are read on the host, checked (a ValueError names them) and returned as a
     list. With max_seqlen (already checked to be an int in [1, total]) the caller must not synchronize: the
@@ -140,6 +145,8 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batc
     the check (an assert that has not fired yet) can make a wrong result, never a read or write outside
     the tensors.
     """
+    if seq_k is not None and seq_k != total:
+        raise ValueError(f"{op}: with cu_seqlens, q and k must have the same packed length, got {total} and {seq_k}")
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:

@@ -185,17 +185,15 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     """
     shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
     if cu_seqlens is not None:
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
-            )
         if max_seqlen is None:
             reads = "with cu_seqlens and no max_seqlen, finding the longest sequence reads the offsets"
             refuse_host_read_under_capture(_OP, cu_seqlens, reads, "pass max_seqlen")
-        if max_seqlen is not None:
+        else:
             max_seqlen = _check_max_seqlen(max_seqlen, q.shape[1])
         # With max_seqlen the offsets are checked on their device (no host sync), else read and checked here.
-        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], max_seqlen=max_seqlen)
+        offsets = check_cu_seqlens(
+            _OP, cu_seqlens, q.shape[1], q.device, q.shape[0], max_seqlen=max_seqlen, seq_k=k.shape[1]
+        )
         if max_seqlen is None:
             max_seqlen = max(b - a for a, b in itertools.pairwise(offsets))
     elif max_seqlen is not None:

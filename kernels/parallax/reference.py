@@ -68,11 +68,7 @@ def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=Non
     """
     shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
     if cu_seqlens is not None:
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
-            )
-        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0])
+        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], seq_k=k.shape[1])
         return torch.cat(
             [
                 parallax_attn_reference(

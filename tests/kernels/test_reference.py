@@ -302,3 +302,11 @@ def test_host_reads_are_refused_by_name_under_capture(monkeypatch):
         with pytest.raises(RuntimeError, match="being captured; pass check_lengths=False"):
             decode()
     parallax_decode(q[:, :1], r[:, :1], k, v, cache_seqlens=lens, check_lengths=False)
+
+
+@pytest.mark.parametrize("fn", [parallax_attn, parallax_attn_reference], ids=["op", "reference"])
+def test_packed_q_and_k_must_have_one_length(fn):
+    q, r, k, v = _qrkv(T=8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q and k must have the same packed length, got 8 and 9"):
+        fn(q, r, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), cu_seqlens=cu)
