@@ -341,6 +341,19 @@ def _finite_or_zero(m, MASK: tl.constexpr):
 
 
 @triton.jit
+def _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """The K/V tile at key n0 of a loop over keys, and the unscaled, unmasked scores q·kᵀ and probe responses
+    t = r·kᵀ of the query block against it."""
+    k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+    v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+    return k, v, qk, t
+
+
+@triton.jit
 def _fwd_tiles(
     o1, o2, d1, d2, m_i,
     q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, stride_kt, stride_vt,
@@ -353,11 +366,9 @@ def _fwd_tiles(
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         # t beside qk, not after the exp: the later t spilled less but ran slower (benchmarks/RESULTS.md).
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        _k, v, qk, t = _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, MASK, DOT_PREC, TMA)
         if MASK:
             qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
@@ -464,12 +475,10 @@ def _dq_tiles(
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
         # The three score-sized products first, then both accumulating dots: faster than making each tile just
         # before its use (benchmarks/RESULTS.md).
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        k, v, qk, t = _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, MASK, DOT_PREC, TMA)
         a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
         if MASK:
