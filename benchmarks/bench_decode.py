@@ -25,7 +25,7 @@ lengths on the host, a sync per call).
 --sweep times, per shape, the kernel configs (tensor-core vs vector path, block, warps, stages) at
 the heuristic split count, then split counts around it, and prints the heuristic against the best;
 the TMA (bulk-copy) path is swept last, after the pointer-load summary is out. It times CUDA-graph
-replays (device time): do_bench of eager calls is host-bound at batch 1, as call 1 found.
+replays (device time): do_bench of eager calls is host-bound at batch 1 (benchmarks/RESULTS.md).
 
 --host runs on a CPU without a GPU: Triton's launches are replaced by no-ops behind a stand-in
 driver, and it prints the Python cost of one parallax_decode call (validation, plan, allocation,

@@ -1,6 +1,6 @@
 # Source this on the GPU machine (bash): puts the carried wheels and this repository on the path.
 # The GPU image has torch, triton, lightning and torchmetrics; MLflow, omegaconf and jsonargparse
-# travel as wheels in .gpu-wheels/ (copied from shared/gpu-wheels), the peers' kernels in .whl/.
+# travel as wheels in .gpu-wheels/ (an untracked folder the caller fills), the peers' kernels in .whl/.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 # A snapshot made with `git archive` has no .git: `git rev-parse HEAD > .snap/COMMIT` beside it lets the MLflow

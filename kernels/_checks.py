@@ -130,8 +130,13 @@ def check_attn_inputs(
     return AttnShape(B, Tq, Tk, Hq, Hkv, D)
 
 
-def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, max_seqlen=None):
+def check_cu_seqlens(
+    op: str, cu_seqlens, total: int, device: torch.device, batch: int, *, max_seqlen=None, seq_k: int | None = None
+):
     """flash-attn convention: int32 offsets [0, l0, l0+l1, ..., total] into a packed batch of size 1.
+
+    seq_k, the keys' packed length where the caller has keys, must equal total (the queries'): the same offsets
+    cut both.
 
     Without max_seqlen the offsets are read on the host, checked (a ValueError names them) and returned as a
     list. With max_seqlen (already checked to be an int in [1, total]) the caller must not synchronize: the
@@ -140,6 +145,8 @@ def check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batc
     the check (an assert that has not fired yet) can make a wrong result, never a read or write outside
     the tensors.
     """
+    if seq_k is not None and seq_k != total:
+        raise ValueError(f"{op}: with cu_seqlens, q and k must have the same packed length, got {total} and {seq_k}")
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
@@ -210,15 +217,29 @@ def check_flag(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device stream (then nothing may read t on the host)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_host_read_under_capture(op: str, t, reads: str, fix: str) -> None:
+    """Raise a RuntimeError naming the read and its fix if `reads` (a host read of t) would happen while a CUDA
+    graph is being captured, where it would fail inside CUDA instead."""
+    if isinstance(t, torch.Tensor) and capturing(t):
+        raise RuntimeError(
+            f"{op}: {reads} on the host, which cannot happen while a CUDA graph is being captured; {fix}"
+        )
+
+
 def check_cache_seqlens_values(op: str, cache_seqlens: torch.Tensor, L_max: int, low: int = 1) -> None:
     """Every decode length in [low, L_max] (low = 1 for one new token: the rule of every decode backend),
     read on the host: a device sync for a CUDA tensor, and impossible while a CUDA graph is captured."""
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"{op}: check_lengths=True reads cache_seqlens on the host, which cannot happen while a CUDA "
-            "graph is being captured; pass check_lengths=False (a length outside the cache then gives a "
-            "NaN output row)"
-        )
+    refuse_host_read_under_capture(
+        op,
+        cache_seqlens,
+        "check_lengths=True reads cache_seqlens",
+        "pass check_lengths=False (a length outside the cache then gives a NaN output row)",
+    )
     lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one sync
     if lo < low or hi > L_max:
         bad = [n for n in cache_seqlens.tolist() if not low <= n <= L_max]

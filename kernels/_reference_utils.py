@@ -26,7 +26,7 @@ def band_mask(seq_q: int, seq_k: int, causal: bool, window_size: int | None, dev
     """Boolean (T_q, T_k) mask, True where query i may attend key j; None when all may.
 
     Queries are aligned to the end of the keys: row i sits at absolute position T_k - T_q + i.
-    A window of W keeps j > i_abs - W (W keys, the diagonal included).
+    A window of W keeps j > i_abs - W (W keys, the diagonal included). See docs/parallax-math.md#masking.
     """
     if not causal:
         return None

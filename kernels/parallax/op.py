@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from .._checks import check_attn_inputs, check_cu_seqlens
+from .._checks import check_attn_inputs, check_cu_seqlens, refuse_host_read_under_capture
 from .._dispatch import backend_for
 from .reference import parallax_attn_reference
 
@@ -23,8 +23,47 @@ _OP = "parallax_attn"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Custom ops. window_size 0 means no window; max_seqlen is only read with cu_seqlens.
+# The launches, and the two ways autograd reaches them. window_size 0 means no window; max_seqlen is only read
+# with cu_seqlens.
 # --------------------------------------------------------------------------------------------------------------
+def _launch_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats):
+    """(o, v̄, lse, t̄) from the forward kernel; the last three are empty unless save_stats."""
+    from .triton_train import parallax_fwd_triton
+
+    return parallax_fwd_triton(
+        q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, save_stats=save_stats
+    )
+
+
+def _launch_bwd(do, q, r, k, v, o, vbar, lse, tbar, causal, scale, window_size, cu_seqlens, max_seqlen):
+    """(dq, dr, dk, dv) from the backward kernels."""
+    from .triton_train import parallax_bwd_triton
+
+    return parallax_bwd_triton(
+        q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window_size or None, cu_seqlens, max_seqlen
+    )
+
+
+def _save(ctx, q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats, output):
+    """Keep what _grads needs: the inputs, the forward's (o, v̄, lse, t̄) and the call's options."""
+    o, vbar, lse, tbar = output
+    ctx.save_for_backward(q, r, k, v, o, vbar, lse, tbar, cu_seqlens)
+    ctx.args = (causal, scale, window_size, max_seqlen, save_stats)
+
+
+def _grads(ctx, do, launch_bwd):
+    """(dq, dr, dk, dv) for the output gradient `do`, through launch_bwd: the custom op while tracing,
+    _launch_bwd itself in eager mode."""
+    q, r, k, v, o, vbar, lse, tbar, cu_seqlens = ctx.saved_tensors
+    causal, scale, window_size, max_seqlen, save_stats = ctx.args
+    if not save_stats:
+        raise RuntimeError(
+            "parallax_attn: backward through a forward that ran without saving its statistics "
+            "(grad mode was off or no input required grad when it ran)"
+        )
+    return launch_bwd(do, q, r, k, v, o, vbar, lse, tbar, causal, scale, window_size, cu_seqlens, max_seqlen)
+
+
 @torch.library.custom_op("parallax_kernels::parallax_fwd", mutates_args=())
 def parallax_fwd(
     q: torch.Tensor,
@@ -39,11 +78,7 @@ def parallax_fwd(
     save_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, v̄, lse, t̄); the last three are empty unless save_stats (they are what the backward reads)."""
-    from .triton_train import parallax_fwd_triton
-
-    return parallax_fwd_triton(
-        q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, save_stats=save_stats
-    )
+    return _launch_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats)
 
 
 @parallax_fwd.register_fake
@@ -78,11 +113,7 @@ def parallax_bwd(
     max_seqlen: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dr, dk, dv) from the output gradient and what the forward saved."""
-    from .triton_train import parallax_bwd_triton
-
-    return parallax_bwd_triton(
-        q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window_size or None, cu_seqlens, max_seqlen
-    )
+    return _launch_bwd(do, q, r, k, v, o, vbar, lse, tbar, causal, scale, window_size, cu_seqlens, max_seqlen)
 
 
 @parallax_bwd.register_fake
@@ -91,58 +122,33 @@ def _(do, q, r, k, v, o, vbar, lse, tbar, causal, scale, window_size, cu_seqlens
 
 
 def _setup_context(ctx, inputs, output):
-    q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats = inputs
-    o, vbar, lse, tbar = output
-    ctx.save_for_backward(q, r, k, v, o, vbar, lse, tbar, cu_seqlens)
-    ctx.args = (causal, scale, window_size, max_seqlen, save_stats)
+    _save(ctx, *inputs, output)
     # Only o is ever used downstream; do not materialize zero gradients for v̄, lse and t̄.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, _dvbar, _dlse, _dtbar):
-    q, r, k, v, o, vbar, lse, tbar, cu_seqlens = ctx.saved_tensors
-    causal, scale, window_size, max_seqlen, save_stats = ctx.args
-    if not save_stats:
-        raise RuntimeError(
-            "parallax_attn: backward through a forward that ran without saving its statistics "
-            "(grad mode was off or no input required grad when it ran)"
-        )
     if do is None:
         return (None,) * 10
-    dq, dr, dk, dv = parallax_bwd(
-        do, q, r, k, v, o, vbar, lse, tbar, causal, scale, window_size, cu_seqlens, max_seqlen
-    )
-    return dq, dr, dk, dv, None, None, None, None, None, None
+    return (*_grads(ctx, do, parallax_bwd), None, None, None, None, None, None)
 
 
 parallax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerParallax(torch.autograd.Function):
-    """The eager path: the custom ops' launchers under a plain autograd.Function (see the module docstring)."""
+    """The eager path: the custom ops' launches under a plain autograd.Function (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen):
-        from .triton_train import parallax_fwd_triton
-
-        o, vbar, lse, tbar = parallax_fwd_triton(
-            q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, save_stats=True
-        )
-        ctx.save_for_backward(q, r, k, v, o, vbar, lse, tbar, cu_seqlens)
-        ctx.args = (causal, scale, window_size, max_seqlen)
-        return o
+        out = _launch_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, True)
+        _save(ctx, q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, True, out)
+        return out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do):
-        from .triton_train import parallax_bwd_triton
-
-        q, r, k, v, o, vbar, lse, tbar, cu_seqlens = ctx.saved_tensors
-        causal, scale, window_size, max_seqlen = ctx.args
-        dq, dr, dk, dv = parallax_bwd_triton(
-            q, r, k, v, o, vbar, lse, tbar, do, causal, scale, window_size or None, cu_seqlens, max_seqlen
-        )
-        return dq, dr, dk, dv, None, None, None, None, None
+        return (*_grads(ctx, do, _launch_bwd), None, None, None, None, None)
 
 
 def _run_triton(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats):
@@ -151,9 +157,7 @@ def _run_triton(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, 
         return parallax_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, save_stats)[0]
     if save_stats:
         return _EagerParallax.apply(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen)
-    from .triton_train import parallax_fwd_triton
-
-    return parallax_fwd_triton(q, r, k, v, causal, scale, window_size or None, cu_seqlens, max_seqlen, False)[0]
+    return _launch_fwd(q, r, k, v, causal, scale, window_size, cu_seqlens, max_seqlen, False)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -181,19 +185,15 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     """
     shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
     if cu_seqlens is not None:
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
-            )
-        if max_seqlen is None and isinstance(cu_seqlens, torch.Tensor) and _capturing(cu_seqlens):
-            raise RuntimeError(
-                f"{_OP}: with cu_seqlens under CUDA-graph capture, pass max_seqlen: finding it would read the "
-                "offsets on the host, which capture forbids"
-            )
-        if max_seqlen is not None:
+        if max_seqlen is None:
+            reads = "with cu_seqlens and no max_seqlen, finding the longest sequence reads the offsets"
+            refuse_host_read_under_capture(_OP, cu_seqlens, reads, "pass max_seqlen")
+        else:
             max_seqlen = _check_max_seqlen(max_seqlen, q.shape[1])
         # With max_seqlen the offsets are checked on their device (no host sync), else read and checked here.
-        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], max_seqlen=max_seqlen)
+        offsets = check_cu_seqlens(
+            _OP, cu_seqlens, q.shape[1], q.device, q.shape[0], max_seqlen=max_seqlen, seq_k=k.shape[1]
+        )
         if max_seqlen is None:
             max_seqlen = max(b - a for a, b in itertools.pairwise(offsets))
     elif max_seqlen is not None:
@@ -205,10 +205,6 @@ def parallax_attn(q, r, k, v, causal=True, scale=None, window_size=None, cu_seql
     scale = shape.head_dim**-0.5 if scale is None else float(scale)
     save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (q, r, k, v))
     return _run_triton(q, r, k, v, causal, scale, window_size or 0, cu_seqlens, max_seqlen or 0, save_stats)
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _reference(q, r, k, v, causal, scale, window_size, cu_seqlens):

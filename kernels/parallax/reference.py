@@ -1,8 +1,10 @@
-"""Parallax attention in plain PyTorch: the oracle every Parallax kernel is tested against.
+"""Parallax attention in PyTorch: the differentiable reference (and the CPU path of the public ops).
 
     o_i = v̄_i (1 + t̄_i) - Σ_j p_ij t_ij v_j,   p = softmax(scale q kᵀ) (masked),  t = r kᵀ (unscaled)
 
-which is v̄_i - Cov_p(v, k) r_i. With r = 0 it is softmax attention.
+which is v̄_i - Cov_p(v, k) r_i (docs/parallax-math.md#forward). With r = 0 it is softmax attention.
+It avoids work (no repeated kv heads, one batched decode under a length mask); oracle.py writes the same
+math plainly, and tests/kernels/test_oracle.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -66,11 +68,7 @@ def parallax_attn_reference(q, r, k, v, causal=True, scale=None, window_size=Non
     """
     shape = check_attn_inputs(_OP, q, k, v, r, causal=causal, scale=scale, window_size=window_size)
     if cu_seqlens is not None:
-        if k.shape[1] != q.shape[1]:
-            raise ValueError(
-                f"{_OP}: with cu_seqlens, q and k must have the same packed length, got {q.shape[1]} and {k.shape[1]}"
-            )
-        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0])
+        offsets = check_cu_seqlens(_OP, cu_seqlens, q.shape[1], q.device, q.shape[0], seq_k=k.shape[1])
         return torch.cat(
             [
                 parallax_attn_reference(

@@ -2,10 +2,11 @@
 
 Decode is memory-bound: each program streams one slice of one sequence's K/V cache for one kv
 head, once, and keeps the streaming Parallax state (m, d1, d2, O1, O2: the online max, Σw, Σw·t, Σw·v, Σw·t·v,
-with o = O1/d1·(1 + d2/d1) − O2/d1; the training kernels' docstring in triton_train.py derives it) for
+with o = O1/d1·(1 + d2/d1) − O2/d1; docs/parallax-math.md#streaming derives it) for
 every query head of that GQA group. t = r·k is computed on the same K tile as s = q·k, so the extra
 Parallax work is arithmetic on data already in registers. The slices' states are merged exactly by
-rescaling with their maxima in a small second kernel (skipped when one slice covers the sequence).
+rescaling with their maxima in a small second kernel (skipped when one slice covers the sequence;
+docs/parallax-math.md#decode).
 
 Cache lengths are read on the device and the grid depends only on shapes, so a call is
 CUDA-graph capturable for fixed shapes.
@@ -69,6 +70,29 @@ def _split_tiles(lo, n, split, num_splits, BLOCK_N: tl.constexpr):
     return t0, t1, used
 
 
+@triton.jit
+def _split_program(
+    SEQLENS,
+    L_max,
+    window,
+    num_splits,
+    H_KV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """(bh, b, h, split, lo, n, t0, t1, owned) of a split-kernel program: its batch x head index bh (axis 0: the
+    y axis is limited to 65535) as batch b and head h, its slice, the sequence's key range [lo, n) and the tiles
+    [t0, t1) it owns. A slice past the end of a short sequence owns none, runs no tile and stores nothing."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
+    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
+    return bh, b, h, split, lo, n, t0, t1, t0 < t1
+
+
 @triton.jit(do_not_specialize=["L_max", "window"])
 def _decode_split_dot_kernel(
     Q, R, K, V, SEQLENS, O, WS,
@@ -85,14 +109,9 @@ def _decode_split_dot_kernel(
 
     USE_TMA loads the K/V tiles with Hopper bulk copies through descriptors built here, whose row
     bound is this sequence's own length, so rows at or past it arrive as zeros without masks."""
-    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
-    split = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
-    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
-    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
-    owned = t0 < t1
+    _bh, b, h, split, lo, n, t0, t1, owned = _split_program(
+        SEQLENS, L_max, window, num_splits, H_KV, BLOCK_N, HAS_SEQLENS, HAS_WINDOW
+    )
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -186,14 +205,9 @@ def _decode_split_vec_kernel(
 ):  # fmt: skip
     """One (slice, batch, head) without GQA: q and r as vectors, the dots as fp32 row reductions
     (no 16-row padding of a single query head)."""
-    bh = tl.program_id(0)  # batch x heads on axis 0: the y axis is limited to 65535
-    split = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    lo, n = _seq_range(SEQLENS, b, L_max, window, HAS_SEQLENS, HAS_WINDOW)
-    # A slice past the end of a short sequence runs no tile and stores nothing (owned is False).
-    t0, t1, _used = _split_tiles(lo, n, split, num_splits, BLOCK_N)
-    owned = t0 < t1
+    bh, b, h, split, lo, n, t0, t1, owned = _split_program(
+        SEQLENS, L_max, window, num_splits, H_KV, BLOCK_N, HAS_SEQLENS, HAS_WINDOW
+    )
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -339,14 +353,9 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(_device_index(device))
 
 
-# The defaults below come from call 1 (2026-11-28, H200, `bench_decode.py --sweep`, bf16, D=128;
-# benchmarks/logs/2026-11-28-call1/bench_decode_sweep.log). Those times are do_bench medians of eager
-# calls, which include the host's launch cost wherever it exceeds the ~60 µs L2 flush before each call.
-# That is the case for every batch-1 row: there the same config at the same split count read 39.3 µs
-# in one pass and 100.5 µs in the next (B1 H8 L4096, vec/n64/w4/s2 at 32 splits), and the heuristic's
-# own config read 60.8 and 46.5, while its CUDA-graph time was 12.2 µs. Only the rows whose device
-# time dominates (batch 32, and B8 H32) rank configs and split counts; the defaults follow them and
-# leave batch 1 where those rows and the graph times agree.
+# The defaults below follow `bench_decode.py --sweep` at the shapes whose device time dominates: eager
+# batch-1 timings are host-bound and too noisy to rank configs (benchmarks/RESULTS.md, "Design notes from
+# measurements").
 
 
 def choose_num_splits(programs: int, n_tiles: int, sms: int, waves: float = 1.0, min_tiles: int = 2) -> int:
@@ -354,12 +363,8 @@ def choose_num_splits(programs: int, n_tiles: int, sms: int, waves: float = 1.0,
     holds fewer than `min_tiles` tiles (a slice's fixed cost is its q/r load, its partial write and
     its row in the merge). The count is then trimmed so that, for a full cache, no slice is empty.
 
-    waves=1 (it was 4 before call 1): at 256 programs (B32 H8, B8 H32, B32 H32:8 on 132 SMs) one
-    slice was fastest at every shape, and time grew with the count (B32 H8 L4096: 136.6 µs at 1
-    slice, 142.0 at 3, 147.2 at 12; B8 H32:32 L32768: 959.9, 973.9, 989.1; B32 H32:8 L16384: 488.6,
-    505.1, 528.8; B32 H8 L16384: 497.3 vs 498.7 at 3), so slicing pays only until the launch
-    covers the SMs once. At batch 1 this gives 16 slices (B1 H32:8 L16384: 16 was its best count,
-    40.6 µs; the B1 H8 rows are host-bound, see above)."""
+    waves=1: once the launch covers the SMs, more slices only add merge work (benchmarks/RESULTS.md,
+    "Design notes from measurements")."""
     splits = max(1, min(math.ceil(waves * sms / programs), n_tiles // min_tiles, _MAX_SPLITS))
     per_split = math.ceil(n_tiles / splits)
     return math.ceil(n_tiles / per_split)
@@ -370,12 +375,9 @@ def default_config(head_dim: int) -> DecodeConfig:
 
     Tensor-core dots even for one query head a group: the 16-row padding is free in a memory-bound
     loop, and the mma layout reduces over the keys without the per-tile cross-warp sums of the
-    vector path. Call 1: dot/n64/w4/s3 was the fastest config or within 0.5% of it at every
-    device-bound row (B32 H8 L4096 142.6 µs at 3 slices; B32 H8 L16384 497.8; B8 H32:32 972.9 with
-    8 warps vs 977.3 with 4; B32 H32:8 504.4 vs 504.5), and the vector path was 1.6-1.8x slower at
-    all of them (B32 H8 L4096 239.3 at best), so its batch-1 wins (inside the host noise) do not
-    make it a default. At one slice the TMA path tied (B32 H8 L4096 136.6 vs 136.6; B8 H32:32 962.0
-    vs 959.9; B32 H32:8 488.9 vs 488.6) but for B32 H8 L16384 (489.1 vs 497.3), so it stays opt-in."""
+    vector path, which was slower at every device-bound shape timed. The TMA path stays opt-in: it
+    tied with pointer loads at every shape timed but one (benchmarks/RESULTS.md, "Design notes from
+    measurements")."""
     block_n = 64 if head_dim <= 128 else 32 if head_dim <= 256 else 16
     stages = 3 if head_dim <= 256 else 2
     return DecodeConfig(block_n=block_n, num_warps=4, num_stages=stages, use_dot=True, use_tma=False)

@@ -1,5 +1,6 @@
 """Parallax training kernels in Triton: one streaming forward and a two-kernel backward.
 
+The math, derived: docs/parallax-math.md (#forward, #streaming, #saved-for-the-backward, #backward).
 Layout is (batch, seq, heads, head_dim), read in place through strides. Per query row i:
 
     forward   d1 = Σ w,  d2 = Σ w t,  O1 = Σ w v,  O2 = Σ w t v     (w = exp2(s - m), online max m)
@@ -43,7 +44,8 @@ class KernelConfig:
     num_stages: int = 2
     # Forward only: rescale the accumulators only when a row's running max grows by more than 2^8 (weights
     # then stay below 256), instead of on every tile. It saves the multiply of both accumulators on most tiles
-    # but needs a block-wide branch; on an H200 with Triton 3.6 it was slower at every config timed.
+    # but needs a block-wide branch, which cost more than it saved wherever it was timed (benchmarks/RESULTS.md,
+    # "Design notes from measurements"), hence off.
     lazy_rescale: bool = False
     # Read the tiles of the loop over the other side (K/V in the forward and dQ/dR kernels; q, r, dO in dK/dV)
     # with the copy engine (TMA tensor descriptors) where the inputs allow it (see _tma_layouts), instead of
@@ -71,12 +73,10 @@ class TrainConfigs:
 # The interpreter pays per program and per tile, not per element: large tiles keep CPU tests fast.
 _INTERPRETER = TrainConfigs(KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1), KernelConfig(32, 32, 1, 1))
 
-# Hopper (sm90) table, keyed by the padded head dim, from benchmarks/ab_train_kernels.py on an H200 (Triton 3.6;
-# benchmarks/RESULTS.md, 2026-12-03 calls 1-2), every kernel timed on its own. What the measurements taught: one
-# warpgroup a program (4 warps) with tiles small enough that two programs share an SM beat one 8-warp program
-# (D128 forward 64x64 w4 s2: 0.95 ms vs 128x64 w8 s3: 1.03; dQ/dR 64x32 w4 s3: 1.19 vs 1.21); TMA descriptor
-# loads pay most where the loop reads three tiles (dK/dV 1.93 vs 2.57 ms); a few spilled registers cost less
-# than narrower tiles; at head dim 256 the spill-free 8-warp tiles were 2x slower than these 4-warp ones.
+# Hopper (sm90) table, keyed by the padded head dim, chosen by timing each kernel on its own
+# (benchmarks/ab_train_kernels.py): one warpgroup a program, with tiles small enough that two programs share an
+# SM; TMA descriptor loads, which pay most where the loop reads three tiles (dK/dV); a few spilled registers
+# rather than narrower tiles. The timings: benchmarks/RESULTS.md, "Design notes from measurements".
 _HOPPER = {
     64: TrainConfigs(KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3, tma=False), KernelConfig(64, 128, 8, 2)),
     128: TrainConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 3)),
@@ -178,6 +178,14 @@ def _ptrs(BASE, b, s_b, h, s_h, row, s_t, s_d, ROWS: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def _load_block(BASE, b, s_b, h, s_h, row, s_t, s_d, rows, n_rows, offs_d, ROWS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (ROWS, BLOCK_D) tile a program loads once, at (b, row, h) of a (B, T, H, D) tensor; zeros past n_rows."""
+    return _load_tile(_ptrs(BASE, b, s_b, h, s_h, row, s_t, s_d, ROWS, BLOCK_D), rows, n_rows, offs_d, HEAD_DIM,
+                      BLOCK_D, True)
+
+
+@triton.jit
 def _tma_coords(b, h, TMA: tl.constexpr):
     """Batch and head as the int32 coordinates of a descriptor load (TMA is never used with VARLEN, where b is 0)."""
     if TMA:
@@ -193,6 +201,19 @@ def _loop_base(BASE, b, s_b, h, s_h, row, s_t, TMA: tl.constexpr):
         return 0
     else:
         return _base(BASE, b, s_b, h, s_h, row, s_t)
+
+
+@triton.jit
+def _kv_loop_args(K, V, b, hk, row0, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What a loop over the K/V tiles of kv head hk carries: base pointers and tile offsets (pointer loads) or
+    descriptor coordinates (TMA)."""
+    k_base = _loop_base(K, b, sk_b, hk, sk_h, row0, sk_t, TMA)
+    v_base = _loop_base(V, b, sv_b, hk, sv_h, row0, sv_t, TMA)
+    k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
+    v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
+    b_tma, hk_tma = _tma_coords(b, hk, TMA)
+    return k_base, v_base, k_offs, v_offs, b_tma, hk_tma
 
 
 @triton.jit
@@ -219,6 +240,30 @@ def _sequence(CU_SEQLENS, pid_b, t_q, t_k, total, VARLEN: tl.constexpr):
         return 0, start, seq_len, seq_len
     else:
         return pid_b.to(tl.int64), 0, t_q, t_k
+
+
+@triton.jit
+def _query_block(CU_SEQLENS, t_q, t_k, stat_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                 VARLEN: tl.constexpr):
+    """(query head, batch index, first row, query length, key length, first query row m0) of a program over
+    query blocks (grid: blocks, query heads, sequences). Causal programs take the longest rows first, so the
+    short ones fill the tail."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
+    return tl.program_id(1), b, row0, t_q, t_k, pid_m * BLOCK_M
+
+
+@triton.jit
+def _query_positions(offs_m, t_q, t_k, CAUSAL: tl.constexpr):
+    """Query rows' positions in key coordinates: causal queries are the last t_q positions
+    (docs/parallax-math.md#masking)."""
+    if CAUSAL:
+        pos = offs_m + (t_k - t_q)
+    else:
+        pos = offs_m
+    return pos
 
 
 @triton.jit
@@ -288,11 +333,24 @@ def _visible(rows_pos, cols, t_k, window, CAUSAL: tl.constexpr, WINDOW: tl.const
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _finite_or_zero(m, MASK: tl.constexpr):
-    """The running max to subtract. In masked tiles a row with no visible key yet has m = -inf: subtract 0
-    instead, so exp2 gives 0 rather than NaN (the row's m itself stays -inf)."""
+    """The running max to subtract (docs/parallax-math.md#streaming). In masked tiles a row with no visible key
+    yet has m = -inf: subtract 0 instead, so exp2 gives 0 rather than NaN (the row's m itself stays -inf)."""
     if MASK:
         m = tl.where(m == float("-inf"), 0.0, m)
     return m
+
+
+@triton.jit
+def _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """The K/V tile at key n0 of a loop over keys, and the unscaled, unmasked scores q·kᵀ and probe responses
+    t = r·kᵀ of the query block against it."""
+    k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+    v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+    return k, v, qk, t
 
 
 @triton.jit
@@ -308,11 +366,9 @@ def _fwd_tiles(
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        # t beside qk, not after the exp: on an H200 the later t spilled less but ran slower (benchmarks/RESULTS.md).
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        # t beside qk, not after the exp: the later t spilled less but ran slower (benchmarks/RESULTS.md).
+        _k, v, qk, t = _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+                                  HEAD_DIM, BLOCK_D, BLOCK_N, MASK, DOT_PREC, TMA)
         if MASK:
             qk = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
@@ -358,12 +414,7 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, SAVE_STATS: tl.constexpr,
     DOT_PREC: tl.constexpr, LAZY_RESCALE: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first: the short ones fill the tail
-    h = tl.program_id(1)
-    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
-    m0 = pid_m * BLOCK_M
+    h, b, row0, t_q, t_k, m0 = _query_block(CU_SEQLENS, t_q, t_k, stat_len, BLOCK_M, CAUSAL, VARLEN)
     if m0 >= t_q:
         return
     hk = h // group
@@ -372,25 +423,17 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_m = row0 + m0.to(tl.int64)
-    q = _load_tile(_ptrs(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    k_base = _loop_base(K, b, sk_b, hk, sk_h, row0, sk_t, TMA)
-    v_base = _loop_base(V, b, sv_b, hk, sv_h, row0, sv_t, TMA)
-    k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
-    v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
-    b_tma, hk_tma = _tma_coords(b, hk, TMA)
+    q = _load_block(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, offs_m, t_q, offs_d, BLOCK_M, HEAD_DIM, BLOCK_D)
+    r = _load_block(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, offs_m, t_q, offs_d, BLOCK_M, HEAD_DIM, BLOCK_D)
+    k_base, v_base, k_offs, v_offs, b_tma, hk_tma = _kv_loop_args(K, V, b, hk, row0, sk_b, sk_t, sk_h, sk_d, sv_b,
+                                                                  sv_t, sv_h, sv_d, BLOCK_N, BLOCK_D, TMA)
 
     o1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     o2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     d1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     d2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    if CAUSAL:
-        pos = offs_m + (t_k - t_q)
-    else:
-        pos = offs_m
+    pos = _query_positions(offs_m, t_q, t_k, CAUSAL)
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
         o1, o2, d1, d2, m_i = _fwd_tiles(o1, o2, d1, d2, m_i, q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs,
@@ -432,17 +475,15 @@ def _dq_tiles(
     v_base += lo.to(tl.int64) * stride_vt
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        k = _load_rows(K, k_base, k_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        v = _load_rows(V, v_base, v_offs, b_tma, n0, hk_tma, cols, t_k, offs_d, HEAD_DIM, BLOCK_D, BLOCK_N, MASK, TMA)
-        # The three score-sized products first, then both accumulating dots: on an H200 this order beat making
-        # each tile just before its use (1.22 vs 1.35 ms at B4 H16 T4096 D128, benchmarks/RESULTS.md).
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        t = tl.dot(r, tl.trans(k), input_precision=DOT_PREC)
+        # The three score-sized products first, then both accumulating dots: faster than making each tile just
+        # before its use (benchmarks/RESULTS.md).
+        k, v, qk, t = _kv_scores(q, r, K, V, b_tma, hk_tma, k_base, v_base, k_offs, v_offs, n0, cols, t_k, offs_d,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, MASK, DOT_PREC, TMA)
         a = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale2 - lse[:, None])
         if MASK:
             p = tl.where(_visible(pos, cols, t_k, window, CAUSAL, WINDOW), p, 0.0)
-        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e).
+        # With e = b - a and w = 1 + t̄ - t:  dT = p e,  dS = p ((b - T) - w e)  (docs/parallax-math.md#backward).
         e = delta_b[:, None] - a
         dt = p * e
         ds = p * (b_minus_t[:, None] - (tbar1[:, None] - t) * e)
@@ -467,12 +508,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    h = tl.program_id(1)
-    b, row0, t_q, t_k = _sequence(CU_SEQLENS, tl.program_id(2), t_q, t_k, stat_len, VARLEN)
-    m0 = pid_m * BLOCK_M
+    h, b, row0, t_q, t_k, m0 = _query_block(CU_SEQLENS, t_q, t_k, stat_len, BLOCK_M, CAUSAL, VARLEN)
     if m0 >= t_q:
         return
     hk = h // group
@@ -482,12 +518,9 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < t_q
     row_m = row0 + m0.to(tl.int64)
-    q = _load_tile(_ptrs(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    r = _load_tile(_ptrs(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(_ptrs(DO, b, sdo_b, h, sdo_h, row_m, sdo_t, sdo_d, BLOCK_M, BLOCK_D), offs_m, t_q, offs_d,
-                    HEAD_DIM, BLOCK_D, True)
+    q = _load_block(Q, b, sq_b, h, sq_h, row_m, sq_t, sq_d, offs_m, t_q, offs_d, BLOCK_M, HEAD_DIM, BLOCK_D)
+    r = _load_block(R, b, sr_b, h, sr_h, row_m, sr_t, sr_d, offs_m, t_q, offs_d, BLOCK_M, HEAD_DIM, BLOCK_D)
+    do = _load_block(DO, b, sdo_b, h, sdo_h, row_m, sdo_t, sdo_d, offs_m, t_q, offs_d, BLOCK_M, HEAD_DIM, BLOCK_D)
     o_off = _ptrs(0, b, so_b, h, so_h, row_m, so_t, so_d, BLOCK_M, BLOCK_D)
     o = _load_tile(O + o_off, offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D, True)
     vbar = _load_tile(VBAR + o_off, offs_m, t_q, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -502,17 +535,11 @@ def _bwd_dq_kernel(
     tbar1 = 1.0 + tl.load(TBAR + stat, mask=row_ok, other=0.0)
     b_minus_t = delta_b - delta_t
 
-    k_base = _loop_base(K, b, sk_b, hk, sk_h, row0, sk_t, TMA)
-    v_base = _loop_base(V, b, sv_b, hk, sv_h, row0, sv_t, TMA)
-    k_offs = _tile_offsets(sk_t, sk_d, BLOCK_N, BLOCK_D)
-    v_offs = _tile_offsets(sv_t, sv_d, BLOCK_N, BLOCK_D)
-    b_tma, hk_tma = _tma_coords(b, hk, TMA)
+    k_base, v_base, k_offs, v_offs, b_tma, hk_tma = _kv_loop_args(K, V, b, hk, row0, sk_b, sk_t, sk_h, sk_d, sv_b,
+                                                                  sv_t, sv_h, sv_d, BLOCK_N, BLOCK_D, TMA)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dr = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if CAUSAL:
-        pos = offs_m + (t_k - t_q)
-    else:
-        pos = offs_m
+    pos = _query_positions(offs_m, t_q, t_k, CAUSAL)
     lo, full_lo, full_hi, hi = _key_ranges(m0, t_q, t_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WINDOW:
         dq, dr = _dq_tiles(dq, dr, q, r, do, lse, tbar1, b_minus_t, delta_b, K, V, b_tma, hk_tma, k_base, v_base,
@@ -534,6 +561,16 @@ def _bwd_dq_kernel(
 # Backward, kernel 2: dk and dv, summed over the query heads of a GQA group
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_stat(PTR, rows, t_q, other, MASK: tl.constexpr):
+    """A per-row statistic of the query rows `rows`; `other` past t_q, checked only in masked tiles."""
+    if MASK:
+        x = tl.load(PTR + rows, mask=rows < t_q, other=other)
+    else:
+        x = tl.load(PTR + rows)
+    return x
+
+
+@triton.jit
 def _dkv_tiles(
     dk, dv,
     k, v, Q, R, DO, b_tma, h_tma, q_base, r_base, do_base, q_offs, r_offs, do_offs, stat_base,
@@ -552,17 +589,10 @@ def _dkv_tiles(
         r = _load_rows(R, r_base, r_offs, b_tma, m0, h_tma, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, MASK, TMA)
         do = _load_rows(DO, do_base, do_offs, b_tma, m0, h_tma, rows, t_q, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, MASK,
                         TMA)
-        if MASK:
-            row_ok = rows < t_q
-            lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=float("inf"))
-            tbar = tl.load(TBAR + stat_base + rows, mask=row_ok, other=0.0)
-            delta_t = tl.load(DELTA_T + stat_base + rows, mask=row_ok, other=0.0)
-            delta_b = tl.load(DELTA_B + stat_base + rows, mask=row_ok, other=0.0)
-        else:
-            lse = tl.load(LSE + stat_base + rows)
-            tbar = tl.load(TBAR + stat_base + rows)
-            delta_t = tl.load(DELTA_T + stat_base + rows)
-            delta_b = tl.load(DELTA_B + stat_base + rows)
+        lse = _row_stat(LSE + stat_base, rows, t_q, float("inf"), MASK)  # p = 0 past the queries
+        tbar = _row_stat(TBAR + stat_base, rows, t_q, 0.0, MASK)
+        delta_t = _row_stat(DELTA_T + stat_base, rows, t_q, 0.0, MASK)
+        delta_b = _row_stat(DELTA_B + stat_base, rows, t_q, 0.0, MASK)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         t_t = tl.dot(k, tl.trans(r), input_precision=DOT_PREC)
         p_t = tl.math.exp2(qk_t * qk_scale2 - lse[None, :])
@@ -573,7 +603,8 @@ def _dkv_tiles(
             if WINDOW:
                 keep = keep & (cols[:, None] > rows[None, :] + off - window)
             p_t = tl.where(keep, p_t, 0.0)
-        # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e.
+        # With e = b - a and w = 1 + t̄ - t:  dv weights p w,  dT = p e,  dS = p (b - T) - p w e
+        # (docs/parallax-math.md#backward).
         pw_t = p_t * ((1.0 + tbar)[None, :] - t_t)
         dv = tl.dot(pw_t.to(do.dtype), do, acc=dv, input_precision=DOT_PREC)
         a_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # made after dv: fewer tiles alive at once
@@ -612,10 +643,8 @@ def _bwd_dkv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_n = row0 + n0.to(tl.int64)
-    k = _load_tile(_ptrs(K, b, sk_b, hk, sk_h, row_n, sk_t, sk_d, BLOCK_N, BLOCK_D), cols, t_k, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(_ptrs(V, b, sv_b, hk, sv_h, row_n, sv_t, sv_d, BLOCK_N, BLOCK_D), cols, t_k, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
+    k = _load_block(K, b, sk_b, hk, sk_h, row_n, sk_t, sk_d, cols, t_k, offs_d, BLOCK_N, HEAD_DIM, BLOCK_D)
+    v = _load_block(V, b, sv_b, hk, sv_h, row_n, sv_t, sv_d, cols, t_k, offs_d, BLOCK_N, HEAD_DIM, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     if CAUSAL:

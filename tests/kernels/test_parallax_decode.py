@@ -1,4 +1,4 @@
-"""The Triton Parallax decode kernel (split-KV) against the PyTorch reference.
+"""The Triton Parallax decode kernel (split-KV) against the float64 einsum oracle and the PyTorch reference.
 
 On CPU machines the kernels run under the Triton interpreter (fp32 and fp16; bf16 and speed are
 checked on the GPU by benchmarks/bench_decode.py). Shapes are small, blocks are >= 16, and the
@@ -18,10 +18,11 @@ from parallax_kernels import (
     softmax_decode,
 )
 from parallax_kernels._dispatch import backend_for
+from parallax_kernels.parallax.oracle import parallax_decode_einsum
 from parallax_kernels.parallax.triton_decode import DecodeConfig, choose_num_splits, parallax_decode_triton
 from tests.helpers import assert_close_rel
 
-# fp16 inputs against the fp32-math reference: the kernel rounds p and p*t to fp16 for the P·V dots
+# fp16 inputs against the exact oracle: the kernel rounds p and p*t to fp16 for the P·V dots
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 
@@ -41,7 +42,8 @@ def _inputs(B, L, Hq, Hkv, D, dtype, lens=None, stale=float("nan")):
 
 
 def _check(got, q, r, k, v, lens, window=None, what="output"):
-    want = parallax_decode_reference(q.float(), r.float(), k.float(), v.float(), lens, window_size=window)
+    """Against the float64 einsum oracle (test_oracle.py ties parallax_decode_reference to it)."""
+    want = parallax_decode_einsum(q, r, k, v, lens, window_size=window)
     assert got.dtype == q.dtype and got.shape == q.shape
     assert_close_rel(got, want, TOL[q.dtype], what)
 
@@ -82,7 +84,7 @@ def test_scale_and_short_sequences_in_many_slices(poison):
     """More slices than a short sequence has tiles: the empty slices must be ignored by the merge."""
     q, r, k, v, lens = _inputs(3, 96, 2, 1, 32, torch.float32, lens=torch.tensor([1, 17, 96]))
     got = parallax_decode_triton(q, r, k, v, lens, 0.3, None, DecodeConfig(num_splits=6, block_n=16))
-    want = parallax_decode_reference(q, r, k, v, lens, scale=0.3)
+    want = parallax_decode_einsum(q, r, k, v, lens, scale=0.3)
     assert_close_rel(got, want, TOL[torch.float32])
 
 
@@ -122,7 +124,7 @@ def test_lengths_outside_the_cache_give_nan_on_the_device_path(use_dot, poison):
         cfg = DecodeConfig(num_splits=splits, block_n=16, use_dot=use_dot)
         got = parallax_decode_triton(q, r, k, v, lens, None, None, cfg)
         assert torch.isnan(got[0]).all() and torch.isnan(got[2]).all()
-        want = parallax_decode_reference(q[1:2], r[1:2], k[1:2], v[1:2], lens[1:2])
+        want = parallax_decode_einsum(q[1:2], r[1:2], k[1:2], v[1:2], lens[1:2])
         assert_close_rel(got[1:2], want, TOL[torch.float32])
 
 

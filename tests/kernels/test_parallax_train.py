@@ -1,4 +1,4 @@
-"""The Parallax Triton training kernels against the reference: output and all four gradients.
+"""The Parallax Triton training kernels against the einsum oracle and the reference: output and all four gradients.
 
 On CPU the kernels run under the Triton interpreter (fp32 and fp16; bf16 is broken there and is checked on
 the GPU by benchmarks/bench_train.py and the `gpu` tests below). Every output and gradient the kernels
@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton", reason="the training kernels need triton 
 
 from parallax_kernels import backend_for, parallax_attn, parallax_attn_reference, parallax_weights  # noqa: E402
 from parallax_kernels.parallax import op as parallax_op  # noqa: E402
+from parallax_kernels.parallax.oracle import parallax_attn_einsum  # noqa: E402
 from parallax_kernels.parallax.triton_train import (  # noqa: E402
     KernelConfig,
     default_configs,
@@ -56,7 +57,9 @@ def _reference(q, r, k, v, causal, window, offsets=None, scale=None):
 
 
 def _check(got, grads, leaves, do, causal, window, tol, offsets=None, scale=None):
-    want = _reference(*leaves, causal, window, offsets, scale)
+    """Output and gradients against the float64 einsum oracle (test_oracle.py ties the reference to it)."""
+    cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
+    want = parallax_attn_einsum(*leaves, causal=causal, scale=scale, window_size=window, cu_seqlens=cu)
     want_grads = torch.autograd.grad(want, leaves, do)
     assert_close_rel(got, want, tol, "o")
     for name, g, w in zip(("dq", "dr", "dk", "dv"), grads, want_grads):

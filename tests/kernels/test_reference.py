@@ -281,3 +281,32 @@ def test_decode_lengths_are_checked_by_default_wherever_they_live():
 
     for op in (parallax_decode, softmax_decode, parallax_decode_reference):
         assert inspect.signature(op).parameters["check_lengths"].default is True, op.__name__
+
+
+def test_host_reads_are_refused_by_name_under_capture(monkeypatch):
+    """Under CUDA-graph capture a host read fails inside CUDA; both ops that would read (packed offsets without
+    max_seqlen, checked decode lengths) refuse first through the one check in _checks, naming the fix."""
+    from parallax_kernels import _checks
+
+    monkeypatch.setattr(_checks, "capturing", lambda t: True)  # as if every tensor were being captured
+    q, r, k, v = (x.double() for x in _qrkv(T=10))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="being captured; pass max_seqlen"):
+        parallax_attn(q, r, k, v, cu_seqlens=cu)
+    parallax_attn(q, r, k, v, cu_seqlens=cu, max_seqlen=6)  # nothing to read: allowed
+    lens = torch.tensor([3], dtype=torch.int32)
+    for decode in (
+        lambda: parallax_decode(q[:, :1], r[:, :1], k, v, cache_seqlens=lens),
+        lambda: softmax_decode(q[:, :1], k, v, cache_seqlens=lens),
+    ):
+        with pytest.raises(RuntimeError, match="being captured; pass check_lengths=False"):
+            decode()
+    parallax_decode(q[:, :1], r[:, :1], k, v, cache_seqlens=lens, check_lengths=False)
+
+
+@pytest.mark.parametrize("fn", [parallax_attn, parallax_attn_reference], ids=["op", "reference"])
+def test_packed_q_and_k_must_have_one_length(fn):
+    q, r, k, v = _qrkv(T=8)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"q and k must have the same packed length, got 8 and 9"):
+        fn(q, r, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), cu_seqlens=cu)
