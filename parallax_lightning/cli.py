@@ -7,8 +7,9 @@ Config layout (see experiments/quickstart.yaml):
     model:    class_path: parallax_lightning.LanguageModelModule (default) + init_args: model / optimizer / schedule
     data:     class_path: parallax_lightning.data.TextDataModule (default) or TokenShardDataModule + init_args
     trainer:  Lightning Trainer arguments; trainer.logger defaults to ParallaxMLFlowLogger (sqlite:///mlflow.db)
-    checkpoint / speed / diagnostics / loss_curves: ParallaxCheckpoint (a ModelCheckpoint), SpeedMonitor,
-              ParallaxDiagnostics, LossCurves
+    checkpoint / speed / training_metrics / lr_monitor / diagnostics / loss_curves: ParallaxCheckpoint (a
+              ModelCheckpoint), SpeedMonitor, TrainingMetrics, Lightning's LearningRateMonitor (learning rate,
+              momentum and weight decay per parameter group), ParallaxDiagnostics, LossCurves
 
 Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
@@ -39,11 +40,19 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.fabric.plugins.io import CheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from . import class_paths
-from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor, TrainingInterrupted
+from .callbacks import (
+    LossCurves,
+    ParallaxCheckpoint,
+    ParallaxDiagnostics,
+    SpeedMonitor,
+    TrainingInterrupted,
+    TrainingMetrics,
+)
 from .checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
@@ -185,12 +194,21 @@ class ParallaxCLI(LightningCLI):
         self._argument_sections = {
             "checkpoint": ParallaxCheckpoint,
             "speed": SpeedMonitor,
+            "training_metrics": TrainingMetrics,
+            "lr_monitor": LearningRateMonitor,
             "diagnostics": ParallaxDiagnostics,
             "loss_curves": LossCurves,
         }
         for key, cls in self._argument_sections.items():
             parser.add_lightning_class_args(cls, key)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.set_defaults(
+            {
+                "lr_monitor.logging_interval": "step",
+                "lr_monitor.log_momentum": True,
+                "lr_monitor.log_weight_decay": True,
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         # What the parser resolved (shorthands expanded): nothing outside the trusted namespaces is built, and
@@ -248,6 +266,9 @@ class ParallaxCLI(LightningCLI):
             # trainer.enable_checkpointing=false means no checkpoints: drop the `checkpoint` key's callback
             # (Lightning refuses a ModelCheckpoint next to that flag).
             callbacks = [c for c in callbacks if not isinstance(c, ParallaxCheckpoint)]
+        if config.get("logger") is False:
+            # LearningRateMonitor refuses a trainer without a logger: with nothing to log to, it is dropped.
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         return super()._instantiate_trainer(config, callbacks)
 
     # -- tracking ------------------------------------------------------------------------------------

@@ -168,8 +168,12 @@ def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
     losses = history(client, rid, "train/loss")
     assert [s for s, _ in losses] == list(range(6))
     assert history(client, rid, "val/loss") and history(client, rid, "val/ppl")
-    assert history(client, rid, "perf/tokens_per_s")
-    assert history(client, rid, "train/lr")
+    # One step convention for every training metric: the optimizer steps taken before the step it describes.
+    for key in ("train/grad_norm", "train/tokens", "train/update_rms/muon", "lr-Muon/muon", "lr-Muon/muon-momentum"):
+        assert [s for s, _ in history(client, rid, key)] == list(range(6)), key
+    assert [s for s, _ in history(client, rid, "perf/tokens_per_s")] == list(range(1, 6))  # clock starts after 0
+    assert [s for s, _ in history(client, rid, "perf/step_time_s")] == list(range(1, 6))
+    assert [v for _, v in history(client, rid, "train/tokens")] == [16 * 2 * (i + 1) for i in range(6)]
     for stat in ("correction_ratio", "r_norm", "stable_rank_w_r", "stable_rank_w_q", "stable_rank_w_k"):
         assert [s for s, _ in history(client, rid, f"diag/layer0/{stat}")] == [0, 3, 6]  # 0: before any update
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
@@ -194,7 +198,7 @@ def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["parallax.resumes"] == "1"
     reference = only_run(client, "full")
-    for key in ("train/loss", "val/loss", "train/lr", "train/weight_decay"):
+    for key in ("train/loss", "val/loss", "lr-Muon/muon", "lr-Muon/muon-weight_decay"):
         expected = history(client, reference.info.run_id, key)
         got = history(client, resumed.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in expected], key
