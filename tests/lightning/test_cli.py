@@ -198,7 +198,14 @@ def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["parallax.resumes"] == "1"
     reference = only_run(client, "full")
-    for key in ("train/loss", "val/loss", "lr-Muon/muon", "lr-Muon/muon-weight_decay"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "lr-Muon/muon",
+        "lr-Muon/muon-weight_decay",
+        "train/tokens",
+        "train/grad_norm",
+    ):
         expected = history(client, reference.info.run_id, key)
         got = history(client, resumed.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in expected], key
