@@ -4,6 +4,8 @@
   attention included, over the device's dense peak from Lightning's table, a small addition, or a configured
   peak), computed with Lightning's `Throughput`.
 - `TrainingMetrics`: gradient norm, tokens trained on so far, and the optimizer's per-group update RMS.
+- `LRMonitor`: Lightning's LearningRateMonitor (learning rate, momentum, weight decay per parameter group),
+  logged when the optimizer steps.
 - `ParallaxDiagnostics`: every N steps, per layer, the correction-to-output ratio ‖Cov·r‖/‖v̄‖, mean ‖r‖ and
   the stable ranks of W_R, W_Q, W_K (the paper's evidence for the Muon codesign), plus a figure at the end.
 - `LossCurves`: a figure of the train / validation loss of the whole run (resumed sessions included).
@@ -29,7 +31,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from .tracking import ParallaxMLFlowLogger, log_figure, metric_history, mlflow_loggers
@@ -230,6 +232,19 @@ class TrainingMetrics(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.tokens = int(state_dict.get("tokens", 0))
+
+
+class LRMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, logging when the optimizer steps rather than when a batch starts: once
+    per optimizer step under gradient accumulation (not once per micro-batch), and after every callback's
+    `on_train_batch_start` has run, so a resumed run's first value gets the step the other metrics get
+    (ParallaxCheckpoint settles Lightning's logging-step counter there)."""
+
+    def on_train_batch_start(self, trainer, *args, **kwargs):
+        pass
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_train_batch_start(trainer)
 
 
 class ParallaxDiagnostics(Callback):

@@ -8,12 +8,12 @@ Config layout (see experiments/quickstart.yaml):
     data:     class_path: parallax_lightning.data.TextDataModule (default) or TokenShardDataModule + init_args
     trainer:  Lightning Trainer arguments; trainer.logger defaults to ParallaxMLFlowLogger (sqlite:///mlflow.db)
     checkpoint / speed / training_metrics / lr_monitor / diagnostics / loss_curves: ParallaxCheckpoint (a
-              ModelCheckpoint), SpeedMonitor, TrainingMetrics, Lightning's LearningRateMonitor (learning rate,
-              momentum and weight decay per parameter group), ParallaxDiagnostics, LossCurves
+              ModelCheckpoint), SpeedMonitor, TrainingMetrics, LRMonitor (Lightning's LearningRateMonitor:
+              learning rate, momentum and weight decay per parameter group), ParallaxDiagnostics, LossCurves
 
 Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
-sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
-as the run's parameters.
+sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and the flattened keys
+whose value differs from the default as the run's parameters (with the decoder as built, `model.model.*`).
 
 Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's
 components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS)
@@ -40,13 +40,13 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.fabric.plugins.io import CheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from . import class_paths
 from .callbacks import (
     LossCurves,
+    LRMonitor,
     ParallaxCheckpoint,
     ParallaxDiagnostics,
     SpeedMonitor,
@@ -80,6 +80,12 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "log_every_n_steps": 10,
 }
+
+
+def _flat_params(dumped: str) -> dict[str, str]:
+    # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
+    config = yaml.safe_load(dumped) or {}
+    return flatten_config({k: v for k, v in config.items() if k not in ("config", "ckpt_path")})
 
 
 def _is_local_file_path(ckpt_path: str) -> bool:
@@ -195,7 +201,7 @@ class ParallaxCLI(LightningCLI):
             "checkpoint": ParallaxCheckpoint,
             "speed": SpeedMonitor,
             "training_metrics": TrainingMetrics,
-            "lr_monitor": LearningRateMonitor,
+            "lr_monitor": LRMonitor,
             "diagnostics": ParallaxDiagnostics,
             "loss_curves": LossCurves,
         }
@@ -268,7 +274,7 @@ class ParallaxCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ParallaxCheckpoint)]
         if config.get("logger") is False:
             # LearningRateMonitor refuses a trainer without a logger: with nothing to log to, it is dropped.
-            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            callbacks = [c for c in callbacks if not isinstance(c, LRMonitor)]
         return super()._instantiate_trainer(config, callbacks)
 
     # -- tracking ------------------------------------------------------------------------------------
@@ -303,12 +309,13 @@ class ParallaxCLI(LightningCLI):
         if rank_zero_only.rank != 0:
             return
         client, run_id = logger.experiment, logger.run_id
-        text = self._parser(self.subcommand).dump(
-            self.config[self.subcommand], skip_none=False, skip_link_targets=False
-        )
+        parser = self._parser(self.subcommand)
+        text = parser.dump(self.config[self.subcommand], skip_none=False, skip_link_targets=False)
         text = redact(text)  # e.g. the logger's tracking_uri with a password: neither a parameter nor config.yaml
-        # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
-        params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k not in ("config", "ckpt_path")})
+        # Parameters are the keys whose value differs from the default (config.yaml holds all of them), so the
+        # run's page and comparisons show what was chosen, not the trainer's dozens of defaults.
+        defaults = _flat_params(parser.dump(parser.get_defaults(), skip_none=False, skip_validation=True))
+        params = {k: v for k, v in _flat_params(text).items() if defaults.get(k) != v}
         model_config = getattr(self.model, "model_config", None)
         if dataclasses.is_dataclass(model_config):  # the linked values, as the model was built
             params.update(flatten_config({"model": {"model": dataclasses.asdict(model_config)}}))

@@ -146,7 +146,7 @@ def test_quickstart_config_trains_briefly(tmp_path):
 
 
 def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
-    config = tiny_config(tmp_path, corpus, experiment="complete", store=store)
+    config = tiny_config(tmp_path, corpus, experiment="complete", store=store, trainer={"gradient_clip_val": 5.0})
     run_cli(["fit", "--config", str(config)], tmp_path)
     client = mlflow_client(store)
     run = only_run(client, "complete")
@@ -158,13 +158,19 @@ def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
     assert params["model.model.vocab_size"] == "320"  # the linked value, as the model was built
     assert params["data.seq_len"] == "16" and params["trainer.max_steps"] == "6"
     assert int(params["model.params_total"]) > 0
+    # Parameters are what differs from the defaults (config.yaml below keeps every key).
+    assert params["trainer.gradient_clip_val"] == "5.0"
+    for default in ("trainer.accumulate_grad_batches", "trainer.precision", "model.optimizer.momentum"):
+        assert default not in params, default
     tags = run.data.tags
     for tag in ("git_commit", "git_dirty", "torch_version", "triton_version", "lightning_version", "gpu"):
         assert tags[f"parallax.{tag}"]
     artifacts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "figures")}
     assert {"config.yaml", "figures/loss_curves.png", "figures/parallax_diagnostics.png"} <= artifacts
     config_text = Path(client.download_artifacts(rid, "config.yaml", str(tmp_path / "dl"))).read_text()
-    assert yaml.safe_load(config_text)["model"]["init_args"]["model"]["d_model"] == 32
+    saved = yaml.safe_load(config_text)
+    assert saved["model"]["init_args"]["model"]["d_model"] == 32
+    assert saved["trainer"]["accumulate_grad_batches"] == 1 and saved["model"]["init_args"]["optimizer"]["momentum"]
     losses = history(client, rid, "train/loss")
     assert [s for s, _ in losses] == list(range(6))
     assert history(client, rid, "val/loss") and history(client, rid, "val/ppl")
