@@ -220,6 +220,13 @@ def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path
     assert {"config.yaml", "config_resume1.yaml"} <= artifacts
 
 
+def test_fit_without_a_logger_drops_the_learning_rate_monitor(tmp_path, corpus):
+    """LearningRateMonitor refuses a trainer without a logger; trainer.logger=false must still train."""
+    config = tiny_config(tmp_path, corpus, trainer={"max_steps": 2, "logger": False})
+    cli = run_cli(["fit", "--config", str(config)], tmp_path)
+    assert cli.trainer.global_step == 2 and not (tmp_path / "mlflow.db").exists()
+
+
 def test_missing_data_path_fails_before_training(tmp_path, corpus):
     config = tiny_config(tmp_path, tmp_path / "no_such_corpus", experiment="missing")
     # jsonargparse reports errors raised while building the data module inside its own ValueError
