@@ -192,14 +192,12 @@ class TrainingMetrics(Callback):
         self._step = 0
         self._pending: dict[str, torch.Tensor] = {}
 
-    def on_train_start(self, trainer, pl_module):
-        if self.update_rms:
-            for optimizer in trainer.optimizers:
-                if hasattr(optimizer, "track_update_rms"):
-                    optimizer.track_update_rms = True
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step = trainer.global_step
+        if self.update_rms:  # recorded on the steps that are logged only: the other steps pay nothing for it
+            for optimizer in trainer.optimizers:
+                if hasattr(optimizer, "track_update_rms"):
+                    optimizer.track_update_rms = _is_logging_step(trainer, self._step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not self.grad_norm or not _is_logging_step(trainer, self._step):
