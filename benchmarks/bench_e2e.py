@@ -59,7 +59,7 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     from parallax_lightning.callbacks import peak_flops_for
 
-    return peak_flops_for(torch.cuda.get_device_name(device))
+    return peak_flops_for(device, "bf16-mixed")
 
 
 def _sync(device: torch.device) -> None:

@@ -1,9 +1,10 @@
 """Run one task for several attention kinds and widths, then compare the runs in one table and one plot.
 
 Each point of the grid is a separate `python -m parallax_lightning fit` process (the same CLI a user runs by
-hand), tagged in MLflow with the sweep's id and its coordinates. The report is built from the MLflow runs
-alone (MlflowClient search by experiment and tag), so it can be rebuilt later, or for a sweep whose runs
-were started elsewhere, with --report-only.
+hand), tagged in MLflow with the sweep's id and its coordinates, and a child of the sweep's parent run (the
+`mlflow.parentRunId` tag), so the MLflow UI folds a sweep's runs under one row; the parent holds the report.
+The report is built from the MLflow runs alone (MlflowClient search by experiment and tag), so it can be
+rebuilt later, or for a sweep whose runs were started elsewhere, with --report-only.
 
     python experiments/sweep.py --config experiments/long_context/mqar_cpu.yaml \\
         --attention softmax parallax --d_model 64 128 --metric val/acc val/acc/length_test --out sweeps/mqar
@@ -29,6 +30,7 @@ import uuid
 from pathlib import Path
 
 TAG = "parallax.sweep"
+PARENT_TAG = "parallax.sweep_parent"  # on the parent run only (not TAG: the report reads TAG's runs)
 
 
 def parse_args(argv=None):
@@ -92,8 +94,12 @@ def short(point: dict[str, str]) -> str:
     return "-".join(f"{k.rsplit('.', 1)[-1]}{v}" if k != "model.model.attention" else v for k, v in point.items())
 
 
-def command(args, point: dict[str, str], uri: str, out: Path) -> list[str]:
+def command(args, point: dict[str, str], uri: str, out: Path, parent_run_id: str | None = None) -> list[str]:
     tags = {TAG: args.sweep_id, **{f"{TAG}.{k.rsplit('.', 1)[-1]}": v for k, v in point.items()}}
+    if parent_run_id:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     cmd = [sys.executable, "-m", "parallax_lightning", "fit", "--config", args.config]
     for key, value in point.items():
         cmd += [f"--{key}", value]
@@ -107,7 +113,33 @@ def command(args, point: dict[str, str], uri: str, out: Path) -> list[str]:
     return cmd + list(args.extra)
 
 
-def run_all(args, uri: str, out: Path) -> dict[str, int]:
+def start_parent(args, uri: str) -> str:
+    """The sweep's parent run (its children name it in their `mlflow.parentRunId` tag); returns its id."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(args.experiment)
+    axes = {k: sorted({p[k] for p in grid(args)}) for k in grid(args)[0]}
+    run = client.create_run(
+        exp_id,
+        run_name=f"sweep-{args.sweep_id}",
+        tags={PARENT_TAG: args.sweep_id, f"{PARENT_TAG}.grid": json.dumps(axes)[:5000]},
+    )
+    return run.info.run_id
+
+
+def end_parent(uri: str, parent_run_id: str, failed: int, out: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for name in ("sweep.md", "sweep.png"):
+        if (out / name).is_file():
+            client.log_artifact(parent_run_id, str(out / name))
+    client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+
+
+def run_all(args, uri: str, out: Path, parent_run_id: str | None = None) -> dict[str, int]:
     points = grid(args)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     status: dict[str, int] = {}
@@ -117,7 +149,7 @@ def run_all(args, uri: str, out: Path) -> dict[str, int]:
         while queue and len(running) < args.parallel:
             point = queue.pop(0)
             name = short(point)
-            cmd = command(args, point, uri, out)
+            cmd = command(args, point, uri, out, parent_run_id)
             print(f"[sweep {args.sweep_id}] start {name}: {' '.join(cmd)}", flush=True)
             if args.dry_run:
                 status[name] = 0
@@ -248,12 +280,24 @@ def main(argv=None) -> int:
     args.sweep_id = args.sweep_id or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     out = Path(args.out)
     failed = 0
+    parent = None
     if not args.report_only:
-        status = run_all(args, uri, out)
+        parent = None if args.dry_run else start_parent(args, uri)
+        try:
+            status = run_all(args, uri, out, parent)
+        except BaseException:
+            if parent:
+                end_parent(uri, parent, 1, out)
+            raise
         failed = sum(code != 0 for code in status.values())
         if args.dry_run:
             return 0
-    text = report(collect(uri, args.experiment, args.sweep_id), args.metric, out, args.sweep_id, args.experiment, uri)
+    try:
+        runs = collect(uri, args.experiment, args.sweep_id)
+        text = report(runs, args.metric, out, args.sweep_id, args.experiment, uri)
+    finally:
+        if parent:
+            end_parent(uri, parent, failed, out)
     print(text)
     print(f"wrote {out / 'sweep.md'}" + (f" and {out / 'sweep.png'}" if (out / "sweep.png").exists() else ""))
     if failed:

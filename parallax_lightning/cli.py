@@ -7,12 +7,13 @@ Config layout (see experiments/quickstart.yaml):
     model:    class_path: parallax_lightning.LanguageModelModule (default) + init_args: model / optimizer / schedule
     data:     class_path: parallax_lightning.data.TextDataModule (default) or TokenShardDataModule + init_args
     trainer:  Lightning Trainer arguments; trainer.logger defaults to ParallaxMLFlowLogger (sqlite:///mlflow.db)
-    checkpoint / speed / diagnostics / loss_curves: ParallaxCheckpoint (a ModelCheckpoint), SpeedMonitor,
-              ParallaxDiagnostics, LossCurves
+    checkpoint / speed / training_metrics / lr_monitor / diagnostics / loss_curves: ParallaxCheckpoint (a
+              ModelCheckpoint), SpeedMonitor, TrainingMetrics, LRMonitor (Lightning's LearningRateMonitor:
+              learning rate, momentum and weight decay per parameter group), ParallaxDiagnostics, LossCurves
 
 Lightning's SaveConfigCallback is off (it asserts on loggers without a log folder, such as MLflow on
-sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and its flattened keys
-as the run's parameters.
+sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and the flattened keys
+whose value differs from the default as the run's parameters (with the decoder as built, `model.model.*`).
 
 Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's
 components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS)
@@ -51,7 +52,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from . import class_paths
-from .callbacks import LossCurves, ParallaxCheckpoint, ParallaxDiagnostics, SpeedMonitor, TrainingInterrupted
+from .callbacks import (
+    LossCurves,
+    LRMonitor,
+    ParallaxCheckpoint,
+    ParallaxDiagnostics,
+    SpeedMonitor,
+    TrainingInterrupted,
+    TrainingMetrics,
+)
 from .checkpoint_io import AtomicCheckpointIO, check_checkpoint_fits
 from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
@@ -79,6 +88,12 @@ TRAINER_DEFAULTS = {
     "val_check_interval": 250,
     "log_every_n_steps": 10,
 }
+
+
+def _flat_params(dumped: str) -> dict[str, str]:
+    # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
+    config = yaml.safe_load(dumped) or {}
+    return flatten_config({k: v for k, v in config.items() if k not in ("config", "ckpt_path")})
 
 
 def _is_local_file_path(ckpt_path: str) -> bool:
@@ -243,12 +258,21 @@ class ParallaxCLI(LightningCLI):
         self._argument_sections = {
             "checkpoint": ParallaxCheckpoint,
             "speed": SpeedMonitor,
+            "training_metrics": TrainingMetrics,
+            "lr_monitor": LRMonitor,
             "diagnostics": ParallaxDiagnostics,
             "loss_curves": LossCurves,
         }
         for key, cls in self._argument_sections.items():
             parser.add_lightning_class_args(cls, key)
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 500})
+        parser.set_defaults(
+            {
+                "lr_monitor.logging_interval": "step",
+                "lr_monitor.log_momentum": True,
+                "lr_monitor.log_weight_decay": True,
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         if getattr(self, "_held_ckpt_path", None) is not None:
@@ -295,6 +319,11 @@ class ParallaxCLI(LightningCLI):
             section = self.config_init.get(str(self.subcommand), self.config_init)
             if isinstance(section.get("checkpoint"), ParallaxCheckpoint):
                 section["checkpoint"] = pl.Callback()
+        if {**trainer_config, **kwargs}.get("logger") is False:
+            # LearningRateMonitor refuses a trainer without a logger: with nothing to log to, it becomes inert.
+            section = self.config_init.get(str(self.subcommand), self.config_init)
+            if isinstance(section.get("lr_monitor"), LRMonitor):
+                section["lr_monitor"] = pl.Callback()
         plugins = kwargs.get("plugins", trainer_config.get("plugins"))
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -347,8 +376,13 @@ class ParallaxCLI(LightningCLI):
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         text = yaml.safe_dump(dumped[self.subcommand], default_flow_style=False, allow_unicode=True, sort_keys=False)
         text = redact(text)  # e.g. the logger's tracking_uri with a password: neither a parameter nor config.yaml
-        # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
-        params = flatten_config({k: v for k, v in yaml.safe_load(text).items() if k not in ("config", "ckpt_path")})
+        # Parameters are the keys whose value differs from the default (config.yaml holds all of them), so the
+        # run's page and comparisons show what was chosen, not the trainer's dozens of defaults.
+        all_defaults = yaml.safe_load(
+            self.parser.dump(self.parser.get_defaults(), skip_none=False, skip_validation=True)
+        )
+        defaults = _flat_params(yaml.safe_dump((all_defaults or {}).get(self.subcommand) or {}))
+        params = {k: v for k, v in _flat_params(text).items() if defaults.get(k) != v}
         model_config = getattr(self.model, "model_config", None)
         if dataclasses.is_dataclass(model_config):  # the linked values, as the model was built
             params.update(flatten_config({"model": {"model": dataclasses.asdict(model_config)}}))

@@ -3,9 +3,9 @@
 Batches are {"input_ids": (B, T), "labels": (B, T)}; a label of -100 carries no loss (tasks such as
 associative recall mark every position but the answers that way and reuse this module as is). Logs
 train/loss and train/ppl every step, val/loss and val/ppl (torchmetrics, token-weighted, synced across
-devices), the learning rates and the annealed weight decay. A non-finite loss or gradient either stops
-training (`nonfinite="stop"`, the default) with the step, the first parameter whose gradient is non-finite and
-the checkpoints named, or skips that optimizer step (`nonfinite="skip"`: the update is dropped, the weights
+devices); the CLI's callbacks add learning rates, weight decay, gradient norm, tokens and throughput. A
+non-finite loss or gradient either stops training (`nonfinite="stop"`, the default) with the step, the first
+parameter whose gradient is non-finite and the checkpoints named, or skips that optimizer step (`nonfinite="skip"`: the update is dropped, the weights
 and optimizer state stay as they were, `train/nonfinite_skips` counts them); the module's `configure_callbacks`
 adds that guard (`nonfinite.NonFiniteGuard`) to every trainer it runs in.
 
@@ -201,16 +201,6 @@ class LanguageModelModule(pl.LightningModule):
     def configure_callbacks(self):
         # The guard travels with the module (config keys model.nonfinite / model.max_nonfinite_skips).
         return [self.nonfinite_guard]
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        muon = [g for g in optimizer.param_groups if g.get("use_muon")]
-        adamw = [g for g in optimizer.param_groups if not g.get("use_muon")]
-        metrics = {"train/lr": (muon or adamw)[0]["lr"]}
-        if muon and adamw:
-            metrics["train/lr_adamw"] = adamw[0]["lr"]
-        if self.schedule_config.wd_anneal_gamma is not None:
-            metrics["train/weight_decay"] = (muon or adamw)[0].get("weight_decay", 0.0)
-        self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def schedule_for(self, trainer: pl.Trainer) -> Schedule:
         """The schedule over this training (checked by the CLI before a run starts, so a bad one fails early)."""

@@ -88,7 +88,22 @@ def diagnostics_summary(diag: dict[str, list[tuple[int, float]]]) -> dict:
 
 def run_record(client, run, artifacts_ok: bool = True) -> dict:
     """The JSON record of one MLflow run."""
-    params, tags, rid = run.data.params, run.data.tags, run.info.run_id
+    logged, tags, rid = run.data.params, run.data.tags, run.info.run_id
+    config = None
+    if artifacts_ok:
+        try:
+            import tempfile
+
+            import yaml
+
+            with tempfile.TemporaryDirectory() as tmp:
+                config = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", tmp)).read_text())
+        except Exception:  # artifacts stayed on the GPU machine's scratch: the params still hold the config
+            config = None
+    # Runs log as parameters only the keys that differ from the defaults; config.yaml holds every key.
+    from parallax_lightning.tracking import flatten_config
+
+    params = {**flatten_config(config or {}), **logged}
     histories = {key: _history(client, rid, key) for key in run.data.metrics}
     for key in list(histories):  # key every history by optimizer steps done
         if key.startswith(LIGHTNING_LOGGED):
@@ -108,17 +123,6 @@ def run_record(client, run, artifacts_ok: bool = True) -> dict:
         status = "incomplete"
     tps = [v for _, v in histories.get("perf/tokens_per_s", [])]
     mfu = [v for _, v in histories.get("perf/mfu", [])]
-    config = None
-    if artifacts_ok:
-        try:
-            import tempfile
-
-            import yaml
-
-            with tempfile.TemporaryDirectory() as tmp:
-                config = yaml.safe_load(Path(client.download_artifacts(rid, "config.yaml", tmp)).read_text())
-        except Exception:  # artifacts stayed on the GPU machine's scratch: the params still hold the config
-            config = None
     diag = {k.removeprefix("diag/"): h for k, h in histories.items() if k.startswith("diag/")}
     return {
         "schema": SCHEMA,
@@ -159,7 +163,7 @@ def run_record(client, run, artifacts_ok: bool = True) -> dict:
         "torch": tags.get("parallax.torch_version"),
         "triton": tags.get("parallax.triton_version"),
         "tags": {k: v for k, v in sorted(tags.items()) if k.startswith(("paper.", "parallax.", "synthetic"))},
-        "params": dict(sorted(params.items())),
+        "params": dict(sorted(logged.items())),
         "config": config,
         "mlflow_run_id": rid,
     }

@@ -170,7 +170,7 @@ def test_quickstart_config_trains_briefly(tmp_path):
 
 
 def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
-    config = tiny_config(tmp_path, corpus, experiment="complete", store=store)
+    config = tiny_config(tmp_path, corpus, experiment="complete", store=store, trainer={"gradient_clip_val": 5.0})
     run_cli(["fit", "--config", str(config)], tmp_path)
     client = mlflow_client(store)
     run = only_run(client, "complete")
@@ -182,18 +182,28 @@ def test_fit_logs_a_complete_mlflow_run(tmp_path, corpus, store):
     assert params["model.model.vocab_size"] == "320"  # the linked value, as the model was built
     assert params["data.seq_len"] == "16" and params["trainer.max_steps"] == "6"
     assert int(params["model.params_total"]) > 0
+    # Parameters are what differs from the defaults (config.yaml below keeps every key).
+    assert params["trainer.gradient_clip_val"] == "5.0"
+    for default in ("trainer.accumulate_grad_batches", "trainer.precision", "model.optimizer.momentum"):
+        assert default not in params, default
     tags = run.data.tags
     for tag in ("git_commit", "git_dirty", "torch_version", "triton_version", "lightning_version", "gpu"):
         assert tags[f"parallax.{tag}"]
     artifacts = {a.path for a in client.list_artifacts(rid)} | {a.path for a in client.list_artifacts(rid, "figures")}
     assert {"config.yaml", "figures/loss_curves.png", "figures/parallax_diagnostics.png"} <= artifacts
     config_text = Path(client.download_artifacts(rid, "config.yaml", str(tmp_path / "dl"))).read_text()
-    assert yaml.safe_load(config_text)["model"]["init_args"]["model"]["d_model"] == 32
+    saved = yaml.safe_load(config_text)
+    assert saved["model"]["init_args"]["model"]["d_model"] == 32
+    assert saved["trainer"]["accumulate_grad_batches"] == 1 and saved["model"]["init_args"]["optimizer"]["momentum"]
     losses = history(client, rid, "train/loss")
     assert [s for s, _ in losses] == list(range(6))
     assert history(client, rid, "val/loss") and history(client, rid, "val/ppl")
-    assert history(client, rid, "perf/tokens_per_s")
-    assert history(client, rid, "train/lr")
+    # One step convention for every training metric: the optimizer steps taken before the step it describes.
+    for key in ("train/grad_norm", "train/tokens", "train/update_rms/muon", "lr-Muon/muon", "lr-Muon/muon-momentum"):
+        assert [s for s, _ in history(client, rid, key)] == list(range(6)), key
+    assert [s for s, _ in history(client, rid, "perf/tokens_per_s")] == list(range(1, 6))  # clock starts after 0
+    assert [s for s, _ in history(client, rid, "perf/step_time_s")] == list(range(1, 6))
+    assert [v for _, v in history(client, rid, "train/tokens")] == [16 * 2 * (i + 1) for i in range(6)]
     for stat in ("correction_ratio", "r_norm", "stable_rank_w_r", "stable_rank_w_q", "stable_rank_w_k"):
         assert [s for s, _ in history(client, rid, f"diag/layer0/{stat}")] == [0, 3, 6]  # 0: before any update
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
@@ -218,7 +228,14 @@ def test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run(tmp_path
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["parallax.resumes"] == "1"
     reference = only_run(client, "full")
-    for key in ("train/loss", "val/loss", "train/lr", "train/weight_decay"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "lr-Muon/muon",
+        "lr-Muon/muon-weight_decay",
+        "train/tokens",
+        "train/grad_norm",
+    ):
         expected = history(client, reference.info.run_id, key)
         got = history(client, resumed.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in expected], key
@@ -267,6 +284,13 @@ def test_ckpt_path_last_without_a_checkpoint_fails_before_a_run_is_opened(tmp_pa
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="give the checkpoint's path"):
         run_cli(["predict", "--config", str(config), "--ckpt_path", "last", "--data.predict_prompts=[a]"], tmp_path)
+
+
+def test_fit_without_a_logger_drops_the_learning_rate_monitor(tmp_path, corpus):
+    """LearningRateMonitor refuses a trainer without a logger; trainer.logger=false must still train."""
+    config = tiny_config(tmp_path, corpus, trainer={"max_steps": 2, "logger": False})
+    cli = run_cli(["fit", "--config", str(config)], tmp_path)
+    assert cli.trainer.global_step == 2 and not (tmp_path / "mlflow.db").exists()
 
 
 def test_missing_data_path_fails_before_training(tmp_path, corpus):

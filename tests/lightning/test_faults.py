@@ -30,7 +30,7 @@ from parallax_lightning.tracking_outbox import StoreUnavailableWarning
 from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config
 
 STEPS = 10
-CURVES = ("train/loss", "val/loss", "train/lr")
+CURVES = ("train/loss", "val/loss", "lr-Muon/muon")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

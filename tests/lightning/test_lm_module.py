@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from parallax_lightning.attention import ATTENTION_KINDS
-from parallax_lightning.callbacks import SpeedMonitor
+from parallax_lightning.callbacks import SpeedMonitor, TrainingMetrics, peak_flops_for
 from parallax_lightning.data import TextDataModule
 from parallax_lightning.lm_module import LanguageModelModule, NonFiniteLossError
 from parallax_lightning.model import DecoderConfig, flops_per_token
@@ -305,13 +305,38 @@ def test_speed_monitor_logs_tokens_per_second_and_mfu(tmp_path, corpus):
 
     module = LanguageModelModule(tiny())
     dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
-    t = trainer(tmp_path, steps=4, logger=Recorder(), log_every_n_steps=2, callbacks=[SpeedMonitor(peak_flops=1e9)])
+    callbacks = [SpeedMonitor(peak_flops=1e9), TrainingMetrics()]
+    t = trainer(tmp_path, steps=4, logger=Recorder(), log_every_n_steps=2, callbacks=callbacks)
     t.fit(module, dm)
     perf = [m for _, m in logged if "perf/tokens_per_s" in m]
     assert perf
     for m in perf:
         expected = m["perf/tokens_per_s"] * flops_per_token(module.model_config, 16) / 1e9
         assert m["perf/mfu"] == pytest.approx(expected)
+
+    def steps(key):
+        return [s for s, m in logged if key in m]
+
+    # One step convention: optimizer steps taken before the step the metric describes (Lightning's train/loss).
+    assert steps("train/loss") == [1, 3]
+    assert steps("perf/tokens_per_s") == [1, 3]  # the clock starts after step 0 (compilation, warm-up)
+    for key in ("train/grad_norm", "train/tokens", "train/update_rms/muon", "train/update_rms/adamw_embedding"):
+        assert steps(key) == [1, 3], key
+    tokens = [m["train/tokens"] for _, m in logged if "train/tokens" in m]
+    assert tokens == [2 * 2 * 16, 4 * 2 * 16]  # batches × batch size × sequence length, cumulative
+    assert all(m["train/grad_norm"] > 0 for _, m in logged if "train/grad_norm" in m)
+
+
+def test_peak_flops_come_from_lightning_except_the_h200_it_misses(monkeypatch):
+    assert peak_flops_for(torch.device("cpu"), "bf16-mixed") is None
+    for name, precision, peak in (
+        ("NVIDIA H200", "bf16-mixed", 989e12),  # Lightning's table does not know this name
+        ("NVIDIA H200 NVL", "bf16-true", 835e12),
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989.4e12),  # Lightning's entry
+        ("NVIDIA A100-SXM4-80GB", "16-mixed", 312e12),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops_for(torch.device("cuda", 0), precision) == pytest.approx(peak), name
 
 
 def test_nan_guard_is_a_callback_the_module_brings_and_its_skip_count_is_checkpointed(tmp_path, corpus):

@@ -192,6 +192,32 @@ def test_sweep_commands_and_report_from_tagged_runs(tmp_path, mlflow_uri):
         sweep.collect(mlflow_uri, "sweep-test", "s3")
 
 
+def test_sweep_runs_are_children_of_one_parent_run(tmp_path, corpus, monkeypatch):
+    """A sweep opens a parent run; each member is a child (MLflow's parent-run tag, which the UI folds), the
+    report ignores the parent, and the parent ends FINISHED holding the report."""
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from .platform_utils import tiny_config
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sweep = _load_sweep()
+    config = tiny_config(tmp_path, corpus, trainer={"max_steps": 2, "val_check_interval": 2})
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    argv = ["--config", str(config), "--attention", "softmax", "parallax", "--sweep-id", "s1"]
+    argv += ["--experiment", "nested", "--tracking-uri", uri, "--metric", "val/loss", "--out", str(tmp_path / "out")]
+    assert sweep.main(argv) == 0
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("nested")
+    [parent] = client.search_runs([exp.experiment_id], f"tags.`{sweep.PARENT_TAG}` = 's1'")
+    children = client.search_runs([exp.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["parallax.sweep.attention"] for r in children) == ["parallax", "softmax"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {r.info.run_id for r in sweep.collect(uri, "nested", "s1")} == {r.info.run_id for r in children}
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert "sweep.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 def test_mqar_cpu_config_learns_through_the_cli(tmp_path, monkeypatch):
     """A short run of experiments/long_context/mqar_cpu.yaml (softmax, the quicker learner) answers far above
     chance (1/32 for a uniform guess among the values, about 0.19 for a guess among the context's values)."""

@@ -358,6 +358,23 @@ def _log_synthetic_run(uri, name, last=640, max_steps=640, exit_code="0"):
     return run.info.run_id
 
 
+def test_export_reads_keys_left_at_their_defaults_from_config_yaml(tmp_path, monkeypatch):
+    """Runs log as parameters only the keys that differ from the defaults; the record takes the others from the
+    run's config.yaml (every key, resolved)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the store's default artifact folder, ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rid = _log_synthetic_run(uri, "parallax-muon_lr0.02_s1")
+    config = {"model": {"init_args": {"optimizer": {"lr": 0.02, "name": "adamw"}}}, "data": {"seed": 7}}
+    MlflowClient(uri).log_text(rid, json.dumps(config), "config.yaml")
+    assert export_runs.main(["--store", uri, "--out", str(tmp_path / "runs")]) == 0
+    record = json.loads((tmp_path / "runs" / "parallax-muon_lr0.02_s1.json").read_text())
+    assert record["muon_lr"] == 0.02 and record["data_seed"] == 7
+    assert record["optimizer"] == "muon"  # a logged parameter wins
+    assert "model.optimizer.lr" not in record["params"]  # the run's own parameters, as logged
+
+
 def test_export_writes_one_record_per_run_with_step0_diagnostics(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_synthetic_run(uri, "parallax-muon_lr0.02_s1")
