@@ -240,6 +240,9 @@ class ParallaxCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Lightning builds one parser per subcommand, in the order of `subcommands()`, and hands each to this
+        # hook; they are kept to read each subcommand's defaults (`subcommand_parser`).
+        self.parsers_seen = [*getattr(self, "parsers_seen", []), parser]
         parser.set_defaults(
             {
                 "model": {"class_path": "parallax_lightning.lm_module.LanguageModelModule"},
@@ -304,6 +307,11 @@ class ParallaxCLI(LightningCLI):
             if threads < 1:
                 raise ValueError(f"torch_threads must be a positive integer, got {threads}")
             torch.set_num_threads(threads)
+
+    def subcommand_parser(self, subcommand: str) -> LightningArgumentParser:
+        """The parser of one subcommand (the main parser when the CLI runs without subcommands)."""
+        parsers = dict(zip(self.subcommands(), self.parsers_seen))
+        return parsers[subcommand] if len(self.parsers_seen) > 1 else self.parser
 
     def _config_value(self, config, key: str, default=None):
         """A value of the running subcommand's section (or of the top level without a subcommand)."""
@@ -378,10 +386,8 @@ class ParallaxCLI(LightningCLI):
         text = redact(text)  # e.g. the logger's tracking_uri with a password: neither a parameter nor config.yaml
         # Parameters are the keys whose value differs from the default (config.yaml holds all of them), so the
         # run's page and comparisons show what was chosen, not the trainer's dozens of defaults.
-        all_defaults = yaml.safe_load(
-            self.parser.dump(self.parser.get_defaults(), skip_none=False, skip_validation=True)
-        )
-        defaults = _flat_params(yaml.safe_dump((all_defaults or {}).get(self.subcommand) or {}))
+        parser = self.subcommand_parser(self.subcommand)
+        defaults = _flat_params(parser.dump(parser.get_defaults(), skip_none=False, skip_validation=True))
         params = {k: v for k, v in _flat_params(text).items() if defaults.get(k) != v}
         model_config = getattr(self.model, "model_config", None)
         if dataclasses.is_dataclass(model_config):  # the linked values, as the model was built
