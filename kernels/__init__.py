@@ -1,7 +1,7 @@
 """parallax_kernels: the Parallax attention family, layout (batch, seq, heads, head_dim).
 
-Per op: a pure-PyTorch reference (the oracle), Triton kernels, and one public function that
-dispatches (Triton on CUDA, the Triton interpreter when TRITON_INTERPRET=1, the reference elsewhere).
+Per op: a pure-PyTorch reference, Triton kernels, and one public function that dispatches
+(Triton on CUDA, the Triton interpreter when TRITON_INTERPRET=1, the reference elsewhere).
 """
 
 from ._alloc import poison_outputs
