@@ -47,6 +47,18 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def replicated_group(distributed: bool | None, process_group=None):
+    """The process group plain parameters are replicated over (``distributed``: None = auto), or None when
+    their Newton–Schulz work is not to be split (one process, or ``distributed=False``)."""
+    if distributed is False or not initialized():
+        if distributed:
+            raise RuntimeError("distributed=True but torch.distributed is not initialised")
+        return None
+    if dist.get_world_size(process_group) <= 1:
+        return None
+    return process_group if process_group is not None else dist.group.WORLD
+
+
 def is_row_sharded(p: Tensor) -> bool:
     """A DTensor sharded on dim 0 across a 1-D mesh (FSDP2's layout)."""
     from torch.distributed.tensor import Shard

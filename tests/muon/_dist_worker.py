@@ -65,7 +65,7 @@ def check_replicated(rank, world):
 
 
 def check_dtensor(rank, world):
-    """Row-sharded DTensors (uneven rows, heads, fused segments, stacked slices) and one Shard(1) parameter."""
+    """Row-sharded DTensors (uneven rows, heads, fused segments, stacked slices) and two Shard(1) parameters."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -77,6 +77,7 @@ def check_dtensor(rank, world):
         ((4, 6, 5), {"per_slice": True}, Shard(0)),
         ((3, 12, 5), {}, Shard(0)),  # 3 rows over 2 ranks, (3, 60) matrix
         ((20, 12), {}, Shard(1)),  # not row-sharded: gathered on every rank
+        ((24, 6), {"split_sizes": [18, 6]}, Shard(1)),  # gathered, two lr ratios (per-row scale)
     ]
     shapes = [s for s, _, _ in specs]
     full = start_params(shapes)
@@ -94,7 +95,7 @@ def check_dtensor(rank, world):
         ref_opt.step()
     for i, (p, r) in enumerate(zip(params, ref)):
         got = p.full_tensor()
-        if i == 2:  # two lr ratios in one parameter: applied as (Y·ratio)·lr instead of Y·(lr·ratio)
+        if i in (2, 6):  # two lr ratios in one parameter: applied as (Y·ratio)·lr instead of Y·(lr·ratio)
             assert torch.allclose(got, r, rtol=0, atol=1e-6), (
                 f"rank {rank}: DTensor param {i} off by {(got - r).abs().max()}"
             )
@@ -104,7 +105,7 @@ def check_dtensor(rank, world):
         assert type(buf) is type(p) and buf.placements == p.placements, "momentum buffer lost the DTensor layout"
     total = ref_opt.last_step_info["ns_matrices"]
     mine = torch.tensor([opt.last_step_info["ns_matrices"]])
-    gathered = 1  # the Shard(1) parameter is orthogonalized on every rank
+    gathered = 3  # the Shard(1) parameters' matrices (1 + 2 segments) are orthogonalized on every rank
     dist.all_reduce(mine)
     assert mine.item() == total + (world - 1) * gathered, (
         f"sharded matrices done {mine.item()} times, expected once each"

@@ -2,7 +2,7 @@
 parallax_muon (the other Muon tests compare with torch.optim.Muon, which has no per-head, fused-segment,
 >2-D or lr_mult paths, or with the package's own Newton–Schulz).
 
-The documented step (optimizer.py, layout.py), per Muon group with lr' = lr·lr_mult:
+The documented step (step.py, layout.py), per Muon group with lr' = lr·lr_mult:
     buf ← μ·buf + (1 − μ)·g;  u = (1 − μ)·g + μ·buf (Nesterov) or buf
     p ← p·(1 − lr'·wd)                                   (decoupled weight decay)
     each (slice, segment, head) block B of u:  p_B ← p_B − lr'·ratio(B)·NS5(B)
