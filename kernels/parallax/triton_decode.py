@@ -10,6 +10,9 @@ docs/parallax-math.md#decode).
 
 Cache lengths are read on the device and the grid depends only on shapes, so a call is
 CUDA-graph capturable for fixed shapes.
+
+Why one long file: it holds one op's kernels (the dot and vector split kernels, the combine) with the host
+plan that sizes and launches them; their alike parameter lists are Triton's kernel ABI (one scalar per stride).
 """
 
 from __future__ import annotations

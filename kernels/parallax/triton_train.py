@@ -15,6 +15,11 @@ diagonal, window edge, sequence tail) that are masked. On Hopper the loops read 
 descriptors (the copy engine, which zero-fills past the sequence), so the loop holds no address registers;
 packed batches and unaligned head dims use pointer loads. Scores live in the base-2 domain: the softmax
 scale is multiplied by log2(e) once, so every exponential is a bare exp2.
+
+Why one long file: it holds one op's kernels, and the forward and both backward kernels share the tile,
+range and mask helpers of its "Shared pieces" section, which a split by direction would scatter; the
+sections (configs, shared helpers, forward, dQ/dR, dK/dV, host launchers) are marked by banner comments.
+The three kernels' long, alike parameter lists are Triton's kernel ABI (one scalar per stride), not logic.
 """
 
 from __future__ import annotations
