@@ -30,6 +30,9 @@ replays (device time): do_bench of eager calls is host-bound at batch 1 (benchma
 --host runs on a CPU without a GPU: Triton's launches are replaced by no-ops behind a stand-in
 driver, and it prints the Python cost of one parallax_decode call (validation, plan, allocation,
 launch preparation), the figure that the plan cache and the direct launch cut.
+
+Why one long file: it is one GPU session's script, whose modes (correctness, the timed grid, the sweep, the
+host cost) share its peers, timers and input makers; the sections are marked by banner comments.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -38,20 +37,15 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from _common import RunLog, save_outputs
 
 from parallax_lightning.model import Decoder, count_params, flops_per_token, preset
 from parallax_lightning.optim import OptimizerConfig, build_optimizer
 
-LOG: list[str] = []
-T0 = time.time()
+log = RunLog()
+LOG = log.lines
 VARIANTS = ("softmax", "parallax")
 MODES = ("eager", "compile", "graphs", "bare")
-
-
-def log(msg: str = "") -> None:
-    line = f"[{time.time() - T0:6.1f}s] {msg}" if msg else ""
-    print(line, flush=True)
-    LOG.append(line)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -293,7 +287,7 @@ def main(argv=None) -> int:
     runs = [(T, m, a) for T in args.seq_lens for m in args.modes for a in (VARIANTS if m != "bare" else ("softmax",))]
     for seq_len, mode, attention in runs:
         what = f"{attention} {mode} T={seq_len}"
-        if time.time() - T0 > args.budget_s:
+        if log.elapsed() > args.budget_s:
             log(f"{what}: skipped, the {args.budget_s:.0f} s budget is spent")
             continue
         try:
@@ -331,10 +325,7 @@ def main(argv=None) -> int:
             "ratios": ratios,
             "errors": errors,
         }
-        with open(os.path.join(out_dir, "bench_e2e.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        with open(os.path.join(out_dir, "bench_e2e.log"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+        save_outputs(out_dir, "bench_e2e", result, LOG)
     return 1 if errors or not rows else 0
 
 

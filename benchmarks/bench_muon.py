@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
 import time
 
 import torch
+from _common import RunLog, save_outputs
 
 from parallax_muon import Muon, newton_schulz
 from parallax_muon.newton_schulz import iterate, normalize_, resolve_coefficients
@@ -45,12 +45,8 @@ SETS = {
     "smoke": (2, [(96, 32), (32, 32), (32, 64)]),
 }
 
-LOG: list[str] = []
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-    LOG.append(msg)
+log = RunLog(timestamps=False)
+LOG = log.lines
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
@@ -215,13 +211,7 @@ def main() -> int:
             f"| {r['ours/triton']:.2f} ({r['ours/triton'] / base:.2f}x) | {r['ours/auto']:.2f} | {r['ours/auto'] / base:.3f}x "
             f"| {r['ours/triton/polar_express']:.2f} | {r['ns/torch']:.2f} / {r['ns/triton']:.2f} | {r['overhead']:.2f} |"
         )
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench_muon.log"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
-        with open(os.path.join(out, "bench_muon.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+    save_outputs(os.environ.get("OUT"), "bench_muon", rows, LOG)
     return 0
 
 

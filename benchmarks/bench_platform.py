@@ -17,7 +17,6 @@ when it is set; the table is printed last.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,14 +29,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-LOG: list[str] = []
-T0 = time.time()
+from _common import RunLog, save_outputs  # noqa: E402  (after the path insert)
 
-
-def log(msg: str = "") -> None:
-    line = f"[{time.time() - T0:6.1f}s] {msg}" if msg else ""
-    print(line, flush=True)
-    LOG.append(line)
+log = RunLog()
+LOG = log.lines
 
 
 def write_shards(folder: Path, vocab: int, tokens: int) -> None:
@@ -135,13 +130,8 @@ def main(argv=None) -> int:
             table.append(f"{row['attention']:<10}{row['outside']['tokens_per_s']:>15,.0f}"
                          f"{row['fit']['tokens_per_s']:>12,.0f}{row['ratio']:>13.3f}{mfu:>9}")  # fmt: skip
     table.append("target: fit/outside >= 0.9 (logging and diagnostics on)")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        Path(out, "bench_platform.json").write_text(
-            json.dumps({"args": vars(args), "rows": rows, "errors": errors}, indent=1)
-        )
-        Path(out, "bench_platform.log").write_text("\n".join([*LOG, "", *table]) + "\n")
+    record = {"args": vars(args), "rows": rows, "errors": errors}
+    save_outputs(os.environ.get("OUT"), "bench_platform", record, [*LOG, "", *table])
     log()
     print("\n".join(table))
     return 1 if errors else 0

@@ -17,13 +17,15 @@ Timing: triton.testing.do_bench medians; forward with inputs that require grad (
 forward+backward with a fixed output gradient. TFLOP/s count Parallax as 2x softmax attention
 (fwd 4·B·H·T²·D, halved when causal; fwd+bwd 3.5x that). Full log and JSON go to $OUT when it is set.
 The short table is printed last.
+
+Why one long file: it is one GPU session's script, whose modes (correctness, timing, host time, the sweep)
+share its peers, inputs and timers; the sections are marked by banner comments.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -31,17 +33,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from _common import RunLog, save_outputs
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
-LOG: list[str] = []
-T0 = time.time()
-
-
-def log(msg: str = "") -> None:
-    line = f"[{time.time() - T0:6.1f}s] {msg}" if msg else ""
-    print(line, flush=True)
-    LOG.append(line)
+log = RunLog()
+LOG = log.lines
 
 
 # ------------------------------------------------------------------------------------------------- peers
@@ -509,13 +506,7 @@ def timing_table(ok, rows, results):
 
 
 def save(out_dir, record, table):
-    if not out_dir:
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_train.log"), "w") as f:
-        f.write("\n".join([*LOG, "", *table]) + "\n")
-    with open(os.path.join(out_dir, "bench_train.json"), "w") as f:
-        json.dump(record, f, indent=1, default=str)
+    save_outputs(out_dir, "bench_train", record, [*LOG, "", *table], default=str)
 
 
 def main():

@@ -11,6 +11,10 @@ over seeds; the gaps Parallax − softmax per optimizer, the interaction gap_Muo
 probe-optimizer swaps as differences paired by seed, each with a t-based 95% interval (no SciPy: the Student-t
 quantile is computed here); the diagnostics as their value at step 0, at the end and the change, with W_Q as the
 control for W_R. Only runs with status "ok" (complete schedule) enter a statistic; the others are listed.
+
+Why one long file: it is the one script that turns the records into RESULTS.md (statistics, record selection,
+tables, figures, rendering, in banner-marked sections), run as a file and loaded by path in the tests, with no
+package of its own to import a sibling module from.
 """
 
 from __future__ import annotations
