@@ -318,7 +318,7 @@ class Muon(torch.optim.Optimizer):
         updates = momentum_update(lb, lg, group["momentum"], group["nesterov"])
         lr = group_lr(group)
         decay(lp, lr, group["weight_decay"])
-        per_step, default_scale = coefficients  # resolved (and checked) by _validate_group this step
+        per_step, default_scale = coefficients  # resolved (and checked) by validate_group this step
         scale = default_scale if group["ns_norm_scale"] is None else float(group["ns_norm_scale"])
         ns = NSSettings(per_step, scale, float(group["ns_eps"]))
         settings = GroupStep(gi, lr, group["adjust_lr"], ns)
