@@ -32,14 +32,9 @@ store and the command that opens the MLflow UI on it.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import os
 import shlex
-import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -66,18 +61,16 @@ from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .redaction import has_credentials, redact
 from .tracking import (
-    LOOPBACK,
     TAG_PREFIX,
     ParallaxMLFlowLogger,
-    exposure_warning,
     flatten_config,
     log_params,
     log_text,
     mlflow_loggers,
     run_info_from_checkpoint,
     same_store,
-    start_ui,
 )
+from .tracking_ui import ui_main
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "parallax_lightning.tracking.ParallaxMLFlowLogger"},
@@ -516,91 +509,6 @@ class ParallaxCLI(LightningCLI):
                 else:
                     print(f"--- prompt {r['prompt_index']}: {r['tokens']}")
         return results
-
-
-def ui_main(args: list[str]) -> int:
-    """`python -m parallax_lightning ui`: the MLflow UI for a store, on 127.0.0.1 unless --host says otherwise."""
-    parser = argparse.ArgumentParser(
-        prog="python -m parallax_lightning ui",
-        description="Serve the MLflow UI (and REST API) for a tracking store. It binds to 127.0.0.1: other "
-        "machines cannot reach it (use an SSH tunnel). --host 0.0.0.0 exposes every run and artifact, "
-        "without a login, to anyone who can reach the port; see SECURITY.md.",
-    )
-    parser.add_argument("--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
-    parser.add_argument("--host", default=LOOPBACK, help=f"address to bind (default {LOOPBACK}: this machine only)")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=1)
-    opts = parser.parse_args(args)
-    warning = exposure_warning(opts.host)
-    if warning:
-        print(f"parallax_lightning ui: WARNING: {warning}", file=sys.stderr)
-    proc = None
-    # The server runs in its own process group (its workers too) so that it can be stopped as a whole: any
-    # signal that would end this process stops that group first, or the server would outlive it.
-    # A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
-    previous = {
-        signum: signal.signal(signum, _raise_ui_stopped)
-        for signum in _UI_STOP_SIGNALS
-        if signal.getsignal(signum) is not signal.SIG_IGN
-    }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # printed above
-            proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
-        print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
-        return proc.wait()
-    except _UiStopped as stop:
-        print(f"parallax_lightning ui: {signal.Signals(stop.signum).name}: stopping the MLflow server", file=sys.stderr)
-        return 128 + stop.signum
-    finally:
-        if proc is not None:
-            for signum in _UI_STOP_SIGNALS:  # a second Ctrl+C must not cut the clean-up short
-                signal.signal(signum, signal.SIG_IGN)
-            stop_process_group(proc)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-_UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-class _UiStopped(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_ui_stopped(signum, frame) -> None:
-    raise _UiStopped(signum)
-
-
-def stop_process_group(proc, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by `proc`, wait for all of it, SIGKILL whatever is left after `timeout`."""
-    pgid = proc.pid
-    if pgid <= 1 or pgid == os.getpgrp():
-        # Not a group of its own (a pid of 0 would signal this process's own group, the shell that started it
-        # included): leave the process alone rather than signal anything else.
-        proc.wait()
-        return
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
-                return
-            time.sleep(0.05)
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tool_main(name: str, args: list[str]) -> int:
