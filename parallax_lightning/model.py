@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import generation
 from .attention import (
     ATTENTION_KINDS,
     ATTN_BACKENDS,
@@ -325,26 +326,8 @@ class Decoder(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
         return KVCache(c.n_layers, batch_size, max_len, c.kv_heads, c.dim_head, device, dtype)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue `prompt_ids` (B, T) or (T,); returns prompt + new tokens in the same rank.
-
-        temperature == 0 is greedy. top_k keeps the k most likely tokens before sampling. Once a
-        sequence emits eos_id it is padded with eos_id; generation stops when all have. With
-        use_cache=False every step recomputes the full forward (the oracle for the cached path).
-        """
-        from .generation import generate
-
-        return generate(self, prompt_ids, max_new_tokens, temperature, top_k, eos_id, use_cache, generator)
+    # model.generate(prompt_ids, max_new_tokens, ...): the function itself, so its signature is written once.
+    generate = generation.generate
 
 
 # Group keys that describe how a part is cut for Newton-Schulz (they become per-segment settings of the
