@@ -13,6 +13,9 @@ Once a run is open, metrics, artifacts and the final status go through a `Tracki
 writer with a write-ahead spool): a locked, unreachable or full store delays them but never stops training
 or loses them; one warning says so. A run stopped by SIGTERM/SIGINT ends with status KILLED. A resume that
 fails before its first step (nothing new logged) leaves the run's earlier status and end time as they were.
+
+One file: the logger and the helpers that record a run share the run's life cycle (open, continue,
+finalize); the write path is in tracking_outbox.py and the UI in tracking_ui.py.
 """
 
 from __future__ import annotations
