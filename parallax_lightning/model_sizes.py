@@ -18,32 +18,18 @@ from .model import DecoderConfig
 
 # --------------------------------------------------------------------------------------- presets
 
+# A table, one size per row.
+# fmt: off
 _SIZES = {
     # name: fields of DecoderConfig. Head counts are chosen so that both matched variants exist:
     # 1.5 n_heads is a multiple of n_kv_heads, and for small and base (n_heads/2 + n_kv_heads)
     # head_dim / 3, the MLP growth that compute-matching needs, is a whole multiple of 64.
     "tiny": dict(vocab_size=256, max_seq_len=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2),
-    "small": dict(
-        vocab_size=256,
-        max_seq_len=1024,
-        d_model=768,
-        n_layers=8,
-        n_heads=6,
-        n_kv_heads=3,
-        head_dim=128,
-        mlp_hidden=2048,
-    ),
-    "base": dict(
-        vocab_size=256,
-        max_seq_len=2048,
-        d_model=1024,
-        n_layers=12,
-        n_heads=8,
-        n_kv_heads=2,
-        head_dim=128,
-        mlp_hidden=2560,
-    ),
+    "small": dict(vocab_size=256, max_seq_len=1024, d_model=768, n_layers=8, n_heads=6, n_kv_heads=3, head_dim=128, mlp_hidden=2048),
+    "base": dict(vocab_size=256, max_seq_len=2048, d_model=1024, n_layers=12, n_heads=8, n_kv_heads=2, head_dim=128, mlp_hidden=2560),
 }
+# fmt: on
+
 _VARIANTS = ("softmax-param-matched", "parallax-compute-matched")
 
 
