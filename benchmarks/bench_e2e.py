@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from _common import RunLog, save_outputs
 
-from parallax_lightning.model import Decoder, count_params, flops_per_token, preset
+from parallax_lightning.model import Decoder
+from parallax_lightning.model_sizes import count_params, flops_per_token, preset
 from parallax_lightning.optim import OptimizerConfig, build_optimizer
 
 log = RunLog()
@@ -258,7 +259,7 @@ def ratio_rows(rows: list[dict], seq_lens) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help="parallax_lightning.model.preset size (small, base, tiny)")
+    p.add_argument("--preset", default="small", help="parallax_lightning.model_sizes.preset size (small, base, tiny)")
     p.add_argument("--vocab-size", type=int, default=16384, help="the paper grid's BPE vocabulary")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--tokens-per-step", type=int, default=32768, help="batch x seq_len (the paper grid's 32 x 1024)")

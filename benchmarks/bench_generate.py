@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from parallax_lightning.model import Decoder, preset
+from parallax_lightning.model import Decoder
+from parallax_lightning.model_sizes import preset
 
 
 def _sync(device: torch.device) -> None:

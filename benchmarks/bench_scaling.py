@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8], help="process counts to run")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--preset", default="small", help="parallax_lightning.model.preset name (tiny, small, base)")
+    p.add_argument("--preset", default="small", help="parallax_lightning.model_sizes.preset name (tiny, small, base)")
     p.add_argument("--attention", default=None, help="override the preset's attention (e.g. softmax)")
     p.add_argument("--vocab-size", type=int, default=50304)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -136,7 +136,8 @@ def worker(args) -> None:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO))
-    from parallax_lightning.model import Decoder, preset
+    from parallax_lightning.model import Decoder
+    from parallax_lightning.model_sizes import preset
     from parallax_lightning.optim import OptimizerConfig, build_optimizer
     from parallax_lightning.strategies import shard_decoder
 

@@ -21,6 +21,9 @@ Why: jsonargparse imports the module a `class_path` names and instantiates the c
 3. over the parsed config, before any class is built (`check_free_form`): a `class_path` inside a value
    whose type accepts anything (`Any`, `object`, `dict[str, Any]`, e.g. the logger's `tags`) is refused:
    such values are plain data.
+
+One file: the three checks apply one trust list and one policy, and a reader auditing what a config may
+build should find all of it in one place.
 """
 
 from __future__ import annotations

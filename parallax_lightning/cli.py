@@ -15,31 +15,26 @@ Lightning's SaveConfigCallback is off (it asserts on loggers without a log folde
 sqlite); the resolved config is logged to the MLflow run as `config.yaml` instead, and the flattened keys
 whose value differs from the default as the run's parameters (with the decoder as built, `model.model.*`).
 
-Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's
-components (class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS)
-widens them, and plain-data values never become objects; credentials are redacted from what is stored (the
-run's parameters, tags, config.yaml, checkpoints); checkpoints are written atomically and read weights-only
+Safety and faults (SECURITY.md): `class_path` values are limited to the platform's and Lightning's components
+(class_paths.TRUSTED_PREFIXES) unless `--allow_class_path PREFIX` (or $PARALLAX_ALLOW_CLASS_PATHS) widens them,
+and plain-data values never become objects; credentials are redacted from what is stored (the run's parameters,
+tags, config.yaml, checkpoints); checkpoints are written atomically and read weights-only
 (`AtomicCheckpointIO`); SIGTERM/SIGINT save a checkpoint and exit with 128 + the signal number; a NaN/inf stop
-exits with 3. `python -m parallax_lightning ui` starts the MLflow UI on 127.0.0.1; Ctrl+C, SIGTERM or SIGHUP
-stop it together with the server's whole process group.
+exits with 3. `python -m parallax_lightning ui` (tracking_ui.py) starts the MLflow UI on 127.0.0.1; Ctrl+C,
+SIGTERM or SIGHUP stop it together with the server's whole process group.
 
-`--ckpt_path last` (fit, validate, test) means the `last.ckpt` of the most recently started run of the config's
-MLflow experiment, in the config's tracking store, that has one, looked up where the config writes checkpoints
-(`checkpoint.dirpath`, else <trainer.default_root_dir>/<experiment id>/<run id>/checkpoints); `fit` then continues
-that run. With none, the command stops before a run is opened. A finished fit, validate or test prints its run id,
-store and the command that opens the MLflow UI on it.
+`--ckpt_path last` (fit, validate, test; cli_checks.py) means the `last.ckpt` of the most recently started run
+of the config's MLflow experiment, in the config's tracking store, that has one, looked up where the config
+writes checkpoints (`checkpoint.dirpath`, else <trainer.default_root_dir>/<experiment id>/<run id>/checkpoints);
+`fit` then continues that run. With none, the command stops before a run is opened. A finished fit, validate or
+test prints its run id, store and the command that opens the MLflow UI on it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
-import os
 import shlex
-import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -47,11 +42,10 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.fabric.plugins.io import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from . import class_paths
+from . import class_paths, cli_checks
 from .callbacks import (
     LossCurves,
     LRMonitor,
@@ -66,18 +60,16 @@ from .data.token_datamodule import TokenDataModule
 from .lm_module import LanguageModelModule, NonFiniteLossError
 from .redaction import has_credentials, redact
 from .tracking import (
-    LOOPBACK,
     TAG_PREFIX,
     ParallaxMLFlowLogger,
-    exposure_warning,
     flatten_config,
     log_params,
     log_text,
     mlflow_loggers,
     run_info_from_checkpoint,
     same_store,
-    start_ui,
 )
+from .tracking_ui import ui_main
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "parallax_lightning.tracking.ParallaxMLFlowLogger"},
@@ -94,83 +86,6 @@ def _flat_params(dumped: str) -> dict[str, str]:
     # ckpt_path differs between a run and its resumption by nature; it is kept as a tag instead.
     config = yaml.safe_load(dumped) or {}
     return flatten_config({k: v for k, v in config.items() if k not in ("config", "ckpt_path")})
-
-
-def _is_local_file_path(ckpt_path: str) -> bool:
-    """Not a name Lightning resolves itself ("best", "last", "hpc", "registry[:...]") nor a remote URL."""
-    lowered = ckpt_path.lower()
-    named = lowered in ("best", "last", "hpc", "registry") or lowered.startswith("registry:")
-    return not named and "://" not in ckpt_path
-
-
-def _find_last_checkpoint(trainer: pl.Trainer, subcommand: str) -> tuple[str, str | None]:
-    """(path, MLflow run id) of what `--ckpt_path last` means (see the module docstring); ValueError if none."""
-    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    name = (checkpoints[0] if checkpoints else ModelCheckpoint).CHECKPOINT_NAME_LAST + ModelCheckpoint.FILE_EXTENSION
-    dirpath = checkpoints[0].dirpath if checkpoints else None
-    if dirpath is not None:  # every run of the config writes to this one folder
-        path = Path(dirpath) / name
-        if path.exists():
-            return str(path), None
-        raise ValueError(
-            f"--ckpt_path last: there is no {path} (checkpoint.dirpath) to continue from; start without --ckpt_path"
-        )
-    loggers = [lg for lg in mlflow_loggers(trainer) if isinstance(lg, ParallaxMLFlowLogger)]
-    if not loggers:
-        raise ValueError(
-            f"--ckpt_path last finds the latest run's checkpoint through MLflow, which {subcommand} does not use here "
-            "(trainer.logger is off or not a ParallaxMLFlowLogger, or the subcommand logs no run): give the checkpoint's path"
-        )
-    logger = loggers[0]
-    uri, experiment = logger.tracking_uri, logger.experiment_name
-    root = Path(logger.save_dir or trainer.default_root_dir)
-    where = f"MLflow experiment {experiment!r} in {redact(uri)}"
-    runs = []
-    sqlite_file = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if sqlite_file is None or Path(sqlite_file).is_file():  # an absent SQLite store has no runs: do not create it
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
-    for run in runs:
-        path = root / run.info.experiment_id / run.info.run_id / "checkpoints" / name
-        if path.exists():
-            return str(path), run.info.run_id
-    raise ValueError(
-        f"--ckpt_path last: none of the {len(runs)} run(s) of {where} has a {name} under "
-        f"{root}/<experiment id>/<run id>/checkpoints; start without --ckpt_path, or give a checkpoint's path"
-    )
-
-
-def _check_same_optimizer(ckpt_path: str, checkpoint: dict, model) -> None:
-    """Resuming restores the optimizer's state, which only the optimizer that wrote it can take (another one
-    fails inside Lightning with 'a different number of parameter groups')."""
-    saved = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
-    saved = saved.get("name") if isinstance(saved, dict) else None
-    now = getattr(getattr(model, "optimizer_config", None), "name", None)
-    if saved and now and saved != now and checkpoint.get("optimizer_states"):
-        raise ValueError(
-            f"ckpt_path {ckpt_path!r} was trained with model.optimizer.name={saved!r} but the config says {now!r}: "
-            f"resuming restores the optimizer's state, which {now!r} cannot take. Resume with "
-            f"--model.optimizer.name {saved}"
-        )
-
-
-def _check_sharded_checkpoint_strategy(ckpt_path: str, strategy) -> None:
-    """A folder written by torch.distributed.checkpoint (FSDP2Strategy / ModelParallelStrategy) loads only under
-    that strategy, which re-cuts the shards for any number of processes; another strategy would fail inside
-    Lightning trying to read the folder as one file."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    folder = Path(ckpt_path)
-    if folder.is_dir() and (folder / ".metadata").is_file() and not isinstance(strategy, ModelParallelStrategy):
-        raise ValueError(
-            f"ckpt_path {ckpt_path!r} is a sharded checkpoint (a torch.distributed.checkpoint folder, written under "
-            f"FSDP2), but trainer.strategy is {type(strategy).__name__}: resume it with "
-            "trainer.strategy=parallax_lightning.strategies.FSDP2Strategy (any number of devices, one included)"
-        )
 
 
 # Noise for this platform: the stream needs no workers (batches are cut from memory-mapped arrays), and
@@ -413,7 +328,7 @@ class ParallaxCLI(LightningCLI):
         only in the folder of the run about to start, which is new, and would train from scratch)."""
         if self._ckpt_path() != "last":
             return
-        path, run_id = _find_last_checkpoint(self.trainer, self.subcommand)
+        path, run_id = cli_checks.find_last_checkpoint(self.trainer, self.subcommand)
         for config in (self.config_init, self.config):
             config[self.subcommand]["ckpt_path"] = path
         if rank_zero_only.rank == 0:
@@ -447,41 +362,22 @@ class ParallaxCLI(LightningCLI):
         too small for a shard, a warmup longer than training. All of it fails here, before an MLflow run is
         opened or a finished run is continued (a failed start must not change a run's record)."""
         if stage == "fit":
-            self._check_trainer_settings()
+            cli_checks.check_trainer_settings(self.trainer)
         self._resolve_last_checkpoint()
         ckpt_path = self._ckpt_path()
-        if ckpt_path and _is_local_file_path(ckpt_path):
-            _check_sharded_checkpoint_strategy(ckpt_path, self.trainer.strategy)
+        if ckpt_path and cli_checks.is_local_file_path(ckpt_path):
+            cli_checks.check_sharded_checkpoint_strategy(ckpt_path, self.trainer.strategy)
             checkpoint = check_checkpoint_fits(
                 ckpt_path, self.model, strict=getattr(self.model, "strict_loading", True)
             )
             if stage == "fit" and checkpoint is not None:
-                _check_same_optimizer(ckpt_path, checkpoint, self.model)
+                cli_checks.check_same_optimizer(ckpt_path, checkpoint, self.model)
         if stage == "predict":
             return
         if isinstance(self.datamodule, TokenDataModule):
             self.datamodule.setup(stage)
         if stage == "fit" and hasattr(self.model, "schedule_for"):
             self.model.schedule_for(self.trainer)
-
-    def _check_trainer_settings(self) -> None:
-        trainer = self.trainer
-        interval = trainer.val_check_interval
-        if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
-            raise ValueError(
-                f"trainer.val_check_interval={interval}: validation runs every that many training batches, so it "
-                "must be a positive integer (to validate never, set trainer.limit_val_batches=0)"
-            )
-        if trainer.accumulate_grad_batches < 1:
-            raise ValueError(
-                f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: must be a positive integer "
-                "(1 = an optimizer step after every batch)"
-            )
-        if trainer.loggers and trainer.log_every_n_steps < 1:
-            raise ValueError(
-                f"trainer.log_every_n_steps={trainer.log_every_n_steps}: must be a positive integer (to log "
-                "nothing, set trainer.logger=false)"
-            )
 
     def before_fit(self) -> None:
         self._check_before_run("fit")
@@ -516,91 +412,6 @@ class ParallaxCLI(LightningCLI):
                 else:
                     print(f"--- prompt {r['prompt_index']}: {r['tokens']}")
         return results
-
-
-def ui_main(args: list[str]) -> int:
-    """`python -m parallax_lightning ui`: the MLflow UI for a store, on 127.0.0.1 unless --host says otherwise."""
-    parser = argparse.ArgumentParser(
-        prog="python -m parallax_lightning ui",
-        description="Serve the MLflow UI (and REST API) for a tracking store. It binds to 127.0.0.1: other "
-        "machines cannot reach it (use an SSH tunnel). --host 0.0.0.0 exposes every run and artifact, "
-        "without a login, to anyone who can reach the port; see SECURITY.md.",
-    )
-    parser.add_argument("--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
-    parser.add_argument("--host", default=LOOPBACK, help=f"address to bind (default {LOOPBACK}: this machine only)")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=1)
-    opts = parser.parse_args(args)
-    warning = exposure_warning(opts.host)
-    if warning:
-        print(f"parallax_lightning ui: WARNING: {warning}", file=sys.stderr)
-    proc = None
-    # The server runs in its own process group (its workers too) so that it can be stopped as a whole: any
-    # signal that would end this process stops that group first, or the server would outlive it.
-    # A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
-    previous = {
-        signum: signal.signal(signum, _raise_ui_stopped)
-        for signum in _UI_STOP_SIGNALS
-        if signal.getsignal(signum) is not signal.SIG_IGN
-    }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # printed above
-            proc = start_ui(opts.backend_store_uri, host=opts.host, port=opts.port, workers=opts.workers)
-        print(f"parallax_lightning ui: MLflow UI at http://{opts.host}:{opts.port} (Ctrl+C stops it)", file=sys.stderr)
-        return proc.wait()
-    except _UiStopped as stop:
-        print(f"parallax_lightning ui: {signal.Signals(stop.signum).name}: stopping the MLflow server", file=sys.stderr)
-        return 128 + stop.signum
-    finally:
-        if proc is not None:
-            for signum in _UI_STOP_SIGNALS:  # a second Ctrl+C must not cut the clean-up short
-                signal.signal(signum, signal.SIG_IGN)
-            stop_process_group(proc)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-_UI_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-class _UiStopped(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_ui_stopped(signum, frame) -> None:
-    raise _UiStopped(signum)
-
-
-def stop_process_group(proc, timeout: float = 20.0) -> None:
-    """SIGTERM the process group led by `proc`, wait for all of it, SIGKILL whatever is left after `timeout`."""
-    pgid = proc.pid
-    if pgid <= 1 or pgid == os.getpgrp():
-        # Not a group of its own (a pid of 0 would signal this process's own group, the shell that started it
-        # included): leave the process alone rather than signal anything else.
-        proc.wait()
-        return
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signum)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
-                return
-            time.sleep(0.05)
-    proc.wait()
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tool_main(name: str, args: list[str]) -> int:

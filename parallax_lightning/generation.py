@@ -62,7 +62,13 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """See :meth:`parallax_lightning.model.Decoder.generate`."""
+    """Continue `prompt_ids` (B, T) or (T,); returns prompt + new tokens in the same rank. Also
+    `Decoder.generate` (`model.generate(prompt_ids, max_new_tokens, ...)`).
+
+    temperature == 0 is greedy. top_k keeps the k most likely tokens before sampling. Once a
+    sequence emits eos_id it is padded with eos_id; generation stops when all have. With
+    use_cache=False every step recomputes the full forward (the oracle for the cached path).
+    """
     _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, eos_id)
     squeeze = prompt_ids.dim() == 1
     seq = prompt_ids.unsqueeze(0) if squeeze else prompt_ids

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from .model import Decoder, DecoderConfig, count_params, flops_per_token
+from .model import Decoder, DecoderConfig
+from .model_sizes import count_params, flops_per_token
 from .nonfinite import NONFINITE_MODES, NonFiniteGuard, NonFiniteLossError, NonFiniteMode  # noqa: F401 - re-exported
 from .optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer, muon_groups
 from .strategies import data_parallel_mesh, mixed_precision_policy, shard_decoder

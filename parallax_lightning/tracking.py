@@ -7,26 +7,27 @@
 - `checkpoint_run_info` / `run_info_from_checkpoint`: the run id travels inside every checkpoint, so
   resuming from a checkpoint continues the same MLflow run.
 - `flatten_config`, `log_params`, `log_text`, `log_figure`: the pieces the CLI and callbacks use.
-- `ui_command` / `start_ui`: the MLflow UI on 127.0.0.1 unless told otherwise (`python -m parallax_lightning ui`).
+- The MLflow UI (`python -m parallax_lightning ui`, `start_ui`) lives in tracking_ui.py.
 
 Once a run is open, metrics, artifacts and the final status go through a `TrackingOutbox` (a background
 writer with a write-ahead spool): a locked, unreachable or full store delays them but never stops training
 or loses them; one warning says so. A run stopped by SIGTERM/SIGINT ends with status KILLED. A resume that
 fails before its first step (nothing new logged) leaves the run's earlier status and end time as they were.
+
+One file: the logger and the helpers that record a run share the run's life cycle (open, continue,
+finalize); the write path is in tracking_outbox.py and the UI in tracking_ui.py.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import ipaddress
 import json
 import os
 import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -55,7 +56,8 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
-def _absolute_sqlite(uri: str) -> str:
+def absolute_sqlite(uri: str) -> str:
+    """A relative `sqlite:///` store made absolute (a run resumed from another folder finds the same store)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri[len(prefix) :] != ":memory:":
         return prefix + str(Path(uri[len(prefix) :]).resolve())
@@ -168,7 +170,7 @@ class ParallaxMLFlowLogger(MLFlowLogger):
         flush_timeout_s: float = 60.0,
         retry_s: float = 1.0,
     ):
-        tracking_uri = _absolute_sqlite(tracking_uri or default_tracking_uri())
+        tracking_uri = absolute_sqlite(tracking_uri or default_tracking_uri())
         super().__init__(
             experiment_name=experiment_name,
             run_name=redact(run_name) if run_name else run_name,
@@ -472,7 +474,7 @@ def logger_tracking_uri(logger: MLFlowLogger) -> str:
 def same_store(stored_uri: str | None, current_uri: str) -> bool:
     """Whether a checkpoint's tracking URI (stored without credentials) names the current store: the
     credential-free forms are compared, so other credentials for the same server are the same store."""
-    return stored_uri is None or redact(_absolute_sqlite(stored_uri)) == redact(_absolute_sqlite(current_uri))
+    return stored_uri is None or redact(absolute_sqlite(stored_uri)) == redact(absolute_sqlite(current_uri))
 
 
 def run_info_from_checkpoint(path: str | os.PathLike) -> dict[str, str] | None:
@@ -526,50 +528,3 @@ def _default_spool_dir(tracking_uri: str) -> Path:
     if tracking_uri.startswith(prefix) and tracking_uri[len(prefix) :] != ":memory:":
         return Path(tracking_uri[len(prefix) :]).resolve().parent / "mlflow_spool"
     return Path.cwd() / "mlflow_spool"
-
-
-# -- the MLflow UI ------------------------------------------------------------------------------------------
-LOOPBACK = "127.0.0.1"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def ui_command(
-    backend_store_uri: str | None = None, host: str = LOOPBACK, port: int = 5000, workers: int = 1
-) -> list[str]:
-    """The `mlflow server` command line for a store (default: this folder's mlflow.db), bound to `host`."""
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
-    uri = _absolute_sqlite(backend_store_uri or default_tracking_uri())
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
-
-
-def exposure_warning(host: str) -> str | None:
-    """What binding the UI to a non-loopback address means, or None for 127.0.0.1 / ::1 / localhost."""
-    if is_loopback(host):
-        return None
-    return (
-        f"the MLflow UI will listen on {host}: anyone who can reach this machine's port can read every run, "
-        "parameter and artifact (checkpoints included) and change or delete them; MLflow's server has no "
-        "login by default. Prefer the default 127.0.0.1 with an SSH tunnel (ssh -L PORT:127.0.0.1:PORT host). "
-        "See SECURITY.md."
-    )
-
-
-def start_ui(
-    backend_store_uri: str | None = None, host: str = LOOPBACK, port: int = 5000, workers: int = 1, **popen_kwargs
-) -> subprocess.Popen:
-    """Start the MLflow UI (and REST API) in a new process group; stop it with os.killpg(proc.pid, SIGTERM).
-    Binds to 127.0.0.1 unless `host` says otherwise, and warns when that exposes it to other machines."""
-    warning = exposure_warning(host)
-    if warning:
-        warnings.warn(warning, stacklevel=2)
-    cmd = ui_command(backend_store_uri, host=host, port=port, workers=workers)
-    return subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)

@@ -34,7 +34,7 @@ STEP = "parallax_muon/step.py"
 LAYOUT = "parallax_muon/layout.py"
 SAMPLING = "parallax_lightning/data/sampling.py"
 TDM = "parallax_lightning/data/token_datamodule.py"
-CB = "parallax_lightning/callbacks.py"
+CB = "parallax_lightning/callbacks/checkpointing.py"
 
 T_REF = [
     "tests/kernels/test_reference.py",
@@ -342,7 +342,7 @@ MUTANTS = [
     (
         "callbacks/final-save-step-counter",
         CB,
-        "            loop._batches_that_stepped -= 1\n",
+        "            compat.set_logging_step(trainer, counter - 1)\n",
         "",
         [
             "tests/lightning/test_cli.py::test_resume_reproduces_the_uninterrupted_run_in_the_same_mlflow_run",

@@ -132,7 +132,7 @@ def cli(*args, **sections):
 
 
 def ui(*args):
-    from parallax_lightning.cli import ui_main
+    from parallax_lightning.tracking_ui import ui_main
 
     return lambda _: ui_main(list(args))
 

@@ -118,7 +118,7 @@ def optimizer_overrides(spec: RunSpec, args) -> dict:
 
 def tiny_control_model(control_file: str) -> dict:
     """The tiny preset's version of a control (the files hold the small preset's shapes)."""
-    from parallax_lightning.model import preset
+    from parallax_lightning.model_sizes import preset
 
     config = preset(f"tiny-{CONTROL_PRESETS[control_file]}")
     keys = ("attention", "n_heads", "n_kv_heads", "head_dim", "mlp_hidden")

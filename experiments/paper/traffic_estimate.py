@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import parallax_lightning.attention as attention_module
-from parallax_lightning.model import Decoder, preset
+from parallax_lightning.model import Decoder
+from parallax_lightning.model_sizes import preset
 
 MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 FREE = {  # views and metadata: no memory traffic

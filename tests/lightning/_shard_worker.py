@@ -24,7 +24,8 @@ def run(rank: int, world: int, port: int) -> None:
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from parallax_lightning.model import Decoder, preset
+        from parallax_lightning.model import Decoder
+        from parallax_lightning.model_sizes import preset
         from parallax_lightning.optim import OptimizerConfig, build_optimizer
         from parallax_lightning.strategies import shard_decoder
 

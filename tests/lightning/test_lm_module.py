@@ -15,7 +15,8 @@ from parallax_lightning.attention import ATTENTION_KINDS
 from parallax_lightning.callbacks import SpeedMonitor, TrainingMetrics, peak_flops_for
 from parallax_lightning.data import TextDataModule
 from parallax_lightning.lm_module import LanguageModelModule, NonFiniteLossError
-from parallax_lightning.model import DecoderConfig, flops_per_token
+from parallax_lightning.model import DecoderConfig
+from parallax_lightning.model_sizes import flops_per_token
 from parallax_lightning.optim import OptimizerConfig, Schedule, ScheduleConfig, ScheduledLR, build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,16 +10,14 @@ import torch
 
 from parallax_kernels import backend_for
 from parallax_lightning.attention import ATTENTION_KINDS
-from parallax_lightning.model import (
-    Decoder,
-    DecoderConfig,
+from parallax_lightning.model import Decoder, DecoderConfig, softmax_to_parallax
+from parallax_lightning.model_sizes import (
     attention_flops_forward,
     count_params,
     flops_per_token,
     matmul_params,
     mean_visible_keys,
     preset,
-    softmax_to_parallax,
 )
 
 

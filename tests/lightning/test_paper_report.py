@@ -61,7 +61,7 @@ def _resolved(*files: str) -> dict:
 
 
 def test_cells_share_everything_but_attention_and_optimizer_and_run_the_whole_schedule():
-    from parallax_lightning.model import preset
+    from parallax_lightning.model_sizes import preset
 
     main = ("softmax-muon", "parallax-muon", "softmax-adamw", "parallax-adamw")
     configs = {cell: _resolved("grid.yaml", *run_grid.CELLS[cell][0]) for cell in main}
@@ -92,7 +92,7 @@ def test_cells_share_everything_but_attention_and_optimizer_and_run_the_whole_sc
 
 @pytest.mark.parametrize("control", ["softmax_param_matched.yaml", "parallax_compute_matched.yaml"])
 def test_controls_are_the_presets_matched_variants(control):
-    from parallax_lightning.model import preset
+    from parallax_lightning.model_sizes import preset
 
     model = _resolved("grid.yaml", control, "muon.yaml")["model"]["init_args"]["model"]
     expected = preset(f"small-{run_grid.CONTROL_PRESETS[control]}")

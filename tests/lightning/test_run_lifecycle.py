@@ -244,7 +244,7 @@ def _gone(psutil, p) -> bool:
 # A stand-in for `mlflow server`: a process group of a leader and a worker, as start_ui makes it.
 _FAKE_SERVER = """
 import signal, subprocess, sys, time
-import parallax_lightning.cli as cli
+import parallax_lightning.tracking_ui as tracking_ui
 
 # As started from a terminal (a test runner in the background may pass these signals on ignored).
 signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -254,8 +254,8 @@ def start_ui(*args, **kwargs):
     worker = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
     return subprocess.Popen([sys.executable, "-c", worker], start_new_session=True)
 
-cli.start_ui = start_ui
-sys.exit(cli.ui_main(["--port", "5999"]))
+tracking_ui.start_ui = start_ui
+sys.exit(tracking_ui.ui_main(["--port", "5999"]))
 """
 
 

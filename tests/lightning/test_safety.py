@@ -16,7 +16,8 @@ import torch
 from parallax_lightning import class_paths
 from parallax_lightning.checkpoint_io import AtomicCheckpointIO
 from parallax_lightning.class_paths import ClassPathNotAllowed
-from parallax_lightning.tracking import exposure_warning, run_info_from_checkpoint, ui_command
+from parallax_lightning.tracking import run_info_from_checkpoint
+from parallax_lightning.tracking_ui import exposure_warning, ui_command
 
 from .platform_utils import run_cli, tiny_config, write_corpus
 
@@ -216,9 +217,9 @@ def test_ui_binds_to_loopback_unless_told_and_warns_when_exposed(tmp_path, monke
         def poll(self):
             return 0
 
-    monkeypatch.setattr("parallax_lightning.tracking.subprocess.Popen", FakePopen)
+    monkeypatch.setattr("parallax_lightning.tracking_ui.subprocess.Popen", FakePopen)
     # No real server group exists to stop; the fake's pid must never reach os.killpg.
-    monkeypatch.setattr("parallax_lightning.cli.stop_process_group", lambda proc, timeout=20.0: proc.wait())
+    monkeypatch.setattr("parallax_lightning.tracking_ui.stop_process_group", lambda proc, timeout=20.0: proc.wait())
     from parallax_lightning.cli import main
 
     with pytest.raises(SystemExit) as info:
@@ -237,7 +238,7 @@ def test_stopping_the_ui_never_signals_its_own_process_group(pid, monkeypatch):
     """A pid of 0 (or this process's group) given to os.killpg would signal the shell that started us."""
     import os
 
-    from parallax_lightning.cli import stop_process_group
+    from parallax_lightning.tracking_ui import stop_process_group
 
     class Proc:
         def __init__(self):
@@ -254,7 +255,7 @@ def test_stopping_the_ui_never_signals_its_own_process_group(pid, monkeypatch):
     def killpg(*args):
         raise AssertionError(f"os.killpg{args} was called")
 
-    monkeypatch.setattr("parallax_lightning.cli.os.killpg", killpg)
+    monkeypatch.setattr("parallax_lightning.tracking_ui.os.killpg", killpg)
     proc = Proc()
     stop_process_group(proc)
     assert proc.waited

@@ -23,8 +23,8 @@ from parallax_lightning.tracking import (
     git_state,
     log_params,
     run_info_from_checkpoint,
-    start_ui,
 )
+from parallax_lightning.tracking_ui import start_ui
 
 from .platform_utils import mlflow_client, working_dir
 
