@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 from .platform_utils import WORDS, mlflow_client, only_run, run_cli, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,12 +196,6 @@ def test_optimizer_choices_are_the_ones_muon_accepts():
 
 
 # -- the MLflow UI ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -298,7 +294,7 @@ def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
 @pytest.mark.slow
 def test_ui_stopped_with_sigterm_leaves_no_mlflow_server_listening(tmp_path):
     psutil = pytest.importorskip("psutil")
-    port = _free_port()
+    port = free_port()
     env = _ui_env()
     cmd = [sys.executable, "-m", "parallax_lightning", "ui", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'ui.db'}"]
