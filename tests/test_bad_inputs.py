@@ -8,7 +8,6 @@ Cases are (area, what, call, error type, text the message must contain); a call 
 from __future__ import annotations
 
 import pickle
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +121,7 @@ def pickled_tokenizer(folder: Path):
 def cli(*args, **sections):
     def call(folder: Path):
         config = tiny_config(folder, corpus(folder), **sections)
-        argv, sys.argv = sys.argv, ["parallax_lightning"]
-        try:
-            return run_cli(["fit", "--config", str(config), *args], folder)
-        finally:
-            sys.argv = argv
+        return run_cli(["fit", "--config", str(config), *args], folder)
 
     return call
 

@@ -38,13 +38,19 @@ needs_triton = pytest.mark.skipif(not TRITON, reason="needs TRITON_INTERPRET=1 w
 KERNEL_TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 
+def _batch_heads_dim(draw, max_batch: int, max_kv_heads: int) -> tuple[int, int, int, int]:
+    """B, H, Hkv and D of a valid call: H a multiple of Hkv (grouped-query attention up to 3:1)."""
+    B = draw(st.integers(1, max_batch))
+    Hkv = draw(st.integers(1, max_kv_heads))
+    H = Hkv * draw(st.integers(1, 3))
+    D = draw(st.integers(1, 9))
+    return B, H, Hkv, D
+
+
 @st.composite
 def attn_calls(draw):
     """A valid parallax_attn call: sizes, causal flag, window and scale."""
-    B = draw(st.integers(1, 2))
-    Hkv = draw(st.integers(1, 3))
-    H = Hkv * draw(st.integers(1, 3))
-    D = draw(st.integers(1, 9))
+    B, H, Hkv, D = _batch_heads_dim(draw, max_batch=2, max_kv_heads=3)
     causal = draw(st.booleans())
     Tk = draw(st.integers(1, 7))
     Tq = draw(st.integers(1, Tk)) if causal else draw(st.integers(1, 7))
@@ -201,10 +207,7 @@ def test_invalid_attention_calls_are_refused_before_launch(c, data):
 
 @st.composite
 def decode_calls(draw):
-    B = draw(st.integers(1, 3))
-    Hkv = draw(st.integers(1, 2))
-    H = Hkv * draw(st.integers(1, 3))
-    D = draw(st.integers(1, 9))
+    B, H, Hkv, D = _batch_heads_dim(draw, max_batch=3, max_kv_heads=2)
     L = draw(st.integers(1, 9))
     lens = draw(st.one_of(st.none(), st.lists(st.integers(1, L), min_size=B, max_size=B)))
     window = draw(st.one_of(st.none(), st.integers(1, L + 2)))

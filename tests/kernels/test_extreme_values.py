@@ -26,18 +26,16 @@ import pytest
 import torch
 
 from parallax_kernels import (
-    backend_for,
     parallax_attn,
     parallax_attn_reference,
     parallax_decode,
     parallax_decode_reference,
     parallax_weights,
 )
+from tests.helpers import KERNEL_DEVICE as DEVICE
+from tests.helpers import needs_triton_kernels
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    backend_for(torch.empty(0, device=DEVICE)) != "triton", reason="needs CUDA or TRITON_INTERPRET=1 with triton"
-)
+pytestmark = needs_triton_kernels()
 
 
 def _unit(*shape):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton", reason="the training kernels need triton (the kernels extra)")
 
-from parallax_kernels import backend_for, parallax_attn, parallax_attn_reference, parallax_weights  # noqa: E402
+from parallax_kernels import parallax_attn, parallax_attn_reference, parallax_weights  # noqa: E402
 from parallax_kernels.parallax import op as parallax_op  # noqa: E402
 from parallax_kernels.parallax.oracle import parallax_attn_einsum  # noqa: E402
 from parallax_kernels.parallax.triton_train import (  # noqa: E402
@@ -32,12 +32,10 @@ from parallax_kernels.parallax.triton_train import (  # noqa: E402
     parallax_bwd_triton,
     parallax_fwd_triton,
 )
-from tests.helpers import assert_close_rel  # noqa: E402
+from tests.helpers import KERNEL_DEVICE as DEVICE  # noqa: E402
+from tests.helpers import assert_close_rel, needs_triton_kernels  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    backend_for(torch.empty(0, device=DEVICE)) != "triton", reason="needs CUDA or TRITON_INTERPRET=1 with triton"
-)
+pytestmark = needs_triton_kernels()
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from tests.helpers import gloo_group
 
 
 def pytest_approx(value: float, rel: float):
@@ -17,11 +18,7 @@ def pytest_approx(value: float, rel: float):
 
 
 def run(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         from torch.distributed.device_mesh import init_device_mesh
 
         from parallax_lightning.model import Decoder
@@ -77,6 +74,3 @@ def run(rank: int, world: int, port: int) -> None:
         for (name, p), r, p0 in zip(model.named_parameters(), ref.parameters(), start):
             err = ((p.full_tensor() - r).norm() / (r - p0).norm()).item()
             assert err < 0.3, f"rank {rank}: {name}'s update differs from one process's by {err:.2e} (relative)"
-        dist.barrier()  # both ranks done before gloo is torn down
-    finally:
-        dist.destroy_process_group()

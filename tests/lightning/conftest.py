@@ -15,9 +15,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small text corpus written once per module."""
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+def corpus(tmp_path_factory, request):
+    """A small text corpus written once per module: CORPUS_DOCS documents where the module sets it."""
+    n_docs = getattr(request.module, "CORPUS_DOCS", None)
+    folder = tmp_path_factory.mktemp("corpus")
+    return write_corpus(folder) if n_docs is None else write_corpus(folder, n_docs=n_docs)
 
 
 @pytest.fixture(scope="module")

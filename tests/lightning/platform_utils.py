@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -105,17 +106,23 @@ def working_dir(path: Path):
         os.chdir(old)
 
 
+@contextlib.contextmanager
+def bare_argv():
+    """sys.argv without arguments meanwhile: LightningCLI warns when both argv and args carry arguments."""
+    argv = sys.argv
+    sys.argv = ["parallax_lightning"]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
 def run_cli(args: list[str], cwd: Path):
     """ParallaxCLI in this process (about a second instead of ten for a fresh interpreter)."""
     from parallax_lightning.cli import ParallaxCLI
 
-    argv = sys.argv
-    sys.argv = ["parallax_lightning"]  # LightningCLI warns when both argv and args carry arguments
-    try:
-        with working_dir(cwd):
-            return ParallaxCLI(args=args)
-    finally:
-        sys.argv = argv
+    with bare_argv(), working_dir(cwd):
+        return ParallaxCLI(args=args)
 
 
 def mlflow_client(folder: Path):
@@ -145,3 +152,41 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def marker_module(folder: Path, monkeypatch, prefix: str, suffix: str, source):
+    """A module `<prefix>_<random hex>` on sys.path, its code `source(marker)`: it writes the file `marker`
+    when what the test must prevent happens. Yields (module name, marker); forgets the module afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    marker = folder / f"{name}.{suffix}"
+    (folder / f"{name}.py").write_text(source(marker))
+    monkeypatch.syspath_prepend(str(folder))
+    try:
+        yield name, marker
+    finally:
+        sys.modules.pop(name, None)
+
+
+def quiet_trainer(**kwargs):
+    """A Lightning Trainer that saves no checkpoints and prints no progress bar or model summary."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def fit_tiny_decoder(datamodule, seq_len: int, folder: Path, logger, callback, **trainer_kwargs):
+    """A one-layer decoder for the datamodule's vocabulary, fit with `callback` and `logger` (no sanity
+    validation, checkpoints, progress bar or summary); `trainer_kwargs` set the steps and validation.
+    Returns the trained module."""
+    from parallax_lightning.lm_module import LanguageModelModule
+    from parallax_lightning.model import DecoderConfig
+
+    module = LanguageModelModule(
+        model=DecoderConfig(vocab_size=datamodule.vocab_size, max_seq_len=seq_len, d_model=32, n_layers=1, n_heads=2)
+    )
+    trainer = quiet_trainer(
+        num_sanity_val_steps=0, logger=logger, callbacks=[callback], default_root_dir=folder, **trainer_kwargs
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return module

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from .platform_utils import (
+    bare_argv,
     history,
     mlflow_client,
     only_run,
@@ -113,11 +114,8 @@ def test_vocab_size_and_seq_len_are_linked_from_the_data(tmp_path, corpus):
     config = tiny_config(tmp_path, corpus, data={"vocab_size": 384, "seq_len": 24})
     from parallax_lightning.cli import ParallaxCLI
 
-    argv, sys.argv = sys.argv, ["parallax_lightning"]
-    try:
+    with bare_argv():
         cli = ParallaxCLI(args=["--config", str(config)], run=False)
-    finally:
-        sys.argv = argv
     assert cli.model.model_config.vocab_size == 384
     assert cli.model.model_config.max_seq_len == 24
     assert cli.model.model.embed.num_embeddings == 384
@@ -382,12 +380,8 @@ def test_nan_loss_exits_with_the_step_named_and_the_run_failed(tmp_path, corpus,
 
     monkeypatch.setattr(LanguageModelModule, "compute_loss", compute_loss)
     config = tiny_config(tmp_path, corpus, experiment="nan", store=store)
-    argv, sys.argv = sys.argv, ["parallax_lightning"]
-    try:
-        with working_dir(tmp_path), pytest.raises(SystemExit) as info:
-            main(["fit", "--config", str(config)])
-    finally:
-        sys.argv = argv
+    with bare_argv(), working_dir(tmp_path), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config)])
     assert info.value.code == 3
     err = capsys.readouterr().err
     assert "training loss is inf at step 2" in err and "nonfinite-step2.ckpt" in err

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,34 +20,32 @@ from parallax_lightning import class_paths
 from parallax_lightning.class_paths import ClassPathNotAllowed, ConfigRefused, ConfigTooLarge, SecretInConfig
 from parallax_lightning.redaction import redact, secret_env_name
 
-from .platform_utils import mlflow_client, only_run, run_cli, tiny_config, working_dir, write_corpus
+from .platform_utils import bare_argv, marker_module, mlflow_client, only_run, run_cli, tiny_config, working_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=4)
+CORPUS_DOCS = 4  # the conftest corpus, shortened
 
 
 @pytest.fixture
 def builds_marker(tmp_path, monkeypatch):
     """A module whose class `Boom` writes a marker file when constructed (not when imported), trusted with
     --allow_class_path: whether a config can get it built is what is tested."""
-    name = f"boom_{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / f"{name}.built"
-    (tmp_path / f"{name}.py").write_text(
-        "import pathlib\n"
-        "from lightning.pytorch.callbacks import Callback\n"
-        "class Boom(Callback):\n"
-        "    def __init__(self):\n"
-        f"        pathlib.Path({str(marker)!r}).write_text('built')\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name, marker
-    sys.modules.pop(name, None)
+
+    def source(marker):
+        return (
+            "import pathlib\n"
+            "from lightning.pytorch.callbacks import Callback\n"
+            "class Boom(Callback):\n"
+            "    def __init__(self):\n"
+            f"        pathlib.Path({str(marker)!r}).write_text('built')\n"
+        )
+
+    with marker_module(tmp_path, monkeypatch, "boom", "built", source) as made:
+        yield made
 
 
 def _shell(marker: Path) -> dict:
@@ -129,13 +126,8 @@ def test_the_same_class_in_a_typed_field_is_built(tmp_path, corpus, builds_marke
     config = tiny_config(tmp_path, corpus, trainer={"callbacks": [{"class_path": f"{module}.Boom"}]})
     from parallax_lightning.cli import ParallaxCLI
 
-    argv = sys.argv
-    sys.argv = ["parallax_lightning"]
-    try:
-        with working_dir(tmp_path):
-            cli = ParallaxCLI(args=["--config", str(config), "--allow_class_path", module], run=False)
-    finally:
-        sys.argv = argv
+    with bare_argv(), working_dir(tmp_path):
+        cli = ParallaxCLI(args=["--config", str(config), "--allow_class_path", module], run=False)
     assert any(type(c).__name__ == "Boom" for c in cli.trainer.callbacks)
     assert marker.read_text() == "built"
 
@@ -145,13 +137,8 @@ def test_main_refuses_with_exit_code_2_and_the_key_named(tmp_path, corpus, capsy
 
     marker = tmp_path / "shell.ran"
     config = tiny_config(tmp_path, corpus, trainer=_logger(tags={"x": _shell(marker)}))
-    argv = sys.argv
-    sys.argv = ["parallax_lightning"]
-    try:
-        with working_dir(tmp_path), pytest.raises(SystemExit) as info:
-            main(["fit", "--config", str(config)])
-    finally:
-        sys.argv = argv
+    with bare_argv(), working_dir(tmp_path), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config)])
     assert info.value.code == 2
     assert "trainer.logger.init_args.tags.x.class_path" in capsys.readouterr().err
     assert not marker.exists() and _no_store(tmp_path)
@@ -205,14 +192,10 @@ def test_every_shipped_config_passes_every_check_before_classes_are_built():
 
     configs = sorted((REPO / "experiments").rglob("*.yaml"))
     assert len(configs) > 10
-    argv = sys.argv
-    sys.argv = ["parallax_lightning"]
-    try:
+    with bare_argv():
         for path in configs:
             with pytest.raises(Checked):
                 Probe(args=["fit", "--config", str(path)])
-    finally:
-        sys.argv = argv
 
 
 # -- YAML aliases -------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from parallax_kernels import affine_linear_attn_reference, parallax_attn_referen
 from parallax_lightning.diagnostics import correction_terms, parallax_layer_stats, stable_rank
 from parallax_lightning.model import Decoder, DecoderConfig
 
+from .platform_utils import quiet_trainer
+
 
 def make_model(**overrides) -> Decoder:
     fields = dict(vocab_size=64, max_seq_len=32, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16)
@@ -106,8 +108,6 @@ def test_bad_input():
 
 def test_callback_measures_the_initial_weights_before_the_first_update(tmp_path, corpus):
     """Step 0 is the baseline every diagnostic is reported against: it must be the untrained model's."""
-    import lightning.pytorch as pl
-
     from parallax_lightning.callbacks import ParallaxDiagnostics
     from parallax_lightning.data import TextDataModule
     from parallax_lightning.lm_module import LanguageModelModule
@@ -117,10 +117,9 @@ def test_callback_measures_the_initial_weights_before_the_first_update(tmp_path,
     module = LanguageModelModule(config, optimizer=OptimizerConfig(name="muon", lr=0.05))
     initial = {name: stable_rank(p.detach().clone()) for name, p in module.model.named_parameters() if p.ndim == 2}
     diagnostics = ParallaxDiagnostics(every_n_steps=2, batch_size=1, seq_len=16, figure=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, callbacks=[diagnostics],
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        accelerator="cpu", max_steps=2, logger=False, num_sanity_val_steps=0, limit_val_batches=1,
+        callbacks=[diagnostics], default_root_dir=tmp_path,
     )  # fmt: skip
     with torch.random.fork_rng():
         trainer.fit(module, TextDataModule(source=str(corpus), seq_len=16, batch_size=2))

@@ -27,7 +27,16 @@ import yaml
 from parallax_lightning.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from parallax_lightning.tracking_outbox import StoreUnavailableWarning
 
-from .platform_utils import history, mlflow_client, only_run, run_cli, single_thread, tiny_config
+from .platform_utils import (
+    bare_argv,
+    history,
+    mlflow_client,
+    only_run,
+    run_cli,
+    single_thread,
+    tiny_config,
+    working_dir,
+)
 
 STEPS = 10
 CURVES = ("train/loss", "val/loss", "lr-Muon/muon")
@@ -110,15 +119,22 @@ def _handlers() -> tuple:
     return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
 
-# -- signals ------------------------------------------------------------------------------------------------
-def test_sigterm_saves_marks_the_run_killed_and_resume_continues_it(tmp_path, corpus, store, reference):
-    callback = {"class_path": f"{__name__}.SignalAt", "init_args": {"step": 3, "signum": int(signal.SIGTERM)}}
-    config = fault_config(tmp_path, corpus, "sigterm", store, trainer={"callbacks": [callback]})
+def _fit_until_signal(tmp_path, corpus, store, experiment: str, step: int, signum: int) -> tuple:
+    """Fits with SignalAt(step, signum) and checks the exit code is 128 + signum; returns the config, the
+    SystemExit and the signal handlers from before the fit."""
+    callback = {"class_path": f"{__name__}.SignalAt", "init_args": {"step": step, "signum": int(signum)}}
+    config = fault_config(tmp_path, corpus, experiment, store, trainer={"callbacks": [callback]})
     handlers = _handlers()
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", "--config", str(config), "--allow_class_path", "tests"], tmp_path)
-    assert info.value.code == 128 + signal.SIGTERM
-    assert "received SIGTERM" in str(info.value) and "last.ckpt" in str(info.value)
+    assert info.value.code == 128 + signum
+    return config, info.value, handlers
+
+
+# -- signals ------------------------------------------------------------------------------------------------
+def test_sigterm_saves_marks_the_run_killed_and_resume_continues_it(tmp_path, corpus, store, reference):
+    config, stopped, handlers = _fit_until_signal(tmp_path, corpus, store, "sigterm", 3, signal.SIGTERM)
+    assert "received SIGTERM" in str(stopped) and "last.ckpt" in str(stopped)
     client = mlflow_client(store)
     run = only_run(client, "sigterm")
     assert run.info.status == "KILLED"
@@ -136,12 +152,7 @@ def test_sigterm_saves_marks_the_run_killed_and_resume_continues_it(tmp_path, co
 
 
 def test_sigint_during_training_stops_after_the_step_with_a_checkpoint(tmp_path, corpus, store):
-    callback = {"class_path": f"{__name__}.SignalAt", "init_args": {"step": 5, "signum": int(signal.SIGINT)}}
-    config = fault_config(tmp_path, corpus, "sigint", store, trainer={"callbacks": [callback]})
-    handlers = _handlers()
-    with pytest.raises(SystemExit) as info:
-        run_cli(["fit", "--config", str(config), "--allow_class_path", "tests"], tmp_path)
-    assert info.value.code == 128 + signal.SIGINT
+    _, _, handlers = _fit_until_signal(tmp_path, corpus, store, "sigint", 5, signal.SIGINT)
     run = only_run(mlflow_client(store), "sigint")
     assert run.info.status == "KILLED" and run.data.tags["parallax.interrupted"] == "SIGINT at step 5"
     # The 5th step is also a validation step: that validation ran and was logged (at step 4) before the stop.
@@ -379,17 +390,8 @@ def test_nonfinite_gradient_stops_with_the_parameter_layer_and_checkpoints_named
 
     param = _poison_gradient_at(monkeypatch, step=3)
     config = fault_config(tmp_path, corpus, "nan-grad", store)
-    argv, sys.argv = sys.argv, ["parallax_lightning"]
-    try:
-        with pytest.raises(SystemExit) as info:
-            cwd = os.getcwd()
-            os.chdir(tmp_path)
-            try:
-                main(["fit", "--config", str(config)])
-            finally:
-                os.chdir(cwd)
-    finally:
-        sys.argv = argv
+    with bare_argv(), working_dir(tmp_path), pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(config)])
     assert info.value.code == 3
     err = capsys.readouterr().err
     assert f"gradient of {param} (layer 0) is not finite at step 3" in err

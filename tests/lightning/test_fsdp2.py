@@ -169,13 +169,10 @@ def test_tensor_parallel_meshes_are_refused_by_name():
 
 
 def test_shard_decoder_compiles_each_block_and_trains_as_one_process():
-    import socket
-
     import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
 
     from . import _shard_worker
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_shard_worker.run, args=(2, port), nprocs=2, join=True)
+    mp.spawn(_shard_worker.run, args=(2, free_port()), nprocs=2, join=True)

@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 
 from parallax_lightning import _lightning_compat as compat
 
+from .platform_utils import quiet_trainer
+
 
 def test_the_installed_lightning_is_a_tested_one_and_others_are_refused_by_name():
     compat.check_version()
@@ -72,16 +74,13 @@ def test_the_fit_loop_internals_say_what_lightning_then_logs(tmp_path):
     """pending_step_metrics at on_train_batch_end is what Lightning logs right after, at that step; the logging
     step counter is the one Lightning saves and logs with."""
     recorder, probe = _Recorder(), _Probe()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         default_root_dir=tmp_path,
         max_steps=6,
         accumulate_grad_batches=2,
         log_every_n_steps=2,
         logger=recorder,
         callbacks=[probe],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(_Tiny())
     pending = [p for p in probe.pending if p is not None]

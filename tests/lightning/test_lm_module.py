@@ -45,6 +45,19 @@ def trainer(tmp_path, steps=3, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+def poison_forward_call(module, n: int) -> None:
+    """The model's n-th forward call (1-based) returns NaN logits; every other call is the real forward."""
+    real_forward = module.model.forward
+    calls = {"n": 0}
+
+    def forward(input_ids, cache=None):
+        calls["n"] += 1
+        logits = real_forward(input_ids, cache)
+        return logits * float("nan") if calls["n"] == n else logits
+
+    module.model.forward = forward
+
+
 @pytest.mark.parametrize("attention", ATTENTION_KINDS)
 def test_each_attention_kind_trains_through_the_module(tmp_path, corpus, attention):
     module = LanguageModelModule(tiny(attention), optimizer=OptimizerConfig(name="muon", adamw_lr=3e-3))
@@ -172,15 +185,7 @@ def test_schedule_needs_the_length_of_training(tmp_path, corpus):
 
 def test_nan_loss_stops_with_a_checkpoint_of_the_last_good_state(tmp_path, corpus):
     module = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="adamw"))
-    real_forward = module.model.forward
-    calls = {"n": 0}
-
-    def forward(input_ids, cache=None):
-        calls["n"] += 1
-        logits = real_forward(input_ids, cache)
-        return logits * float("nan") if calls["n"] == 4 else logits
-
-    module.model.forward = forward
+    poison_forward_call(module, 4)
     dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
     t = trainer(tmp_path, steps=10, val_check_interval=100)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3") as info:
@@ -344,15 +349,7 @@ def test_nan_guard_is_a_callback_the_module_brings_and_its_skip_count_is_checkpo
     from parallax_lightning.nonfinite import NonFiniteGuard
 
     module = LanguageModelModule(tiny(), optimizer=OptimizerConfig(name="adamw"), nonfinite="skip")
-    real_forward = module.model.forward
-    calls = {"n": 0}
-
-    def forward(input_ids, cache=None):
-        calls["n"] += 1
-        logits = real_forward(input_ids, cache)
-        return logits * float("nan") if calls["n"] == 2 else logits
-
-    module.model.forward = forward
+    poison_forward_call(module, 2)
     dm = TextDataModule(source=str(corpus), seq_len=16, batch_size=2)
     t = trainer(tmp_path, steps=3, val_check_interval=100)
     with pytest.warns(UserWarning, match=r"skipping step 1: .*training loss is nan"):

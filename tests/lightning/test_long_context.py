@@ -14,6 +14,8 @@ from parallax_lightning.long_context.length_guard import beyond_max_seq_len
 from parallax_lightning.long_context.positional import PerPositionLoss, document_windows, per_position_loss
 from parallax_lightning.model import Decoder, DecoderConfig
 
+from .platform_utils import fit_tiny_decoder
+
 REPO = Path(__file__).resolve().parents[2]
 EOS = 99
 
@@ -94,11 +96,9 @@ def mlflow_uri(tmp_path_factory):
 
 
 def test_callback_logs_curves_per_position_to_mlflow(tmp_path, mlflow_uri):
-    import lightning.pytorch as pl
     from mlflow import MlflowClient
 
     from parallax_lightning.data import TextDataModule
-    from parallax_lightning.lm_module import LanguageModelModule
     from parallax_lightning.tracking import ParallaxMLFlowLogger
 
     corpus = tmp_path / "corpus"
@@ -108,18 +108,12 @@ def test_callback_logs_curves_per_position_to_mlflow(tmp_path, mlflow_uri):
     for i in range(24):  # documents of about 600–1200 bytes: long enough for 4 × 32 + 1
         (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words, size=int(rng.integers(120, 200)))))
     dm = TextDataModule(source=str(corpus), seq_len=32, batch_size=4, val_fraction=0.25, cache_dir=str(tmp_path))
-    module = LanguageModelModule(
-        model=DecoderConfig(vocab_size=dm.vocab_size, max_seq_len=32, d_model=32, n_layers=1, n_heads=2)
-    )
     uri = mlflow_uri
     logger = ParallaxMLFlowLogger(experiment_name="positions", tracking_uri=uri, system_metrics=False)
     callback = PerPositionLoss(factors=[1, 2, 4], bucket_size=8, max_documents=3, batch_size=2)
-    trainer = pl.Trainer(
-        max_steps=3, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0, logger=logger,
-        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
+    module = fit_tiny_decoder(
+        dm, 32, tmp_path, logger, callback, max_steps=3, limit_val_batches=2, val_check_interval=3
+    )
     assert sorted(callback.curves) == [32, 64, 128]
     assert all(c.shape == (L,) for L, c in callback.curves.items())
     assert module.model.config.max_seq_len == 32

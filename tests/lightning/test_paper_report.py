@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.lightning.platform_utils import write_corpus
+from tests.lightning.platform_utils import bare_argv, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "experiments" / "paper"
@@ -50,13 +50,9 @@ def _resolved(*files: str) -> dict:
     args = ["fit"]
     for f in files:
         args += ["--config", str(PAPER / f)]
-    buf, argv = io.StringIO(), sys.argv
-    sys.argv = ["parallax_lightning"]
-    try:
-        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
-            ParallaxCLI(args=[*args, "--print_config"])
-    finally:
-        sys.argv = argv
+    buf = io.StringIO()
+    with bare_argv(), contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        ParallaxCLI(args=[*args, "--print_config"])
     return yaml.safe_load(buf.getvalue())
 
 

@@ -19,6 +19,8 @@ from parallax_lightning.long_context.passkey import (
 )
 from parallax_lightning.model import Decoder, DecoderConfig
 
+from .platform_utils import fit_tiny_decoder
+
 TOK = ByteTokenizer()
 
 
@@ -130,25 +132,15 @@ def test_grid_bookkeeping_with_an_oracle():
 
 
 def test_callback_logs_grid_and_heatmap_to_mlflow(tmp_path):
-    import lightning.pytorch as pl
     from mlflow import MlflowClient
 
-    from parallax_lightning.lm_module import LanguageModelModule
     from parallax_lightning.tracking import ParallaxMLFlowLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     dm = PasskeyDataModule(seq_len=160, batch_size=4, num_val_examples=4)
-    module = LanguageModelModule(
-        model=DecoderConfig(vocab_size=dm.vocab_size, max_seq_len=160, d_model=32, n_layers=1, n_heads=2),
-    )
     callback = PasskeyEval(lengths=[160, 320], depths=[0.0, 1.0], samples=2)
     logger = ParallaxMLFlowLogger(experiment_name="passkey-test", tracking_uri=uri, system_metrics=False)
-    trainer = pl.Trainer(
-        max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=logger,
-        callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
+    fit_tiny_decoder(dm, 160, tmp_path, logger, callback, max_steps=2, val_check_interval=2, limit_val_batches=1)
     assert callback.last is not None and callback.last.shape == (2, 2)
     assert callback._evaluated_at == 2  # once, after the final validation (on_train_end did not repeat it)
     client = MlflowClient(uri)

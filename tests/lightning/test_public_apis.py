@@ -147,6 +147,17 @@ def test_parallax_lightning_uses_its_libraries_through_public_apis_only():
     assert not findings, "private API uses outside the adapters:\n" + "\n".join(findings)
 
 
+def _private_uses_in(tmp_path, monkeypatch, source: str) -> list:
+    """The check run on a package of one module, `source`; importing any module gives what `source` defines."""
+    package = tmp_path / "parallax_lightning"
+    package.mkdir()
+    (package / "probe_module.py").write_text(source)
+    namespace: dict = {}
+    exec(compile(source, "probe_module", "exec"), namespace)
+    monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), namespace))
+    return private_uses(package)
+
+
 @pytest.mark.parametrize(
     "source, expected",
     [
@@ -167,13 +178,7 @@ def test_parallax_lightning_uses_its_libraries_through_public_apis_only():
     ],
 )
 def test_the_check_finds_each_kind_of_private_use(tmp_path, monkeypatch, source, expected):
-    package = tmp_path / "parallax_lightning"
-    package.mkdir()
-    (package / "probe_module.py").write_text(source)
-    namespace: dict = {}
-    exec(compile(source, "probe_module", "exec"), namespace)
-    monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), namespace))
-    findings = private_uses(package)
+    findings = _private_uses_in(tmp_path, monkeypatch, source)
     assert len(findings) == 1 and expected in findings[0], findings
 
 
@@ -183,10 +188,4 @@ def test_own_private_names_are_not_findings(tmp_path, monkeypatch):
         "def _helper():\n    return _CACHE\n"
         "class Thing:\n    def __init__(self):\n        self._x = 1\n    def _own(self):\n        return self._x\n"
     )
-    package = tmp_path / "parallax_lightning"
-    package.mkdir()
-    (package / "probe_module.py").write_text(source)
-    namespace: dict = {}
-    exec(compile(source, "probe_module", "exec"), namespace)
-    monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), namespace))
-    assert private_uses(package) == []
+    assert _private_uses_in(tmp_path, monkeypatch, source) == []

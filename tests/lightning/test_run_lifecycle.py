@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 from .platform_utils import WORDS, mlflow_client, only_run, run_cli, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,12 +196,6 @@ def test_optimizer_choices_are_the_ones_muon_accepts():
 
 
 # -- the MLflow UI ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -242,6 +238,22 @@ def _gone(psutil, p) -> bool:
 
 
 # A stand-in for `mlflow server`: a process group of a leader and a worker, as start_ui makes it.
+def _ui_env() -> dict:
+    """This checkout on the path; warnings off, so the log holds only what the UI says."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+
+
+def _reap(ui, members: list, log) -> None:
+    """Whatever the test left running: the UI process and any process group of its members still alive."""
+    if ui.poll() is None:
+        ui.kill()
+        ui.wait()
+    for group in {g for _, g in members}:
+        if _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+    log.close()
+
+
 _FAKE_SERVER = """
 import signal, subprocess, sys, time
 import parallax_lightning.tracking_ui as tracking_ui
@@ -262,7 +274,7 @@ sys.exit(tracking_ui.ui_main(["--port", "5999"]))
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
     psutil = pytest.importorskip("psutil")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+    env = _ui_env()
     log = open(tmp_path / "ui.log", "w")  # noqa: SIM115 - closed below; a file, not a pipe a leaked server could hold
     ui = subprocess.Popen([sys.executable, "-c", _FAKE_SERVER], cwd=tmp_path, env=env, stdout=log, stderr=log)
     members: list = []
@@ -276,20 +288,14 @@ def test_ui_stops_its_server_group_on_a_signal(tmp_path, signum):
         assert _wait_for(lambda: all(_gone(psutil, p) for p, _ in members), 30)
         assert _wait_for(lambda: not _group_alive(group), 30)
     finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-        for group in {g for _, g in members}:
-            if _group_alive(group):
-                os.killpg(group, signal.SIGKILL)
-        log.close()
+        _reap(ui, members, log)
 
 
 @pytest.mark.slow
 def test_ui_stopped_with_sigterm_leaves_no_mlflow_server_listening(tmp_path):
     psutil = pytest.importorskip("psutil")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PYTHONWARNINGS": "ignore"}
+    port = free_port()
+    env = _ui_env()
     cmd = [sys.executable, "-m", "parallax_lightning", "ui", "--port", str(port)]
     cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'ui.db'}"]
     log = open(tmp_path / "ui.log", "w")  # noqa: SIM115 - closed below; a file, not a pipe the server could hold
@@ -306,10 +312,4 @@ def test_ui_stopped_with_sigterm_leaves_no_mlflow_server_listening(tmp_path):
         assert _wait_for(lambda: not _group_alive(group), 60)
         assert not _listening(port)
     finally:
-        if ui.poll() is None:
-            ui.kill()
-            ui.wait()
-        for group in {g for _, g in members}:
-            if _group_alive(group):
-                os.killpg(group, signal.SIGKILL)
-        log.close()
+        _reap(ui, members, log)

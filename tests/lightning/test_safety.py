@@ -5,8 +5,6 @@ weights_only=True, and the MLflow UI helper binds to 127.0.0.1 unless told other
 from __future__ import annotations
 
 import re
-import sys
-import uuid
 import warnings
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from parallax_lightning.class_paths import ClassPathNotAllowed
 from parallax_lightning.tracking import run_info_from_checkpoint
 from parallax_lightning.tracking_ui import exposure_warning, ui_command
 
-from .platform_utils import run_cli, tiny_config, write_corpus
+from .platform_utils import marker_module, run_cli, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,26 +25,24 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"), n_docs=4)
+CORPUS_DOCS = 4  # the conftest corpus, shortened
 
 
 @pytest.fixture
 def evil(tmp_path, monkeypatch):
     """An importable module that leaves a marker file when imported; returns (module name, marker)."""
-    name = f"evil_{uuid.uuid4().hex[:8]}"
-    marker = tmp_path / f"{name}.ran"
-    (tmp_path / f"{name}.py").write_text(
-        "import pathlib\n"
-        "from lightning.pytorch.callbacks import Callback\n"
-        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
-        "class Payload(Callback):\n"
-        "    pass\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name, marker
-    sys.modules.pop(name, None)
+
+    def source(marker):
+        return (
+            "import pathlib\n"
+            "from lightning.pytorch.callbacks import Callback\n"
+            f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+            "class Payload(Callback):\n"
+            "    pass\n"
+        )
+
+    with marker_module(tmp_path, monkeypatch, "evil", "ran", source) as made:
+        yield made
 
 
 def _callback(module: str) -> dict:

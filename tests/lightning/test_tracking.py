@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from parallax_lightning.tracking import (
     run_info_from_checkpoint,
 )
 from parallax_lightning.tracking_ui import start_ui
+from tests.helpers import free_port
 
 from .platform_utils import mlflow_client, working_dir
 
@@ -153,12 +153,6 @@ def test_log_params_in_batches_of_100(store):
     logger.finalize("success")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -174,7 +168,7 @@ def test_mlflow_server_serves_the_run_over_rest(store, tmp_path):
     experiment_id, run_id = logger.experiment_id, logger.run_id
     logger.finalize("success")
 
-    port = _free_port()
+    port = free_port()
     # The platform's helper (python -m parallax_lightning ui): 127.0.0.1 unless told otherwise.
     server = start_ui(
         f"sqlite:///{store / 'mlflow.db'}", port=port, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallax_muon import Muon, muon_param_groups
+from tests.helpers import gloo_group
 
 # A batched matmul may order its sums differently from a smaller batch (ranks orthogonalize sub-batches),
 # flipping a rare bf16 rounding; after five Newton–Schulz steps that is at most ~1e-2 of a matrix's update
@@ -194,19 +194,9 @@ def check_against_the_float64_oracle(rank, world):
 
 
 def run(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         check_replicated(rank, world)
         check_dtensor(rank, world)
         check_fsdp2(rank, world)
         check_plan_mismatch_is_an_error(rank, world)
         check_against_the_float64_oracle(rank, world)
-        # Both ranks done with every collective before either tears gloo down: a rank that destroys its group
-        # while the other still talks to it can abort in gloo's threads ("terminate called without an active
-        # exception", seen once in CI).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()

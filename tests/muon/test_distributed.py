@@ -3,20 +3,14 @@ with each matrix orthogonalized by one rank only. The checks themselves live in 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.helpers import free_port
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_match_one_process():

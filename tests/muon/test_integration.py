@@ -26,8 +26,16 @@ def loss_of(model, x):
     return model(x).square().mean()
 
 
-def test_lightning_automatic_optimization_with_accumulation_clipping_and_scheduler():
-    L = pytest.importorskip("lightning.pytorch")
+def muon_of(net):
+    return Muon(muon_param_groups(net, verbose=False), lr=0.05, adamw_lr=1e-2)
+
+
+def per_step(opt, sched):
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lightning_module(L, configure_optimizers):
+    """A LightningModule training make_model() on loss_of; `configure_optimizers(net)` builds its optimizer."""
 
     class Module(L.LightningModule):
         def __init__(self):
@@ -38,27 +46,33 @@ def test_lightning_automatic_optimization_with_accumulation_clipping_and_schedul
             return loss_of(self.net, x)
 
         def configure_optimizers(self):
-            opt = Muon(muon_param_groups(self.net, verbose=False), lr=0.05, adamw_lr=1e-2)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            return configure_optimizers(self.net)
+
+    return Module()
+
+
+def quiet_trainer(L, **kwargs):
+    """A CPU Trainer without checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
+
+
+def test_lightning_automatic_optimization_with_accumulation_clipping_and_scheduler():
+    L = pytest.importorskip("lightning.pytorch")
+
+    def configure_optimizers(net):
+        opt = muon_of(net)
+        return per_step(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
 
     data = batches(8)
-    module = Module()
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        accumulate_grad_batches=2,
-        gradient_clip_val=0.5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    module = lightning_module(L, configure_optimizers)
+    trainer = quiet_trainer(L, max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
 
     # The same training written by hand: average two micro-batches, clip, step, schedule.
     ref = make_model()
-    opt = Muon(muon_param_groups(ref, verbose=False), lr=0.05, adamw_lr=1e-2)
+    opt = muon_of(ref)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for i in range(0, 8, 2):
         for x in data[i : i + 2]:
@@ -79,31 +93,13 @@ def test_lightning_learning_rate_monitor_logs_momentum_under_one_cycle(tmp_path)
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make_model()
+    def configure_optimizers(net):
+        opt = muon_of(net)
+        return per_step(opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4))
 
-        def training_step(self, x, _):
-            return loss_of(self.net, x)
-
-        def configure_optimizers(self):
-            opt = Muon(muon_param_groups(self.net, verbose=False), lr=0.05, adamw_lr=1e-2)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=4)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    module = Module()
+    module = lightning_module(L, configure_optimizers)
     monitor = LearningRateMonitor(logging_interval="step", log_momentum=True)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path),
-        log_every_n_steps=1,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(L, max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[monitor])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(3), batch_size=None))
@@ -152,37 +148,20 @@ def test_lightning_steps_are_the_float64_oracles_steps():
             self.after.append([[p.detach().clone() for p in g["params"]] for g in self.param_groups])
             return loss
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = make_model()
+    def configure_optimizers(net):
+        groups = muon_param_groups(
+            net,
+            verbose=False,
+            overrides={r"^1\.": {"num_heads": 3, "lr_mult": 0.5}},
+            adamw_options={"lr_mult": 0.3},
+        )
+        opt = Recording(groups, lr=0.05, adamw_lr=1e-2, weight_decay=0.5, adamw_weight_decay=0.1)
+        opt.seen, opt.groups_at_step, opt.after = [], [], []
+        return per_step(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
 
-        def training_step(self, x, _):
-            return loss_of(self.net, x)
-
-        def configure_optimizers(self):
-            groups = muon_param_groups(
-                self.net,
-                verbose=False,
-                overrides={r"^1\.": {"num_heads": 3, "lr_mult": 0.5}},
-                adamw_options={"lr_mult": 0.3},
-            )
-            opt = Recording(groups, lr=0.05, adamw_lr=1e-2, weight_decay=0.5, adamw_weight_decay=0.1)
-            opt.seen, opt.groups_at_step, opt.after = [], [], []
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    module = Module()
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        precision="64-true",
-        accumulate_grad_batches=2,
-        gradient_clip_val=0.5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    module = lightning_module(L, configure_optimizers)
+    trainer = quiet_trainer(
+        L, max_steps=3, precision="64-true", accumulate_grad_batches=2, gradient_clip_val=0.5, logger=False
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches(6), batch_size=None))
     opt = trainer.optimizers[0]
